@@ -1,0 +1,93 @@
+"""Cameras in Blender's convention, shared by every renderer in the engine.
+
+World: right-handed, Z up. A camera looks along its local -Z with +Y up
+(Blender/OpenGL); its pose is the 4x4 camera-to-world ``matrix_world``.
+Orbit angles: azimuth 0 is Blender's front view (camera on -Y looking at +Y),
+azimuth 90 the right view (camera on +X); elevation is above the XY plane.
+Pixel (row i, column j) has its centre at (j + 0.5, i + 0.5); row 0 is the top.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class Camera:
+    """One pinhole camera: pose, vertical field of view and resolution."""
+
+    c2w: torch.Tensor
+    """(4, 4) camera-to-world matrix (Blender ``matrix_world``)."""
+    fov_y_deg: float
+    """Vertical field of view in degrees."""
+    width: int
+    """Image width in pixels."""
+    height: int
+    """Image height in pixels."""
+
+    def rays(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Ray origins and unit directions, each (height, width, 3)."""
+        return camera_rays(self.c2w, self.fov_y_deg, self.width, self.height)
+
+
+def look_at(eye, target=(0.0, 0.0, 0.0), up=(0.0, 0.0, 1.0)) -> torch.Tensor:
+    """Camera-to-world (4, 4) float32 for a camera at ``eye`` looking at ``target``."""
+    eye = torch.as_tensor(eye, dtype=torch.float32)
+    target = torch.as_tensor(target, dtype=torch.float32)
+    up = torch.as_tensor(up, dtype=torch.float32)
+    back = eye - target  # the camera's +Z points away from what it looks at
+    back = back / back.norm()
+    right = torch.linalg.cross(up, back)
+    if right.norm() < 1e-6:  # looking straight up or down: any right vector will do
+        right = torch.linalg.cross(torch.tensor([0.0, 1.0, 0.0]), back)
+    right = right / right.norm()
+    true_up = torch.linalg.cross(back, right)
+    c2w = torch.eye(4)
+    c2w[:3, 0], c2w[:3, 1], c2w[:3, 2], c2w[:3, 3] = right, true_up, back, eye
+    return c2w
+
+
+def orbit_position(azimuth_deg: float, elevation_deg: float, distance: float) -> torch.Tensor:
+    """Point on a sphere around the origin, (3,), in the orbit convention above."""
+    az, el = math.radians(azimuth_deg), math.radians(elevation_deg)
+    return torch.tensor(
+        [distance * math.cos(el) * math.sin(az), -distance * math.cos(el) * math.cos(az), distance * math.sin(el)],
+        dtype=torch.float32,
+    )
+
+
+def orbit_camera(
+    azimuth_deg: float, elevation_deg: float, distance: float, fov_y_deg: float, width: int, height: int | None = None
+) -> Camera:
+    """A camera on an orbit around the origin, looking at the origin."""
+    c2w = look_at(orbit_position(azimuth_deg, elevation_deg, distance))
+    return Camera(c2w=c2w, fov_y_deg=fov_y_deg, width=width, height=height or width)
+
+
+def azimuth_elevation(c2w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Orbit azimuth in [0, 360) and elevation in [-90, 90] degrees of camera(s) (..., 4, 4)."""
+    pos = c2w[..., :3, 3]
+    az = torch.rad2deg(torch.atan2(pos[..., 0], -pos[..., 1])) % 360.0
+    el = torch.rad2deg(torch.atan2(pos[..., 2], pos[..., :2].norm(dim=-1)))
+    return az, el
+
+
+def camera_rays(c2w: torch.Tensor, fov_y_deg: float, width: int, height: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rays through pixel centres.
+
+    c2w: (4, 4) or (B, 4, 4). Returns origins and unit directions with shape
+    (height, width, 3), or (B, height, width, 3) for a batch.
+    """
+    focal = 0.5 * height / math.tan(math.radians(fov_y_deg) / 2)
+    dev, dt = c2w.device, c2w.dtype
+    j = (torch.arange(width, device=dev, dtype=dt) + 0.5 - width / 2) / focal
+    i = (torch.arange(height, device=dev, dtype=dt) + 0.5 - height / 2) / focal
+    y, x = torch.meshgrid(-i, j, indexing="ij")
+    dirs_cam = torch.stack([x, y, -torch.ones_like(x)], dim=-1)  # (H, W, 3), looking down -Z
+    rot = c2w[..., :3, :3]
+    dirs = torch.einsum("...ij,hwj->...hwi", rot, dirs_cam)
+    dirs = dirs / dirs.norm(dim=-1, keepdim=True)
+    origins = c2w[..., None, None, :3, 3].expand_as(dirs)
+    return origins, dirs

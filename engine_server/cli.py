@@ -1,0 +1,162 @@
+"""The ``engine-server`` command line.
+
+Each subcommand imports what it needs when it runs, so ``engine-server --help``
+stays fast and a missing optional dependency only affects the command using it.
+Only this module configures logging handlers.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import logging
+import sys
+
+from engine_server import __version__
+
+logger = logging.getLogger(__name__)
+
+BENCHES: dict[str, str] = {
+    "kernels": "kernels.hashgrid.bench:run",
+}
+"""Benchmark targets: name -> "module:function". The function takes the parsed
+arguments and returns {"title": str, "rows": [dict, ...]} (plus any extra keys)."""
+
+
+class UsageError(Exception):
+    """A bad argument or input: printed as one line, exit status 2."""
+
+
+def _load(target: str):
+    module, _, attr = target.partition(":")
+    return getattr(importlib.import_module(module), attr)
+
+
+def format_table(rows: list[dict]) -> str:
+    """Rows of dicts as an aligned text table (columns from the first row)."""
+    if not rows:
+        return "(no rows)"
+    cols = list(rows[0])
+
+    def cell(v) -> str:
+        if isinstance(v, float):
+            return f"{v:.4g}" if abs(v) < 1e4 else f"{v:,.0f}"
+        return str(v)
+
+    cells = [[cell(r.get(c, "")) for c in cols] for r in rows]
+    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(cols)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(cols, widths))]
+    lines.append("  ".join("-" * w for w in widths))
+    lines += ["  ".join(v.ljust(w) for v, w in zip(row, widths)) for row in cells]
+    return "\n".join(lines)
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    import platform
+
+    import numpy
+    import torch
+
+    from kernels.hashgrid import backend_status
+
+    info: dict = {
+        "engine_server": __version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "torch": torch.__version__,
+        "numpy": numpy.__version__,
+    }
+    for name in ("diffusers", "transformers", "peft", "trimesh", "xatlas", "zmq", "triton"):
+        try:
+            info[name] = getattr(importlib.import_module(name), "__version__", "installed")
+        except ImportError as exc:
+            info[name] = f"not installed ({exc})"
+    devices = [f"cpu ({torch.get_num_threads()} threads)"]
+    if torch.cuda.is_available():
+        devices += [f"cuda:{i} {torch.cuda.get_device_name(i)}" for i in range(torch.cuda.device_count())]
+    info["devices"] = devices
+    info["hashgrid_backends"] = {name: st.describe() for name, st in backend_status().items()}
+    info["model_search"] = _model_search_paths()
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    for key, value in info.items():
+        if isinstance(value, dict):
+            print(f"{key}:")
+            for k, v in value.items():
+                print(f"  {k:<12} {v}")
+        elif isinstance(value, list):
+            print(f"{key}:")
+            for v in value:
+                print(f"  {v}")
+        else:
+            print(f"{key:<16} {value}")
+    return 0
+
+
+def _model_search_paths() -> list[str]:
+    """Where a --model name is looked up, in order."""
+    import os
+
+    hub = os.environ.get("HF_HUB_CACHE") or os.path.join(
+        os.environ.get("HF_HOME", os.path.expanduser("~/.cache/huggingface")), "hub"
+    )
+    return ["a local folder given as --model PATH", f"the Hugging Face cache: {hub}"]
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    result = _load(BENCHES[args.target])(args)
+    if args.json is not None:
+        text = json.dumps(result, indent=2)
+        if args.json == "-":
+            print(text)
+        else:
+            with open(args.json, "w") as f:
+                f.write(text + "\n")
+            print(f"wrote {args.json}")
+    if args.json != "-":
+        print(result.get("title", args.target))
+        print(format_table(result["rows"]))
+        for line in result.get("notes", []):
+            print(line)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="engine-server", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"engine-server {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("info", help="versions, devices, kernel backends, model search paths")
+    p.add_argument("--json", action="store_true", help="print as JSON")
+    p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("bench", help="benchmarks, measured side by side in one run")
+    p.add_argument("target", choices=sorted(BENCHES), help="what to measure")
+    p.add_argument("--json", nargs="?", const="-", default=None, metavar="FILE",
+                   help="write results as JSON to FILE (stdout when no FILE)")
+    p.add_argument("--repeat", type=int, default=5, help="timed repetitions per measurement")
+    p.add_argument("--points", type=int, default=65536, help="points per batch (kernels)")
+    p.set_defaults(func=cmd_bench)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s"
+    )
+    try:
+        return args.func(args)
+    except UsageError as exc:
+        print(f"engine-server {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
