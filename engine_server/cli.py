@@ -18,6 +18,7 @@ logger = logging.getLogger(__name__)
 
 BENCHES: dict[str, str] = {
     "kernels": "kernels.hashgrid.bench:run",
+    "rasterize": "kernels.rasterize.bench:run",
     "texture": "engine_server.texture.bench:run",
 }
 """Benchmark targets: name -> "module:function". The function takes the parsed
