@@ -19,6 +19,7 @@ logger = logging.getLogger(__name__)
 BENCHES: dict[str, str] = {
     "kernels": "kernels.hashgrid.bench:run",
     "rasterize": "kernels.rasterize.bench:run",
+    "server": "engine_server.server:bench",
     "texture": "engine_server.texture.bench:run",
 }
 """Benchmark targets: name -> "module:function". The function takes the parsed

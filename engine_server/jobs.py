@@ -1,0 +1,887 @@
+"""Durable jobs: a SQLite (WAL) job table plus one artifact folder per job, and the job-runner interface.
+
+Layout under the data folder::
+
+    jobs.sqlite3                 job table (state, request id, progress snapshot, error)
+    lock                         held by the one server that owns the store
+    jobs/<job_id>/request.json   the validated request, blob references into request/
+    jobs/<job_id>/request/       blob-<i>.bin: reference image, mesh arrays
+    jobs/<job_id>/checkpoints/   checkpoint.json (the manifest) + the files it names
+    jobs/<job_id>/previews/      preview-<step>.png
+    jobs/<job_id>/result/        model.glb, arrays.json + <name>.bin, meta.json
+
+Durability rules: a job id is handed out only after its request files are fsynced and
+its row is committed (``synchronous=FULL``); every artifact is written atomically (temp
+file, fsync, rename, fsync of the folder); a checkpoint becomes visible only when its
+manifest is renamed into place, after the files it names are on disk. On a restart the
+owner (:meth:`JobStore.recover`) puts ``running`` jobs back in the queue to resume from
+their last checkpoint, and gives up on a job that keeps killing its worker.
+
+No torch import: the pipeline puts its torch state into checkpoint files itself
+(:meth:`CheckpointWriter.path` gives the path to ``torch.save`` to).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import re
+import secrets
+import shutil
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+from engine_server.protocol import (
+    JOB_STATES, TERMINAL_STATES, Array, Blob, ProtocolError, from_wire, to_wire,
+)
+
+logger = logging.getLogger(__name__)
+
+SCHEMA_VERSION = 1
+"""Version of the SQLite schema (PRAGMA user_version)."""
+_NAME_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}")
+_JOB_ID_RE = re.compile(r"[0-9a-f]{16}")
+_REQUEST_NOT_HASHED = ("subscribe",)
+"""Request fields that do not change what a job computes (left out of the idempotency hash)."""
+
+_SCHEMA = f"""
+CREATE TABLE IF NOT EXISTS jobs (
+    id               TEXT PRIMARY KEY,
+    request_id       TEXT NOT NULL UNIQUE,
+    request_hash     TEXT NOT NULL,
+    kind             TEXT NOT NULL,
+    label            TEXT NOT NULL DEFAULT '',
+    state            TEXT NOT NULL CHECK (state IN ({", ".join(repr(s) for s in JOB_STATES)})),
+    created          REAL NOT NULL,
+    updated          REAL NOT NULL,
+    started          REAL,
+    finished         REAL,
+    attempts         INTEGER NOT NULL DEFAULT 0,
+    cancel_requested INTEGER NOT NULL DEFAULT 0,
+    error_code       TEXT,
+    error_message    TEXT,
+    progress         TEXT
+);
+CREATE INDEX IF NOT EXISTS jobs_by_state ON jobs (state, created);
+"""
+
+
+class Busy(Exception):
+    """The queue is full: the submit is refused at once (the server answers ``busy``)."""
+
+    def __init__(self, queued: int, max_queued: int):
+        super().__init__(f"queue full: {queued} jobs waiting (at most {max_queued})")
+        self.queued = queued
+        self.max_queued = max_queued
+
+
+class JobNotFound(LookupError):
+    """No job with this id."""
+
+
+class JobConflict(Exception):
+    """The operation does not fit the job's state, or a request id was reused for a different request."""
+
+
+class StoreLocked(Exception):
+    """Another server owns this data folder."""
+
+
+class JobFailure(Exception):
+    """Raised by a runner to end its job as ``failed`` with a code the client can act on (e.g. ``non_finite``)."""
+
+    def __init__(self, code: str, message: str):
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.message = message
+
+
+class Cancelled(Exception):
+    """Raised by a runner once ``cancelled()`` turned true; the job ends as ``cancelled``."""
+
+
+@dataclass(frozen=True)
+class Job:
+    """One row of the job table."""
+
+    id: str
+    """Server-made job id (16 hex digits)."""
+    request_id: str
+    """The client's idempotency key: one job per request id."""
+    kind: str
+    """text | image | refine."""
+    state: str
+    """queued | running | done | failed | cancelled."""
+    label: str
+    """Short human label (the prompt's start)."""
+    created: float
+    """Unix time of the submit."""
+    updated: float
+    """Unix time of the last state or progress change."""
+    started: float | None
+    """Unix time the last attempt started."""
+    finished: float | None
+    """Unix time it reached a terminal state."""
+    attempts: int
+    """How many times a worker started it (a resume counts)."""
+    cancel_requested: bool
+    """Cancel asked while running: the worker ends it."""
+    error_code: str | None
+    """Why it failed (``non_finite``, ``out_of_memory``, ``worker_died``, ...)."""
+    error_message: str | None
+    """Human-readable reason."""
+    progress: dict | None
+    """Last progress snapshot (stage, step, total, loss, eta_s)."""
+
+    @property
+    def terminal(self) -> bool:
+        """Whether the job has ended."""
+        return self.state in TERMINAL_STATES
+
+    def summary(self) -> dict[str, Any]:
+        """The job as plain JSON, as sent in ``job_list`` and ``ok`` replies."""
+        out = {"job_id": self.id, "request_id": self.request_id, "kind": self.kind, "state": self.state,
+               "label": self.label, "created": self.created, "updated": self.updated, "attempts": self.attempts}
+        if self.error_code:
+            out["error_code"] = self.error_code
+            out["error_message"] = self.error_message or ""
+        if self.progress:
+            out["progress"] = self.progress
+        return out
+
+
+@dataclass
+class Result:
+    """What a runner returns: the final object."""
+
+    glb: bytes
+    """The textured mesh as a binary glTF file."""
+    arrays: dict[str, Any] = field(default_factory=dict)
+    """Named arrays for a direct import (vertices (V, 3) float32, faces (F, 3) int32, uvs (V, 2), ...): Array or numpy."""
+    meta: dict[str, Any] = field(default_factory=dict)
+    """JSON-able facts about the run (steps, seed, timings, model)."""
+
+
+@dataclass(frozen=True)
+class JobResult:
+    """A finished job's result as read back from the store."""
+
+    glb: bytes
+    """The GLB file."""
+    arrays: dict[str, Array]
+    """Named arrays."""
+    meta: dict[str, Any]
+    """Facts about the run."""
+
+
+# ----------------------------------------------------------------------------- atomic files
+
+
+def fsync_dir(path: Path) -> None:
+    """Make a rename or creation inside ``path`` durable (a no-op where folders cannot be opened, e.g. Windows)."""
+    if os.name != "posix":
+        return
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb+") as f:
+        os.fsync(f.fileno())
+
+
+def atomic_write(path: str | os.PathLike, data: bytes | memoryview) -> Path:
+    """Write ``data`` to ``path`` so a reader sees the old file or the whole new one: temp, fsync, rename, fsync dir."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{secrets.token_hex(4)}")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fsync_dir(path.parent)
+    return path
+
+
+def _write_json(path: Path, obj: Any) -> Path:
+    return atomic_write(path, json.dumps(obj, indent=1, allow_nan=False).encode("utf-8"))
+
+
+def _check_name(name: str) -> str:
+    if not isinstance(name, str) or not _NAME_RE.fullmatch(name):
+        raise ValueError(f"artifact name {name!r} must be 1-64 letters, digits, '_', '.' or '-' (no folders)")
+    return name
+
+
+def _write_arrays(folder: Path, arrays: Mapping[str, Any]) -> dict[str, dict]:
+    """Each array to ``<name>.bin`` (fsynced); returns the JSON index {name: {dtype, shape, file}}."""
+    index = {}
+    for name, value in arrays.items():
+        arr = value if isinstance(value, Array) else Array.from_numpy(value)
+        file = f"{_check_name(name)}.bin"
+        with open(folder / file, "wb") as f:
+            f.write(arr.data)
+            f.flush()
+            os.fsync(f.fileno())
+        index[name] = {"dtype": arr.dtype, "shape": list(arr.shape), "file": file}
+    return index
+
+
+def _read_arrays(folder: Path, index: Mapping[str, dict]) -> dict[str, Array]:
+    return {name: Array(spec["dtype"], tuple(spec["shape"]), (folder / spec["file"]).read_bytes())
+            for name, spec in index.items()}
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """A committed checkpoint: its step, metadata and files."""
+
+    step: int
+    """Optimisation step the state belongs to."""
+    meta: dict[str, Any]
+    """JSON metadata the runner saved with it (stage, preset, seed, ...)."""
+    files: dict[str, Path]
+    """Name -> file on disk."""
+    created: float
+    """Unix time of the commit."""
+
+    def path(self, name: str) -> Path:
+        """The file saved under ``name`` (to ``torch.load`` from)."""
+        try:
+            return self.files[name]
+        except KeyError:
+            raise KeyError(f"checkpoint at step {self.step} has no file {name!r}; it has {sorted(self.files)}") from None
+
+    def read(self, name: str) -> bytes:
+        """The bytes saved under ``name``."""
+        return self.path(name).read_bytes()
+
+
+class CheckpointWriter:
+    """Collects the files of one checkpoint; nothing is visible until :meth:`commit`.
+
+    Use as a context manager: it commits when the block ends normally and discards the
+    files when it raises::
+
+        with store.begin(step, {"stage": "coarse"}) as ckpt:
+            torch.save({"model": ..., "optimizer": ..., "rng": ...}, ckpt.path("state.pt"))
+    """
+
+    def __init__(self, store: CheckpointStore, step: int, meta: Mapping[str, Any] | None):
+        if type(step) is not int or step < 0:
+            raise ValueError(f"checkpoint step must be a non-negative int, got {step!r}")
+        self._store, self.step, self.meta = store, step, dict(meta or {})
+        self._token = secrets.token_hex(4)
+        self._files: dict[str, Path] = {}
+        self._done = False
+
+    def path(self, name: str) -> Path:
+        """A fresh path for the file ``name``: write it (e.g. ``torch.save``) before the commit."""
+        if self._done:
+            raise RuntimeError("checkpoint already committed or discarded")
+        final = f"{self.step:010d}-{self._token}.{_check_name(name)}"
+        self._files[name] = self._store.directory / f".{final}.tmp"
+        return self._files[name]
+
+    def write(self, name: str, data: bytes | memoryview) -> None:
+        """Add the file ``name`` with these bytes."""
+        with open(self.path(name), "wb") as f:
+            f.write(data)
+
+    def commit(self) -> Checkpoint:
+        """fsync every file, rename it into place, then publish the manifest (the commit point)."""
+        if self._done:
+            raise RuntimeError("checkpoint already committed or discarded")
+        missing = [n for n, p in self._files.items() if not p.exists()]
+        if missing:
+            raise FileNotFoundError(f"checkpoint files never written: {missing}")
+        names = {}
+        for name, tmp in self._files.items():
+            _fsync_file(tmp)
+            final = tmp.with_name(tmp.name[1:-len(".tmp")])
+            os.replace(tmp, final)
+            names[name] = final.name
+        fsync_dir(self._store.directory)
+        created = time.time()
+        _write_json(self._store.manifest, {"step": self.step, "meta": self.meta, "files": names, "created": created})
+        self._done = True
+        self._store._prune(set(names.values()))
+        return Checkpoint(self.step, self.meta, {n: self._store.directory / f for n, f in names.items()}, created)
+
+    def discard(self) -> None:
+        """Drop the files written so far."""
+        self._done = True
+        for tmp in self._files.values():
+            tmp.unlink(missing_ok=True)
+
+    def __enter__(self) -> CheckpointWriter:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if self._done:
+            return
+        if exc_type is None:
+            self.commit()
+        else:
+            self.discard()
+
+
+class CheckpointStore:
+    """A job's checkpoints: the latest committed one survives any crash; older ones are removed."""
+
+    def __init__(self, directory: str | os.PathLike):
+        self.directory = Path(directory)
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self.manifest = self.directory / "checkpoint.json"
+
+    def begin(self, step: int, meta: Mapping[str, Any] | None = None) -> CheckpointWriter:
+        """Start a checkpoint at ``step`` (see CheckpointWriter)."""
+        return CheckpointWriter(self, step, meta)
+
+    def save(self, step: int, files: Mapping[str, bytes | memoryview], meta: Mapping[str, Any] | None = None) -> Checkpoint:
+        """Write and commit a checkpoint from in-memory bytes."""
+        writer = self.begin(step, meta)
+        try:
+            for name, data in files.items():
+                writer.write(name, data)
+        except BaseException:
+            writer.discard()
+            raise
+        return writer.commit()
+
+    def latest(self) -> Checkpoint | None:
+        """The last committed checkpoint, or None (a damaged manifest counts as none, with a warning)."""
+        try:
+            doc = json.loads(self.manifest.read_text(encoding="utf-8"))
+            files = {n: self.directory / f for n, f in doc["files"].items()}
+            if not all(p.is_file() for p in files.values()):
+                raise FileNotFoundError("a file named by the manifest is missing")
+            return Checkpoint(int(doc["step"]), dict(doc.get("meta", {})), files, float(doc.get("created", 0.0)))
+        except FileNotFoundError as exc:
+            if self.manifest.exists():
+                logger.warning("checkpoint in %s unusable: %s", self.directory, exc)
+            return None
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            logger.warning("checkpoint manifest %s unreadable (%s); starting over", self.manifest, exc)
+            return None
+
+    def clear(self) -> None:
+        """Remove every checkpoint."""
+        self.manifest.unlink(missing_ok=True)
+        self._prune(set())
+
+    def _prune(self, keep: set[str]) -> None:
+        """Remove files no manifest names (older checkpoints, temp files of crashed writers)."""
+        for p in self.directory.iterdir():
+            if p.name != self.manifest.name and p.name not in keep and p.is_file() and not p.name.startswith(".checkpoint.json"):
+                p.unlink(missing_ok=True)
+
+
+# ----------------------------------------------------------------------------- the runner interface
+
+
+class EventSink(Protocol):
+    """Where a runner reports what happens; each call is cheap and never blocks on a client.
+
+    The worker forwards these to the server, which keeps only the latest progress and
+    preview per job for a slow client ("latest value wins"); meshes marked ``final`` and
+    the job's end are always delivered.
+    """
+
+    def progress(self, stage: str, step: int, total: int, *, loss: float | None = None,
+                 eta_s: float | None = None, message: str | None = None) -> None:
+        """Progress within ``stage``: ``step`` of ``total``, the current loss and time left."""
+
+    def preview(self, stage: str, step: int, png: bytes) -> None:
+        """A preview render (PNG bytes)."""
+
+    def mesh(self, stage: str, step: int, vertices: Any, faces: Any, *, uvs: Any = None, normals: Any = None,
+             colors: Any = None, texture_png: bytes | None = None, final: bool = False) -> None:
+        """An intermediate (or the final) mesh: vertices (V, 3) float32, faces (F, 3) int32, uvs (V, 2) float32,
+        normals (V, 3), colors (V, 3|4) float32 or uint8, texture PNG; numpy arrays or protocol Arrays."""
+
+
+class JobRunner(Protocol):
+    """A pipeline as the worker calls it, once per job attempt, in the worker's child process.
+
+    ``request``: the validated ``submit`` fields as :func:`load_request` (``job_dir``) returns
+    them: ``kind``, ``prompt``, ``negative_prompt``, ``seed`` (int or None: pick one and
+    put it in ``Result.meta``), ``preset``, ``mode`` (refine: full | texture), ``options``
+    (flat dict of preset overrides), and when sent ``image`` (protocol Image, PNG bytes
+    in ``.data``), ``rig`` (list of {matrix_world 4x4 rows, fov_y_deg, width, height}),
+    ``mesh`` ({vertices: Array (V, 3) float32, faces: Array (F, 3) int32/uint32,
+    matrix_world}), ``placement`` (4x4). ``Array.numpy()`` gives numpy views.
+
+    ``job_dir``: the job's artifact folder; scratch files go under ``job_dir / "work"``.
+
+    ``events``: progress, previews and meshes (see EventSink).
+
+    ``cancelled()``: cheap; call it at least once per step and raise :class:`Cancelled`
+    when it is true. The worker kills a runner that has not returned a second after a
+    cancel, so a runner must not rely on cleanup code running.
+
+    ``checkpoint``: call ``checkpoint.latest()`` first and resume from it when present
+    (the job was interrupted by a restart); save every ``checkpoint_every`` steps with
+    ``with checkpoint.begin(step, meta) as c: torch.save(state, c.path("state.pt"))``,
+    where ``state`` holds the model, the optimizer, the RNG states (torch, CUDA, numpy,
+    Python ``random``) and anything else the loop needs to continue bit for bit.
+
+    Failures: raise :class:`JobFailure` (``code``, ``message``) for a reason the user can
+    act on; a non-finite loss must roll back to the last checkpoint or raise
+    ``JobFailure("non_finite", ...)``, never return a mesh with NaNs. Any other exception
+    fails the job with code ``internal``; CUDA out-of-memory is reported by the worker
+    as ``out_of_memory``. Return a :class:`Result`; the worker stores it with
+    :func:`write_result` (``job_dir``) and then reports ``done``.
+    """
+
+    def __call__(self, request: dict[str, Any], job_dir: Path, events: EventSink,
+                 cancelled: Callable[[], bool], checkpoint: CheckpointStore) -> Result:
+        ...
+
+
+# ----------------------------------------------------------------------------- a job's folder
+# Module functions on the folder alone, so a worker's child process needs no database.
+
+
+def load_request(job_dir: str | os.PathLike) -> dict[str, Any]:
+    """A job's request fields from its folder, blob references resolved to Array / Image objects."""
+    folder = Path(job_dir)
+    doc = json.loads((folder / "request.json").read_text(encoding="utf-8"))
+    blobs = [(folder / "request" / f"blob-{i}.bin").read_bytes() for i in range(int(doc["blobs"]))]
+    try:
+        return from_wire(doc["fields"], blobs, [False] * len(blobs))
+    except ProtocolError as exc:
+        raise ValueError(f"stored request in {folder} is damaged: {exc}") from None
+
+
+def write_preview(job_dir: str | os.PathLike, step: int, png: bytes | memoryview) -> Path:
+    """Keep a preview image under ``previews/`` (atomically); returns its path."""
+    folder = Path(job_dir) / "previews"
+    folder.mkdir(exist_ok=True)
+    return atomic_write(folder / f"preview-{int(step):07d}.png", png)
+
+
+def write_result(job_dir: str | os.PathLike, result: Result) -> Path:
+    """Store a result under ``result/`` atomically (all files or none: the folder is renamed into place when complete)."""
+    folder = Path(job_dir)
+    glb = bytes(result.glb)
+    if glb[:4] != b"glTF":
+        raise ValueError("result.glb is not a binary glTF file")
+    tmp = folder / f".result-{secrets.token_hex(4)}"
+    tmp.mkdir()
+    try:
+        with open(tmp / "model.glb", "wb") as f:
+            f.write(glb)
+            f.flush()
+            os.fsync(f.fileno())
+        index = _write_arrays(tmp, result.arrays)
+        with open(tmp / "meta.json", "w", encoding="utf-8") as f:
+            json.dump({"arrays": index, "meta": result.meta, "glb_bytes": len(glb)}, f, allow_nan=False)
+            f.flush()
+            os.fsync(f.fileno())
+        fsync_dir(tmp)
+        final = folder / "result"
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        fsync_dir(folder)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return final
+
+
+# ----------------------------------------------------------------------------- the store
+
+
+def request_hash(fields: Mapping[str, Any]) -> str:
+    """SHA-256 of a request's meaning (canonical JSON of its fields plus its blobs' bytes)."""
+    blobs: list = []
+    wire = to_wire({k: v for k, v in fields.items() if k not in _REQUEST_NOT_HASHED}, blobs)
+    h = hashlib.sha256(json.dumps(wire, sort_keys=True, separators=(",", ":"), allow_nan=False).encode("utf-8"))
+    for blob in blobs:
+        h.update(len(blob).to_bytes(8, "big"))
+        h.update(blob)
+    return h.hexdigest()
+
+
+class JobStore:
+    """The job table and artifact folders under one data folder.
+
+    One server owns a store (``owner=True``: it takes the lock file and cleans up after
+    a crash, then calls :meth:`recover` to re-queue interrupted jobs); command-line tools
+    open it with ``owner=False`` to list, show, fetch or delete while the server runs.
+    Thread-safe.
+    """
+
+    def __init__(self, root: str | os.PathLike, *, max_queued: int = 16, max_attempts: int = 3,
+                 progress_interval_s: float = 2.0, owner: bool = True):
+        self.root = Path(root).expanduser()
+        self.jobs_dir = self.root / "jobs"
+        self.max_queued = int(max_queued)
+        """Most jobs waiting to run; a submit beyond it raises Busy."""
+        self.max_attempts = int(max_attempts)
+        """Attempts before a job that keeps dying (its worker killed, the server killed) is failed."""
+        self.progress_interval_s = float(progress_interval_s)
+        """Least time between two progress snapshots written for one job."""
+        self._lock = threading.RLock()
+        self._progress_written: dict[str, float] = {}
+        self._lock_file = None
+        self.jobs_dir.mkdir(parents=True, exist_ok=True)
+        if owner:
+            self._take_lock()
+        self._db = sqlite3.connect(self.root / "jobs.sqlite3", isolation_level=None, check_same_thread=False,
+                                   timeout=10.0)
+        self._db.row_factory = sqlite3.Row
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")
+        self._db.execute("PRAGMA busy_timeout=10000")
+        version = self._db.execute("PRAGMA user_version").fetchone()[0]
+        if version > SCHEMA_VERSION:
+            raise RuntimeError(f"job store {self.root} has schema {version}, newer than this engine ({SCHEMA_VERSION})")
+        self._db.executescript(f"BEGIN IMMEDIATE; {_SCHEMA} PRAGMA user_version={SCHEMA_VERSION}; COMMIT;")
+        if owner:
+            self._clean_folders()
+
+    # -- lifecycle
+
+    def _take_lock(self) -> None:
+        path = self.root / "lock"
+        f = open(path, "a+")
+        try:
+            if os.name == "posix":
+                import fcntl
+
+                fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            else:
+                import msvcrt
+
+                msvcrt.locking(f.fileno(), msvcrt.LK_NBLCK, 1)
+        except OSError:
+            f.close()
+            raise StoreLocked(f"another engine server is using {self.root} (lock file {path})") from None
+        self._lock_file = f
+
+    def close(self) -> None:
+        """Close the database and release the lock."""
+        with self._lock:
+            self._db.close()
+            if self._lock_file is not None:
+                self._lock_file.close()
+                self._lock_file = None
+
+    def __enter__(self) -> JobStore:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    @contextmanager
+    def _tx(self) -> Iterator[sqlite3.Connection]:
+        """One write transaction (BEGIN IMMEDIATE ... COMMIT), rolled back on error."""
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+
+    def _clean_folders(self) -> None:
+        """Remove half-written folders a crash left behind (temp, trash, request files with no row)."""
+        known = {row[0] for row in self._db.execute("SELECT id FROM jobs")}
+        for p in self.jobs_dir.iterdir():
+            if p.name.startswith((".tmp-", ".trash-")) or (_JOB_ID_RE.fullmatch(p.name) and p.name not in known):
+                logger.info("removing leftover %s", p)
+                shutil.rmtree(p, ignore_errors=True)
+
+    def recover(self) -> list[Job]:
+        """At start-up: put interrupted (``running``) jobs back in the queue, or fail those out of attempts.
+
+        Returns the jobs re-queued. Called by the owner before any worker starts.
+        """
+        requeued = []
+        now = time.time()
+        with self._tx() as db:
+            for row in db.execute("SELECT * FROM jobs WHERE state = 'running'").fetchall():
+                job = self._job(row)
+                if job.cancel_requested:
+                    self._set_state(db, job.id, "cancelled", now)
+                elif job.attempts >= self.max_attempts:
+                    self._set_state(db, job.id, "failed", now, "crash_loop",
+                                    f"interrupted {job.attempts} times (server or worker killed); not retried")
+                else:
+                    db.execute("UPDATE jobs SET state = 'queued', updated = ? WHERE id = ?", (now, job.id))
+                    requeued.append(job.id)
+        if requeued:
+            logger.info("resuming %d interrupted job(s): %s", len(requeued), ", ".join(requeued))
+        return [self.get(j) for j in requeued]
+
+    # -- reading
+
+    @staticmethod
+    def _job(row: sqlite3.Row) -> Job:
+        return Job(
+            id=row["id"], request_id=row["request_id"], kind=row["kind"], state=row["state"], label=row["label"],
+            created=row["created"], updated=row["updated"], started=row["started"], finished=row["finished"],
+            attempts=row["attempts"], cancel_requested=bool(row["cancel_requested"]),
+            error_code=row["error_code"], error_message=row["error_message"],
+            progress=json.loads(row["progress"]) if row["progress"] else None,
+        )
+
+    def get(self, job_id: str) -> Job:
+        """The job; raises JobNotFound."""
+        with self._lock:
+            row = self._db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        if row is None:
+            raise JobNotFound(f"no job {job_id!r}")
+        return self._job(row)
+
+    def find_request(self, request_id: str) -> Job | None:
+        """The job made for a client request id, if any."""
+        with self._lock:
+            row = self._db.execute("SELECT * FROM jobs WHERE request_id = ?", (request_id,)).fetchone()
+        return self._job(row) if row is not None else None
+
+    def list(self, state: str | None = None, limit: int = 100) -> list[Job]:
+        """Jobs, newest first, optionally of one state."""
+        query, args = "SELECT * FROM jobs", ()
+        if state is not None:
+            query, args = query + " WHERE state = ?", (state,)
+        with self._lock:
+            rows = self._db.execute(query + " ORDER BY created DESC, rowid DESC LIMIT ?", (*args, int(limit))).fetchall()
+        return [self._job(r) for r in rows]
+
+    def counts(self) -> dict[str, int]:
+        """Number of jobs in each state."""
+        with self._lock:
+            rows = self._db.execute("SELECT state, COUNT(*) FROM jobs GROUP BY state").fetchall()
+        out = dict.fromkeys(JOB_STATES, 0)
+        out.update({r[0]: r[1] for r in rows})
+        return out
+
+    def queue_position(self, job_id: str) -> int | None:
+        """0-based place of a queued job in the queue (None when not queued)."""
+        job = self.get(job_id)
+        if job.state != "queued":
+            return None
+        with self._lock:
+            return self._db.execute(
+                "SELECT COUNT(*) FROM jobs WHERE state = 'queued' AND (created < ? OR (created = ? AND id < ?))",
+                (job.created, job.created, job.id)).fetchone()[0]
+
+    # -- submitting
+
+    def submit(self, request_id: str, fields: Mapping[str, Any], label: str = "") -> tuple[Job, bool]:
+        """Store a validated request durably and queue it; returns (job, duplicate).
+
+        Idempotent on ``request_id``: the same request again returns the existing job
+        with ``duplicate=True`` (even when the queue is full); the same id with a different
+        request raises JobConflict. A full queue raises Busy. The request files are fsynced
+        and the row committed before this returns.
+        """
+        digest = request_hash(fields)
+        existing = self._check_submit(request_id, digest)
+        if existing is not None:
+            return existing, True
+        job_id = secrets.token_hex(8)
+        final = self.jobs_dir / job_id
+        tmp = self.jobs_dir / f".tmp-{job_id}"
+        try:
+            (tmp / "request").mkdir(parents=True)
+            blobs: list = []
+            wire = to_wire(dict(fields), blobs)
+            for i, blob in enumerate(blobs):
+                with open(tmp / "request" / f"blob-{i}.bin", "wb") as f:
+                    f.write(blob)
+                    f.flush()
+                    os.fsync(f.fileno())
+            fsync_dir(tmp / "request")
+            _write_json(tmp / "request.json", {"request_id": request_id, "fields": wire, "blobs": len(blobs)})
+            os.replace(tmp, final)
+            fsync_dir(self.jobs_dir)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        now = time.time()
+        try:
+            with self._tx() as db:
+                existing = self._check_submit(request_id, digest)
+                if existing is None:
+                    db.execute(
+                        "INSERT INTO jobs (id, request_id, request_hash, kind, label, state, created, updated) "
+                        "VALUES (?, ?, ?, ?, ?, 'queued', ?, ?)",
+                        (job_id, request_id, digest, str(fields.get("kind", "")), label[:120], now, now))
+        except BaseException:
+            shutil.rmtree(final, ignore_errors=True)
+            raise
+        if existing is not None:  # lost a race with an identical submit
+            shutil.rmtree(final, ignore_errors=True)
+            return existing, True
+        logger.info("job %s queued (request %s, %s)", job_id, request_id, fields.get("kind"))
+        return self.get(job_id), False
+
+    def _check_submit(self, request_id: str, digest: str) -> Job | None:
+        with self._lock:
+            row = self._db.execute("SELECT * FROM jobs WHERE request_id = ?", (request_id,)).fetchone()
+            if row is not None:
+                if row["request_hash"] != digest:
+                    raise JobConflict(f"request id {request_id!r} was already used for a different request")
+                return self._job(row)
+            queued = self._db.execute("SELECT COUNT(*) FROM jobs WHERE state = 'queued'").fetchone()[0]
+        if queued >= self.max_queued:
+            raise Busy(queued, self.max_queued)
+        return None
+
+    def load_request(self, job_id: str) -> dict[str, Any]:
+        """The job's request fields with blob references resolved to Array / Image objects."""
+        return load_request(self.job_dir(job_id))
+
+    # -- state changes
+
+    def _set_state(self, db: sqlite3.Connection, job_id: str, state: str, now: float,
+                   code: str | None = None, message: str | None = None) -> None:
+        finished = now if state in TERMINAL_STATES else None
+        db.execute("UPDATE jobs SET state = ?, updated = ?, finished = ?, error_code = ?, error_message = ? WHERE id = ?",
+                   (state, now, finished, code, message, job_id))
+
+    def claim_next(self) -> Job | None:
+        """Take the oldest queued job and mark it running (one attempt more); None when the queue is empty."""
+        now = time.time()
+        with self._tx() as db:
+            row = db.execute("SELECT id FROM jobs WHERE state = 'queued' ORDER BY created, rowid LIMIT 1").fetchone()
+            if row is None:
+                return None
+            db.execute("UPDATE jobs SET state = 'running', started = ?, updated = ?, attempts = attempts + 1 WHERE id = ?",
+                       (now, now, row[0]))
+        return self.get(row[0])
+
+    def finish(self, job_id: str, state: str, code: str | None = None, message: str | None = None) -> Job:
+        """End a job: ``done``, ``failed`` (with code and message) or ``cancelled``. Ending an ended job raises JobConflict."""
+        if state not in TERMINAL_STATES:
+            raise ValueError(f"finish needs a terminal state, got {state!r}")
+        if state == "done" and not (self.job_dir(job_id) / "result" / "meta.json").exists():
+            raise JobConflict(f"job {job_id} has no stored result; write_result before finishing it as done")
+        with self._tx() as db:
+            job = self._get_in(db, job_id)
+            if job.terminal:
+                raise JobConflict(f"job {job_id} already ended ({job.state})")
+            self._set_state(db, job_id, state, time.time(), code, message)
+        self._progress_written.pop(job_id, None)
+        return self.get(job_id)
+
+    def requeue(self, job_id: str) -> Job:
+        """Put a running job back in the queue (to resume from its checkpoint)."""
+        with self._tx() as db:
+            job = self._get_in(db, job_id)
+            if job.state != "running":
+                raise JobConflict(f"job {job_id} is {job.state}, not running")
+            db.execute("UPDATE jobs SET state = 'queued', updated = ? WHERE id = ?", (time.time(), job_id))
+        return self.get(job_id)
+
+    def request_cancel(self, job_id: str) -> Job:
+        """Cancel: a queued job ends at once as ``cancelled``; a running one is flagged for its worker to end.
+
+        An ended job is returned unchanged.
+        """
+        with self._tx() as db:
+            job = self._get_in(db, job_id)
+            if job.state == "queued":
+                self._set_state(db, job_id, "cancelled", time.time())
+            elif job.state == "running":
+                db.execute("UPDATE jobs SET cancel_requested = 1, updated = ? WHERE id = ?", (time.time(), job_id))
+        return self.get(job_id)
+
+    def set_progress(self, job_id: str, snapshot: Mapping[str, Any], force: bool = False) -> bool:
+        """Record the latest progress (at most once per ``progress_interval_s`` per job unless ``force``); returns whether written."""
+        now = time.monotonic()
+        if not force and now - self._progress_written.get(job_id, -1e18) < self.progress_interval_s:
+            return False
+        with self._tx() as db:
+            clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in snapshot.items()}
+            db.execute("UPDATE jobs SET progress = ?, updated = ? WHERE id = ?",
+                       (json.dumps(clean, allow_nan=False), time.time(), job_id))
+        self._progress_written[job_id] = now
+        return True
+
+    def delete(self, job_id: str) -> None:
+        """Remove a job that is not running, with its artifacts; raises JobNotFound / JobConflict."""
+        with self._tx() as db:
+            job = self._get_in(db, job_id)
+            if job.state == "running":
+                raise JobConflict(f"job {job_id} is running; cancel it first")
+            db.execute("DELETE FROM jobs WHERE id = ?", (job_id,))
+        folder = self.job_dir(job_id)
+        if folder.exists():
+            trash = self.jobs_dir / f".trash-{job_id}-{secrets.token_hex(4)}"
+            os.replace(folder, trash)
+            shutil.rmtree(trash, ignore_errors=True)
+        self._progress_written.pop(job_id, None)
+
+    def _get_in(self, db: sqlite3.Connection, job_id: str) -> Job:
+        row = db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        if row is None:
+            raise JobNotFound(f"no job {job_id!r}")
+        return self._job(row)
+
+    # -- artifacts
+
+    def job_dir(self, job_id: str) -> Path:
+        """The job's artifact folder."""
+        if not _JOB_ID_RE.fullmatch(job_id):
+            raise JobNotFound(f"no job {job_id!r} (job ids are 16 hex digits)")
+        return self.jobs_dir / job_id
+
+    def checkpoints(self, job_id: str) -> CheckpointStore:
+        """The job's checkpoint store."""
+        return CheckpointStore(self.job_dir(job_id) / "checkpoints")
+
+    def write_preview(self, job_id: str, step: int, png: bytes | memoryview) -> Path:
+        """Keep a preview image (atomically); returns its path."""
+        return write_preview(self.job_dir(job_id), step, png)
+
+    def latest_preview(self, job_id: str) -> Path | None:
+        """The newest preview image, if any."""
+        files = sorted((self.job_dir(job_id) / "previews").glob("preview-*.png"))
+        return files[-1] if files else None
+
+    def write_result(self, job_id: str, result: Result) -> Path:
+        """Store a job's result atomically (see the module function)."""
+        folder = self.job_dir(job_id)
+        if not folder.is_dir():
+            raise JobNotFound(f"no job {job_id!r}")
+        return write_result(folder, result)
+
+    def read_result(self, job_id: str) -> JobResult:
+        """A finished job's result; raises JobNotFound, or JobConflict when the job has not finished as done."""
+        job = self.get(job_id)
+        if job.state != "done":
+            raise JobConflict(f"job {job_id} is {job.state}; a result exists only when done")
+        folder = self.job_dir(job_id) / "result"
+        doc = json.loads((folder / "meta.json").read_text(encoding="utf-8"))
+        return JobResult((folder / "model.glb").read_bytes(), _read_arrays(folder, doc["arrays"]), doc["meta"])
+
+    def result_message_fields(self, job_id: str) -> dict[str, Any]:
+        """The fields of a ``result`` reply for a done job (GLB as a blob, arrays as array blobs)."""
+        res = self.read_result(job_id)
+        return {"job_id": job_id, "glb": Blob(res.glb, "glb"), "arrays": res.arrays, "meta": res.meta}
+

@@ -1,0 +1,734 @@
+"""The engine server: one ROUTER socket, one loop, many clients; jobs in the durable store.
+
+The loop never runs work itself. It answers requests (hello, ping, submit, subscribe,
+cancel, result, jobs, delete), starts queued jobs on an :class:`Executor` (the
+supervised worker), and fans each job's events out to the clients subscribed to it.
+
+Per client the server keeps replies and reliable events (final mesh, the job's end)
+in order, and for progress, previews and intermediate meshes only the latest value
+per job ("latest value wins"): a client that stalls lets its socket pipe fill to the
+high-water mark, after which its progress overwrites itself instead of piling up.
+``ROUTER_MANDATORY`` makes a vanished client an error (its state is dropped) instead
+of a silent loss; a client silent for ``peer_expiry_s`` is forgotten.
+
+Heartbeats: clients ping every ``heartbeat_s`` and count the server unresponsive after
+``liveness`` silent intervals; the server answers pings on the loop, never behind job
+work, and also runs ZMTP heartbeats so a dead TCP peer is closed.
+
+Safety: loopback bind by default; every message signed (HMAC-SHA256, key file 0600,
+created on first start) with a nonce and a replay window; a non-loopback bind without
+authentication refuses to start. Frames above the size limit are refused by the socket.
+"""
+from __future__ import annotations
+
+import ipaddress
+import logging
+import secrets
+import signal
+import socket
+import sys
+import threading
+import time
+from collections import OrderedDict, deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import zmq
+
+from engine_server import __version__, protocol
+from engine_server.auth import SIGNATURE_SCHEME, ReplayGuard, Signer, default_key_path, load_or_create_key, user_data_dir
+from engine_server.jobs import Busy, Job, JobConflict, JobNotFound, JobStore, atomic_write
+from engine_server.protocol import Limits, Message, ProtocolError
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_BIND = "tcp://127.0.0.1:5557"
+"""Loopback only, unless told otherwise."""
+RELIABLE = ("done", "failed", "cancelled")
+"""Events every subscriber receives, in order, however slow it is."""
+
+
+class ConfigError(Exception):
+    """The server cannot start with this configuration (e.g. a public bind without authentication)."""
+
+
+@dataclass
+class ServerConfig:
+    """How the server listens, authenticates and bounds its work."""
+
+    bind: str = DEFAULT_BIND
+    """ZeroMQ endpoint to bind (``tcp://127.0.0.1:*`` picks a free port)."""
+    data_dir: Path | None = None
+    """Job store folder (default: <user data dir>/data)."""
+    key_file: Path | None = None
+    """HMAC key file, created 0600 on first start (default: <user data dir>/key)."""
+    auth: bool = True
+    """Sign and check every message. Off is allowed on loopback / ipc only."""
+    heartbeat_s: float = 1.0
+    """Heartbeat interval announced to clients (they ping this often)."""
+    liveness: int = 3
+    """Silent heartbeat intervals before a peer counts as gone (ZMTP heartbeat timeout)."""
+    peer_expiry_s: float = 120.0
+    """A client silent this long is forgotten (its subscriptions and pending events dropped)."""
+    max_peers: int = 1000
+    """Most clients remembered at once (the longest silent is forgotten first)."""
+    max_pending: int = 1000
+    """Most queued replies and reliable events per client before it is dropped as stuck."""
+    max_queued: int = 16
+    """Most jobs waiting; a submit beyond it gets ``busy`` at once."""
+    limits: Limits = field(default_factory=Limits)
+    """Request bounds (also the socket's per-frame size limit)."""
+    sndhwm: int = 256
+    """Messages the socket buffers per client before sends to it wait (then latest value wins)."""
+    rcvhwm: int = 256
+    """Messages buffered per client on receipt."""
+    linger_ms: int = 500
+    """How long closing the socket may wait to deliver what is queued."""
+    replay_window_s: float = 300.0
+    """Accepted clock difference for timestamps; nonces are remembered this long."""
+    models: list[str] = field(default_factory=list)
+    """Models offered, announced in ``welcome``."""
+    presets: tuple[str, ...] = ("draft", "standard", "high")
+    """Preset names accepted in ``submit``."""
+    device: str = "cpu"
+    """Device description announced in ``welcome``."""
+
+
+@dataclass
+class WorkerEvent:
+    """Something an executor reports about a job: a protocol event plus its fields.
+
+    ``type``: progress | preview | mesh (fields as the protocol message: stage, step,
+    total, loss, eta_s / image / vertices, faces, uvs, texture, final) or the end:
+    done (the result is already stored with ``JobStore.write_result``), failed (code,
+    message), cancelled.
+    """
+
+    job_id: str
+    """The job."""
+    type: str
+    """Event type (protocol.EVENT_TYPES)."""
+    fields: dict[str, Any] = field(default_factory=dict)
+    """Event fields, blobs as protocol Array / Image or numpy arrays."""
+
+
+class Executor(Protocol):
+    """What the server needs from the worker side (local child processes now, a cluster later)."""
+
+    def capacity(self) -> int:
+        """How many more jobs could start now (0 while every device is busy)."""
+
+    def start(self, job: Job) -> None:
+        """Begin running a job the server has just marked running; returns at once."""
+
+    def cancel(self, job_id: str) -> None:
+        """End a running job within a second (its ``cancelled`` event follows); returns at once."""
+
+    def poll(self) -> list[WorkerEvent]:
+        """Events since the last call, without blocking."""
+
+    def close(self) -> None:
+        """Stop every job (they resume from their checkpoints at the next start)."""
+
+
+def is_local_endpoint(endpoint: str) -> bool:
+    """Whether a bind endpoint is reachable only from this machine (loopback tcp, ipc, inproc)."""
+    scheme, _, rest = endpoint.partition("://")
+    if scheme in ("ipc", "inproc"):
+        return True
+    if scheme != "tcp":
+        return False
+    host = rest.rsplit(":", 1)[0].strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # "*", an interface name or a host name: may be public
+
+
+def _coalescable(event_type: str, fields: dict[str, Any]) -> bool:
+    """Whether a newer event of the same job and type may replace this one."""
+    return event_type in ("progress", "preview") or (event_type == "mesh" and not fields.get("final"))
+
+
+class _Mailbox:
+    """Job events on their way into the loop, from any thread: the latest progress, preview and
+    intermediate mesh per job, plus every other event in order. Bounded however fast they come."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._items: OrderedDict[tuple, WorkerEvent] = OrderedDict()
+        self._serial = 0
+        self.replaced = 0
+        """Events dropped because a newer one of the same job and type came first."""
+
+    def put(self, event: WorkerEvent) -> None:
+        with self._lock:
+            if _coalescable(event.type, event.fields):
+                key: tuple = (event.job_id, event.type)
+                if self._items.pop(key, None) is not None:
+                    self.replaced += 1
+            else:
+                self._serial += 1
+                key = (event.job_id, event.type, self._serial)
+            self._items[key] = event
+
+    def take(self) -> list[WorkerEvent]:
+        with self._lock:
+            items = list(self._items.values())
+            self._items.clear()
+        return items
+
+
+class _Peer:
+    """One client: its subscriptions and what waits to be sent to it."""
+
+    def __init__(self, identity: bytes, now: float):
+        self.identity = identity
+        self.last_seen = now
+        self.fresh = True  # no message handled yet: a ping tells the client to subscribe again
+        self.subscriptions: set[str] = set()
+        self.reliable: deque[Message] = deque()
+        self.latest: OrderedDict[tuple[str, str], Message] = OrderedDict()
+
+    def pending(self) -> bool:
+        return bool(self.reliable or self.latest)
+
+    def put_latest(self, msg: Message) -> None:
+        """A coalescable event: replaces the unsent one of the same job and type."""
+        key = (msg.job_id or "", msg.type)
+        self.latest.pop(key, None)
+        self.latest[key] = msg
+
+    def put_reliable(self, msg: Message) -> None:
+        """A reply or reliable event; the job's unsent coalesced events go first, to keep the order."""
+        if msg.job_id is not None and msg.type in protocol.EVENT_TYPES:
+            for key in [k for k in self.latest if k[0] == msg.job_id]:
+                self.reliable.append(self.latest.pop(key))
+        self.reliable.append(msg)
+
+
+class EngineServer:
+    """The ROUTER loop. ``serve_forever`` runs it; ``stop`` (from any thread or a signal) ends it."""
+
+    def __init__(self, config: ServerConfig, store: JobStore | None = None, executor: Executor | None = None,
+                 context: zmq.Context | None = None):
+        self.config = config
+        if not config.auth and not is_local_endpoint(config.bind):
+            raise ConfigError(f"refusing to bind {config.bind} without authentication: "
+                              "use a loopback address or keep authentication on")
+        key = load_or_create_key(config.key_file or default_key_path()) if config.auth else None
+        if not config.auth:
+            logger.warning("authentication is OFF: any local process can use this engine")
+        self.signer = Signer(key)
+        self.guard = ReplayGuard(config.replay_window_s)
+        data_dir = Path(config.data_dir) if config.data_dir else user_data_dir() / "data"
+        self.store = store or JobStore(data_dir, max_queued=config.max_queued)
+        self._owns_store = store is None
+        self.executor = executor
+        self.session = secrets.token_hex(8)
+        """Changes at every start, so clients notice a restart and subscribe again."""
+        self._ctx = context or zmq.Context.instance()
+        self._socket: zmq.Socket | None = None
+        self.endpoint: str | None = None
+        """The bound endpoint (the real port when bound to ``*``)."""
+        self._peers: OrderedDict[bytes, _Peer] = OrderedDict()
+        self._last_progress: dict[str, dict[str, Any]] = {}  # job id -> fields of its latest progress
+        self._mailbox = _Mailbox()
+        self._wake_pending = False
+        self._wake_r, self._wake_w = socket.socketpair()  # post() wakes the loop at once
+        self._wake_r.setblocking(False)
+        self._wake_w.setblocking(False)
+        self._stop = threading.Event()
+        self._handlers: dict[str, Callable[[_Peer, Message], None]] = {
+            "hello": self._on_hello, "ping": self._on_ping, "submit": self._on_submit,
+            "subscribe": self._on_subscribe, "unsubscribe": self._on_unsubscribe, "cancel": self._on_cancel,
+            "result": self._on_result, "jobs": self._on_jobs, "delete": self._on_delete,
+        }
+        self.stats = {"received": 0, "refused": 0, "sent": 0, "coalesced": 0, "coalesced_before_loop": 0,
+                      "dropped_peers": 0}
+        """Counters: messages received, refused and sent; progress replaced by newer values for a slow client
+        (coalesced) or before the loop took it (coalesced_before_loop); clients dropped."""
+        self.store.recover()
+
+    # -- lifecycle
+
+    def bind(self) -> str:
+        """Create and bind the socket; returns the endpoint (written to <data>/endpoint for local clients)."""
+        c = self.config
+        sock = self._ctx.socket(zmq.ROUTER)
+        sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        sock.setsockopt(zmq.MAXMSGSIZE, c.limits.max_message_bytes)
+        sock.setsockopt(zmq.SNDHWM, c.sndhwm)
+        sock.setsockopt(zmq.RCVHWM, c.rcvhwm)
+        sock.setsockopt(zmq.LINGER, c.linger_ms)
+        sock.setsockopt(zmq.HEARTBEAT_IVL, int(c.heartbeat_s * 1000))
+        sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, int(c.heartbeat_s * c.liveness * 1000))
+        try:
+            sock.bind(c.bind)
+        except zmq.ZMQError as exc:
+            sock.close(linger=0)
+            raise ConfigError(f"cannot bind {c.bind}: {exc}") from exc
+        self._socket = sock
+        self.endpoint = sock.getsockopt_string(zmq.LAST_ENDPOINT)
+        if self.signer.enabled and not is_local_endpoint(self.endpoint):
+            logger.warning("listening on a non-loopback address: messages are signed, not encrypted")
+        atomic_write(self.store.root / "endpoint", (self.endpoint + "\n").encode())
+        logger.info("listening on %s (auth %s, data %s)", self.endpoint, "on" if self.signer.enabled else "OFF",
+                    self.store.root)
+        return self.endpoint
+
+    def stop(self) -> None:
+        """Ask the loop to end (thread- and signal-safe)."""
+        self._stop.set()
+        self._wake()
+
+    def close(self) -> None:
+        """Release the socket, the executor and the store."""
+        if self.executor is not None:
+            self.executor.close()
+        if self._socket is not None:
+            self._socket.close()
+            self._socket = None
+            (self.store.root / "endpoint").unlink(missing_ok=True)
+        if self._owns_store:
+            self.store.close()
+        self._wake_r.close()
+        self._wake_w.close()
+
+    @property
+    def client_count(self) -> int:
+        """Clients the server currently remembers."""
+        return len(self._peers)
+
+    def post(self, job_id: str, type: str, **fields: Any) -> None:
+        """Report a job event from another thread (an executor's callback); the loop publishes it."""
+        self._mailbox.put(WorkerEvent(job_id, type, fields))
+        if not self._wake_pending:
+            self._wake_pending = True
+            self._wake()
+
+    def _wake(self) -> None:
+        try:
+            self._wake_w.send(b"\0")
+        except OSError:
+            pass  # already woken (buffer full) or closing
+
+    def serve_forever(self) -> None:
+        """Run until ``stop``; a bad message or a failing handler never ends the loop."""
+        if self._socket is None:
+            self.bind()
+        poller = zmq.Poller()
+        poller.register(self._socket, zmq.POLLIN)
+        poller.register(self._wake_r, zmq.POLLIN)
+        while not self._stop.is_set():
+            busy = self.executor is not None or any(p.pending() for p in self._peers.values())
+            ready = dict(poller.poll(20 if busy else 100))
+            if self._wake_r.fileno() in ready:
+                self._wake_pending = False
+                try:
+                    while self._wake_r.recv(4096):
+                        pass
+                except OSError:
+                    pass  # drained
+            if self._socket in ready:
+                self._drain_socket()
+            self._drain_events()
+            self._schedule()
+            self._flush()
+            self._expire_peers()
+
+    # -- receiving
+
+    def _drain_socket(self, max_messages: int = 1000) -> None:
+        for _ in range(max_messages):
+            try:
+                frames = self._socket.recv_multipart(flags=zmq.NOBLOCK, copy=True)
+            except zmq.Again:
+                return
+            self.stats["received"] += 1
+            if len(frames) < 2:
+                continue  # an identity with no message: nothing to answer
+            self._handle(frames[0], frames[1:])
+
+    def _handle(self, identity: bytes, frames: list[bytes]) -> None:
+        try:
+            msg = protocol.decode(frames, self.signer, self.guard, self.config.limits)
+        except ProtocolError as exc:
+            self.stats["refused"] += 1
+            logger.debug("refused a message: %s", exc)
+            peer = self._peers.get(identity)
+            if peer is not None:  # a known client: keep its replies in order
+                self._reply(peer, protocol.error_message(exc))
+            else:  # possibly unauthenticated: answer once, keep no state for it
+                self._send_now(identity, protocol.error_message(exc))
+            return
+        peer = self._peer(identity)
+        try:
+            self._handlers[msg.type](peer, msg)
+            peer.fresh = False
+        except ProtocolError as exc:
+            self._reply(peer, protocol.error_message(exc, msg.id))
+        except JobNotFound as exc:
+            self._reply(peer, protocol.make("error", msg.id, code="not_found", message=str(exc), field="job_id"))
+        except Exception as exc:  # a bug in a handler must not end the loop
+            logger.exception("internal error handling %s", msg.type)
+            self._reply(peer, protocol.make("error", msg.id, code="internal", message=f"{type(exc).__name__}: {exc}"[:1000]))
+
+    def _peer(self, identity: bytes) -> _Peer:
+        now = time.monotonic()
+        peer = self._peers.get(identity)
+        if peer is None:
+            peer = self._peers[identity] = _Peer(identity, now)
+            while len(self._peers) > self.config.max_peers:
+                self._drop_peer(next(iter(self._peers)), "too many clients")
+        else:
+            self._peers.move_to_end(identity)
+        peer.last_seen = now
+        return peer
+
+    # -- handlers
+
+    def _on_hello(self, peer: _Peer, msg: Message) -> None:
+        if protocol.PROTOCOL_VERSION not in msg["versions"]:
+            raise ProtocolError("version", f"client speaks {msg['versions']}, server speaks {list(protocol.SUPPORTED_VERSIONS)}", "versions")
+        self._reply(peer, protocol.make(
+            "welcome", msg.id, server=f"engine-server {__version__}", versions=list(protocol.SUPPORTED_VERSIONS),
+            models=list(self.config.models), presets=list(self.config.presets), device=self.config.device,
+            heartbeat_s=self.config.heartbeat_s, signature=SIGNATURE_SCHEME if self.signer.enabled else "none",
+            session=self.session, limits=self.config.limits.to_dict(),
+            capabilities={"kinds": list(protocol.KINDS), "refine_modes": list(protocol.REFINE_MODES),
+                          "max_queued": self.config.max_queued, "executor": self.executor is not None},
+        ))
+
+    def _on_ping(self, peer: _Peer, msg: Message) -> None:
+        running = self.store.counts()["running"] if self.executor is not None else 0
+        self._reply(peer, protocol.make("pong", msg.id, server_ts=time.time(), jobs_running=running, session=self.session,
+                                        new_client=peer.fresh))
+
+    def _on_submit(self, peer: _Peer, msg: Message) -> None:
+        fields = dict(msg.fields)
+        if fields["preset"] not in self.config.presets:
+            raise ProtocolError("invalid", f"unknown preset {fields['preset']!r}; known: {', '.join(self.config.presets)}", "preset")
+        subscribe = fields.pop("subscribe")
+        try:
+            job, duplicate = self.store.submit(fields["request_id"], fields, label=fields["prompt"][:80])
+        except Busy as exc:
+            self._reply(peer, protocol.make("busy", msg.id, queued=exc.queued, max_queued=exc.max_queued,
+                                            retry_after_s=5.0))
+            return
+        except JobConflict as exc:
+            raise ProtocolError("conflict", str(exc), "request_id") from None
+        if subscribe:
+            peer.subscriptions.add(job.id)
+        self._reply(peer, protocol.make("accepted", msg.id, job_id=job.id, request_id=job.request_id, state=job.state,
+                                        duplicate=duplicate, queue_position=self.store.queue_position(job.id)))
+        if subscribe and duplicate:
+            self._catch_up(peer, job)
+
+    def _on_subscribe(self, peer: _Peer, msg: Message) -> None:
+        job = self.store.get(msg["job_id"])
+        peer.subscriptions.add(job.id)
+        self._reply(peer, protocol.make("ok", msg.id, job_id=job.id, state=job.state, job=job.summary()))
+        self._catch_up(peer, job)
+
+    def _catch_up(self, peer: _Peer, job: Job) -> None:
+        """Bring a (re)subscribing client up to date: the latest progress, or the job's end."""
+        if job.terminal:
+            peer.put_reliable(self._end_event(job))
+            peer.subscriptions.discard(job.id)
+        elif job.id in self._last_progress:  # a fresh message: the client may have seen the last one (nonce)
+            peer.put_latest(protocol.make("progress", job_id=job.id, **self._last_progress[job.id]))
+
+    @staticmethod
+    def _end_event(job: Job) -> Message:
+        if job.state == "failed":
+            return protocol.make("failed", job_id=job.id, code=job.error_code or "failed", message=job.error_message or "")
+        if job.state == "done":
+            return protocol.make("done", job_id=job.id, summary={"attempts": job.attempts})
+        return protocol.make("cancelled", job_id=job.id)
+
+    def _on_unsubscribe(self, peer: _Peer, msg: Message) -> None:
+        peer.subscriptions.discard(msg["job_id"])
+        self._reply(peer, protocol.make("ok", msg.id, job_id=msg["job_id"]))
+
+    def _on_cancel(self, peer: _Peer, msg: Message) -> None:
+        before = self.store.get(msg["job_id"])
+        job = self.store.request_cancel(before.id)
+        if before.state == "running" and self.executor is not None:
+            self.executor.cancel(job.id)
+        self._reply(peer, protocol.make("ok", msg.id, job_id=job.id, state=job.state))
+        if before.state == "queued":
+            self._publish(self._end_event(job))
+
+    def _on_result(self, peer: _Peer, msg: Message) -> None:
+        try:
+            fields = self.store.result_message_fields(msg["job_id"])
+        except JobConflict as exc:
+            raise ProtocolError("not_ready", str(exc), "job_id") from None
+        self._reply(peer, protocol.make("result", msg.id, **fields))
+
+    def _on_jobs(self, peer: _Peer, msg: Message) -> None:
+        jobs = self.store.list(msg.get("state"), msg["limit"])
+        self._reply(peer, protocol.make("job_list", msg.id, jobs=[j.summary() for j in jobs]))
+
+    def _on_delete(self, peer: _Peer, msg: Message) -> None:
+        try:
+            self.store.delete(msg["job_id"])
+        except JobConflict as exc:
+            raise ProtocolError("conflict", str(exc), "job_id") from None
+        for p in self._peers.values():
+            p.subscriptions.discard(msg["job_id"])
+        self._last_progress.pop(msg["job_id"], None)
+        self._reply(peer, protocol.make("ok", msg.id, job_id=msg["job_id"]))
+
+    # -- jobs and their events
+
+    def _schedule(self) -> None:
+        """Start queued jobs while the executor has room."""
+        if self.executor is None:
+            return
+        while self.executor.capacity() > 0:
+            job = self.store.claim_next()
+            if job is None:
+                return
+            logger.info("starting job %s (attempt %d)", job.id, job.attempts)
+            self._on_event(WorkerEvent(job.id, "progress", {"stage": "starting", "state": "running"}))
+            self.executor.start(job)
+
+    def _drain_events(self) -> None:
+        if self.executor is not None:
+            for event in self.executor.poll():
+                self._mailbox.put(event)
+        events = self._mailbox.take()
+        self.stats["coalesced_before_loop"] = self._mailbox.replaced
+        for event in events:
+            try:
+                self._on_event(event)
+            except Exception:  # one bad event must not stop the others or the loop
+                logger.exception("bad worker event %s for job %s", event.type, event.job_id)
+
+    def _on_event(self, event: WorkerEvent) -> None:
+        msg = protocol.make(event.type, job_id=event.job_id, **event.fields)
+        if event.type == "progress":
+            self._last_progress[event.job_id] = dict(event.fields)
+            self.store.set_progress(event.job_id, {k: v for k, v in event.fields.items() if k != "state"})
+        elif event.type in RELIABLE:
+            self._last_progress.pop(event.job_id, None)
+            if event.type == "failed":
+                self.store.finish(event.job_id, "failed", event.fields.get("code", "failed"), event.fields.get("message", ""))
+            else:
+                self.store.finish(event.job_id, event.type)
+        self._publish(msg)
+
+    def _publish(self, msg: Message) -> None:
+        """Give a job event to every client subscribed to its job."""
+        latest = _coalescable(msg.type, msg.fields)
+        for peer in self._peers.values():
+            if msg.job_id in peer.subscriptions:
+                if not latest:
+                    peer.put_reliable(msg)
+                else:
+                    if (msg.job_id, msg.type) in peer.latest:
+                        self.stats["coalesced"] += 1
+                    peer.put_latest(msg)
+                if msg.type in RELIABLE:
+                    peer.subscriptions.discard(msg.job_id)
+
+    # -- sending
+
+    def _reply(self, peer: _Peer, msg: Message) -> None:
+        peer.put_reliable(msg)
+        if len(peer.reliable) > self.config.max_pending:
+            self._drop_peer(peer.identity, f"{len(peer.reliable)} messages unread")
+
+    def _send_now(self, identity: bytes, msg: Message) -> bool:
+        """Send one message; False when the client's pipe is full. A vanished client raises EHOSTUNREACH."""
+        try:
+            self._socket.send_multipart([identity, *protocol.encode(msg, self.signer)], flags=zmq.NOBLOCK, copy=False)
+        except zmq.Again:
+            return False
+        except zmq.ZMQError as exc:
+            if exc.errno != zmq.EHOSTUNREACH:
+                raise
+            if identity in self._peers:
+                self._drop_peer(identity, "disconnected")
+            return False
+        self.stats["sent"] += 1
+        return True
+
+    def _flush(self) -> None:
+        for peer in list(self._peers.values()):
+            while peer.reliable:
+                if not self._send_now(peer.identity, peer.reliable[0]):
+                    break
+                peer.reliable.popleft()
+            else:
+                while peer.latest:
+                    key = next(iter(peer.latest))
+                    if not self._send_now(peer.identity, peer.latest[key]):
+                        break
+                    peer.latest.pop(key, None)
+
+    def _drop_peer(self, identity: bytes, reason: str) -> None:
+        if self._peers.pop(identity, None) is not None:
+            self.stats["dropped_peers"] += 1
+            logger.info("forgetting client %s: %s", identity.hex(), reason)
+
+    def _expire_peers(self) -> None:
+        horizon = time.monotonic() - self.config.peer_expiry_s
+        while self._peers:
+            identity, peer = next(iter(self._peers.items()))
+            if peer.last_seen >= horizon:
+                return
+            self._drop_peer(identity, f"silent for {self.config.peer_expiry_s:g} s")
+
+
+def serve(config: ServerConfig, executor: Executor | None = None, ready: Callable[[str], None] | None = None) -> int:
+    """Run a server until SIGINT / SIGTERM; ``ready`` is called with the bound endpoint. Returns an exit status."""
+    server = EngineServer(config, executor=executor)
+    try:
+        endpoint = server.bind()
+        if ready is not None:
+            ready(endpoint)
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                signal.signal(sig, lambda *_: server.stop())
+        server.serve_forever()
+    finally:
+        server.close()
+    return 0
+
+
+def bench(args) -> dict:
+    """``engine-server bench server``: ping round trip, event throughput, delivery of a 100k-face textured mesh.
+
+    A real server (in a thread of this process) and a real client on loopback, with
+    signing on. Options read from ``args``: repeat, pings (1000), seconds of event
+    streaming (2.0), faces (100000), texture (1024).
+    """
+    import io
+    import statistics
+    import tempfile
+
+    import numpy as np
+    from PIL import Image as PILImage
+
+    from engine_server.client import EngineClient
+
+    repeat = max(1, int(getattr(args, "repeat", 5)))
+    n_pings = int(getattr(args, "pings", 1000))
+    seconds = float(getattr(args, "seconds", 2.0))
+    n_faces = int(getattr(args, "faces", 100_000))
+    tex = int(getattr(args, "texture", 1024))
+    rows: list[dict] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        server = EngineServer(ServerConfig(bind="tcp://127.0.0.1:*", data_dir=Path(tmp) / "data",
+                                           key_file=Path(tmp) / "key"))
+        endpoint = server.bind()
+        thread = threading.Thread(target=server.serve_forever, daemon=True)
+        thread.start()
+        client = EngineClient(endpoint, Path(tmp) / "key", timeout=60.0)
+        try:
+            client.hello()
+            for _ in range(50):
+                client.ping()
+            rtt = sorted(client.ping() * 1e3 for _ in range(n_pings))
+            rows.append({"measure": "ping round trip", "n": n_pings, "median_ms": statistics.median(rtt),
+                         "p99_ms": rtt[min(len(rtt) - 1, int(0.99 * len(rtt)))], "rate_per_s": 1e3 / statistics.mean(rtt)})
+
+            job = client.submit("text", "bench", preset="draft")
+            server.store.claim_next()
+            posted = received = 0
+            start = time.perf_counter()
+            while time.perf_counter() - start < seconds:  # a producer faster than any client
+                for _ in range(50):
+                    server.post(job, "progress", stage="bench", step=posted, total=2**31, loss=0.1)
+                    posted += 1
+                received += sum(e.type == "progress" for e in client.poll_events(0.0))
+            last = posted - 1
+            server.post(job, "progress", stage="bench", step=posted, total=2**31, loss=0.1)
+            t_last = time.perf_counter()
+            while last < posted:
+                for event in client.poll_events(1.0):
+                    if event.type == "progress":
+                        received, last = received + 1, event["step"]
+            end = time.perf_counter()
+            rows.append({"measure": "progress events posted", "n": posted + 1, "median_ms": float("nan"),
+                         "p99_ms": float("nan"), "rate_per_s": (posted + 1) / (t_last - start)})
+            rows.append({"measure": "progress events delivered (latest wins)", "n": received,
+                         "median_ms": (end - t_last) * 1e3, "p99_ms": float("nan"), "rate_per_s": received / (end - start)})
+            side = int(np.ceil(np.sqrt(n_faces / 2)))
+            g = np.linspace(-0.5, 0.5, side + 1, dtype=np.float32)
+            xx, yy = np.meshgrid(g, g, indexing="ij")
+            vertices = np.stack([xx.ravel(), yy.ravel(), 0.1 * np.sin(6 * xx.ravel())], 1).astype(np.float32)
+            i, j = np.meshgrid(np.arange(side), np.arange(side), indexing="ij")
+            a = (i * (side + 1) + j).ravel()
+            faces = np.concatenate([np.stack([a, a + side + 1, a + 1], 1), np.stack([a + 1, a + side + 1, a + side + 2], 1)])
+            faces = faces[:n_faces].astype(np.int32)
+            uvs = (vertices[:, :2] + 0.5).astype(np.float32)
+            buf = io.BytesIO()
+            noise = np.random.default_rng(0).integers(0, 256, (tex, tex, 3), dtype=np.uint8)
+            PILImage.fromarray(noise).save(buf, "PNG", compress_level=1)
+            texture = protocol.Image.from_png(buf.getvalue())
+            size = vertices.nbytes + faces.nbytes + uvs.nbytes + len(texture.data)
+            times = []
+            for r in range(repeat):
+                start = time.perf_counter()
+                server.post(job, "mesh", stage="bench", step=r, final=True, vertices=vertices, faces=faces, uvs=uvs,
+                            texture=texture)
+                got = None
+                while got is None:
+                    got = next((e for e in client.poll_events(1.0) if e.type == "mesh" and e["step"] == r), None)
+                times.append((time.perf_counter() - start) * 1e3)
+                assert got["faces"].shape == (len(faces), 3) and got["texture"].width == tex
+            times.sort()
+            rows.append({"measure": f"mesh {len(faces)} faces + {tex}^2 PNG texture", "n": repeat,
+                         "median_ms": statistics.median(times), "p99_ms": times[-1],
+                         "rate_per_s": size / 2**20 / (statistics.median(times) / 1e3)})
+        finally:
+            client.close()
+            server.stop()
+            thread.join(10)
+            server.close()
+    return {
+        "title": "engine server on loopback (HMAC signing on, server and client in one process)",
+        "rows": rows,
+        "notes": [
+            "ping: full request/reply through the ROUTER loop, signed and verified both ways",
+            "progress: one thread posts as fast as it can and polls the client between bursts (the GIL is "
+            "shared with the server thread); the server keeps only the latest value per job, so 'delivered' is "
+            "the client's refresh rate; its median_ms is the time for the very last value to arrive",
+            f"mesh: {size / 2**20:.1f} MiB message (random-noise texture, PNG cannot compress it); "
+            "rate_per_s is MiB/s there; p99_ms is the max over repeats",
+        ],
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m engine_server.server``: serve without an executor (protocol and store only; tests, debugging)."""
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m engine_server.server", description=__doc__.splitlines()[0])
+    p.add_argument("--bind", default=DEFAULT_BIND)
+    p.add_argument("--data", type=Path, default=None)
+    p.add_argument("--key-file", type=Path, default=None)
+    p.add_argument("--no-auth", action="store_true", help="no signatures (loopback only)")
+    p.add_argument("--heartbeat", type=float, default=1.0)
+    p.add_argument("--max-queued", type=int, default=16)
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    config = ServerConfig(bind=args.bind, data_dir=args.data, key_file=args.key_file, auth=not args.no_auth,
+                          heartbeat_s=args.heartbeat, max_queued=args.max_queued)
+    try:
+        return serve(config, ready=lambda ep: print(f"listening on {ep}", flush=True))
+    except ConfigError as exc:
+        print(f"engine-server: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
