@@ -6,6 +6,7 @@ function with the reference's signature. Probing never raises, so importing
 """
 from __future__ import annotations
 
+import importlib
 import logging
 from dataclasses import dataclass
 from typing import Callable
@@ -43,8 +44,10 @@ class Backend:
 
 
 _REGISTRY: dict[str, Backend] = {}
-_AUTO_ORDER = {"cuda": ("tcnn", "triton", "torch"), "cpu": ("cpu", "torch")}
-"""Preference of `auto` per device type, fastest first."""
+_AUTO_ORDER = {"cuda": ("triton", "torch"), "cpu": ("cpu", "torch")}
+"""Preference of `auto` per device type, fastest first. `tcnn` is never picked by `auto`: it
+keeps its own parameters instead of the shared (L, 2**T, F) table, so it must be asked for
+by name (see tcnn_backend.py)."""
 
 
 def register(backend: Backend) -> None:
@@ -97,10 +100,68 @@ def get_encode_fn(name: str) -> EncodeFn:
     return _LOADED[name]
 
 
+def resolve_and_load(name: str, device: torch.device) -> tuple[str, EncodeFn]:
+    """Resolve a request and load it. Under 'auto', a backend whose load fails (say, its
+    first-use build) is skipped with a warning for the next available one; a named one raises."""
+    if name != "auto":
+        resolved = resolve(name, device)
+        return resolved, get_encode_fn(resolved)
+    for candidate in _AUTO_ORDER.get(device.type, ("torch",)):
+        backend = _REGISTRY.get(candidate)
+        if backend is None:
+            continue
+        status = backend.probe()
+        if not (status.available and device.type in status.devices):
+            continue
+        try:
+            return candidate, get_encode_fn(candidate)
+        except BackendUnavailableError as exc:
+            logger.warning("hash-grid backend %r failed to load, trying the next: %s", candidate, exc)
+    return "torch", get_encode_fn("torch")
+
+
+def _lazy(module: str, attr: str) -> Callable:
+    """A function that imports `module` only when called (keeps `import kernels` light)."""
+
+    def call(*args, **kwargs):
+        return getattr(importlib.import_module(module), attr)(*args, **kwargs)
+
+    return call
+
+
+def _lazy_probe(module: str) -> Callable[[], BackendStatus]:
+    """The backend module's probe(), imported on first call; an import failure is a status."""
+
+    def probe() -> BackendStatus:
+        try:
+            return importlib.import_module(module).probe()
+        except ImportError as exc:
+            return BackendStatus(False, f"cannot import {module}: {exc}")
+
+    return probe
+
+
 register(
     Backend(
         name="torch",
         probe=lambda: BackendStatus(True, "portable PyTorch reference", ("cpu", "cuda")),
         load=lambda: hash_encode_torch,
+    )
+)
+register(
+    Backend(name="cpu", probe=_lazy_probe("kernels.hashgrid.cpu"), load=_lazy("kernels.hashgrid.cpu", "load"))
+)
+register(
+    Backend(
+        name="triton",
+        probe=_lazy_probe("kernels.hashgrid.triton_backend"),
+        load=_lazy("kernels.hashgrid.triton_backend", "load"),
+    )
+)
+register(
+    Backend(
+        name="tcnn",
+        probe=_lazy_probe("kernels.hashgrid.tcnn_backend"),
+        load=_lazy("kernels.hashgrid.tcnn_backend", "load"),
     )
 )
