@@ -15,8 +15,8 @@ from kernels.rasterize.backends import RasterOps, backend_names, backend_status
 from kernels.rasterize.ops import antialias, interpolate, rasterize
 from kernels.rasterize.projection import perspective_projection, projection_matrix, transform_vertices
 from kernels.rasterize.reference import antialias_torch, interpolate_torch, rasterize_torch
-from kernels.rasterize.registry import BackendStatus, BackendUnavailableError
 from kernels.rasterize.render import face_normals, render_mesh, vertex_normals
+from kernels.registry import BackendStatus, BackendUnavailableError
 
 __all__ = [
     "BackendStatus",

@@ -1,4 +1,5 @@
-"""Run-time choice of rasterizer backend: portable PyTorch everywhere, nvdiffrast on CUDA when importable.
+"""Run-time choice of rasterizer backend (shared registry: `kernels.registry`): portable PyTorch
+everywhere, nvdiffrast on CUDA when importable.
 
 A backend provides `RasterOps` (rasterize, interpolate, antialias) with the conventions
 of `kernels.rasterize.reference`. Probing never raises, so importing `kernels` works on
@@ -6,7 +7,6 @@ any machine; asking for an unavailable backend by name does, with the reason.
 """
 from __future__ import annotations
 
-import importlib.util
 import logging
 from dataclasses import dataclass
 from typing import Callable
@@ -14,7 +14,7 @@ from typing import Callable
 import torch
 
 from kernels.rasterize.reference import antialias_torch, interpolate_torch, rasterize_torch
-from kernels.rasterize.registry import Backend, BackendRegistry, BackendStatus
+from kernels.registry import Backend, BackendRegistry, BackendStatus, lazy_backend
 
 logger = logging.getLogger(__name__)
 
@@ -36,27 +36,6 @@ REGISTRY: BackendRegistry[RasterOps] = BackendRegistry(
 )
 
 
-def _probe_nvdiffrast() -> BackendStatus:
-    try:
-        found = importlib.util.find_spec("nvdiffrast") is not None
-    except (ImportError, ValueError) as exc:
-        return BackendStatus(False, f"nvdiffrast not importable: {exc}")
-    if not found:
-        return BackendStatus(
-            False, "nvdiffrast is not installed (pip install git+https://github.com/NVlabs/nvdiffrast)"
-        )
-    if not torch.cuda.is_available():
-        return BackendStatus(False, "nvdiffrast is installed but CUDA is not available")
-    return BackendStatus(True, "nvdiffrast CUDA rasterizer", ("cuda",))
-
-
-def _load_nvdiffrast() -> RasterOps:
-    from kernels.rasterize.nvdiffrast_backend import NvdiffrastOps
-
-    ops = NvdiffrastOps()
-    return RasterOps(rasterize=ops.rasterize, interpolate=ops.interpolate, antialias=ops.antialias)
-
-
 REGISTRY.register(
     Backend(
         name="torch",
@@ -64,18 +43,14 @@ REGISTRY.register(
         load=lambda: RasterOps(rasterize=rasterize_torch, interpolate=interpolate_torch, antialias=antialias_torch),
     )
 )
-REGISTRY.register(Backend(name="nvdiffrast", probe=_probe_nvdiffrast, load=_load_nvdiffrast))
+REGISTRY.register(lazy_backend("nvdiffrast", "kernels.rasterize.nvdiffrast_backend"))
 
 
-def backend_names() -> list[str]:
-    return REGISTRY.names()
-
-
-def backend_status() -> dict[str, BackendStatus]:
-    """Availability of every rasterizer backend, with the reason for each."""
-    return REGISTRY.status()
+backend_names = REGISTRY.names
+backend_status = REGISTRY.status
 
 
 def get_ops(backend: str, device: torch.device) -> RasterOps:
-    """The ops of `backend` ('auto' or a name) for tensors on `device`; raises BackendUnavailableError."""
-    return REGISTRY.get(REGISTRY.resolve(backend, device))
+    """The ops of `backend` ('auto' or a name) for tensors on `device`; a named one that cannot run
+    raises BackendUnavailableError, `auto` skips (with a warning) one that fails to load."""
+    return REGISTRY.load(backend, device)[1]

@@ -1,4 +1,4 @@
-"""Thin adapter over nvdiffrast (Laine et al. 2020), CUDA only.
+"""The `nvdiffrast` rasterizer backend: a thin adapter over nvdiffrast (Laine et al. 2020), CUDA only.
 
 nvdiffrast's rast layout is the reference's (u, v weight vertices 0 and 1, z/w, id + 1);
 only its image rows run bottom-up. Negating clip y maps nvdiffrast's row 0 (NDC y = -1)
@@ -8,9 +8,14 @@ screen, which does not matter: nvdiffrast does not cull.
 """
 from __future__ import annotations
 
+import functools
+import importlib.util
 import logging
 
 import torch
+
+from kernels.rasterize.backends import RasterOps
+from kernels.registry import BackendStatus, BackendUnavailableError
 
 logger = logging.getLogger(__name__)
 
@@ -56,3 +61,28 @@ class NvdiffrastOps:
     ) -> torch.Tensor:
         color = color.to(torch.float32).contiguous()
         return self.dr.antialias(color, rast.contiguous(), self._flip(clip), _tri(faces))
+
+
+@functools.cache
+def probe() -> BackendStatus:
+    """Cheap: nvdiffrast installed (not imported) and a CUDA device; neither changes while running, so cached."""
+    try:
+        found = importlib.util.find_spec("nvdiffrast") is not None
+    except (ImportError, ValueError) as exc:
+        return BackendStatus(False, f"nvdiffrast not importable: {exc}")
+    if not found:
+        return BackendStatus(
+            False, "nvdiffrast is not installed (pip install git+https://github.com/NVlabs/nvdiffrast)"
+        )
+    if not torch.cuda.is_available():
+        return BackendStatus(False, "nvdiffrast is installed but CUDA is not available")
+    return BackendStatus(True, "nvdiffrast CUDA rasterizer", ("cuda",))
+
+
+def load() -> RasterOps:
+    """Imports nvdiffrast; returns its ops with the reference's conventions."""
+    try:
+        ops = NvdiffrastOps()
+    except ImportError as exc:  # also nvdiffrast's own errors when its CUDA plugin cannot load
+        raise BackendUnavailableError(f"rasterizer backend 'nvdiffrast' is unavailable: {exc}") from exc
+    return RasterOps(rasterize=ops.rasterize, interpolate=ops.interpolate, antialias=ops.antialias)

@@ -190,7 +190,7 @@ def test_cpu_probe_is_cheap_and_build_failure_is_clear(monkeypatch, tmp_path):
     if status.available:
         assert "built on first use" in status.reason
     monkeypatch.setenv("CXX", "false")  # a "compiler" that always fails
-    monkeypatch.setattr(hg_backends, "_LOADED", {})
+    monkeypatch.setattr(hg_backends.REGISTRY, "_loaded", {})
     with pytest.raises(BackendUnavailableError, match="building the C\\+\\+ kernel .* failed"):
         hg_cpu.load()
     assert not hg_cpu.probe().available
