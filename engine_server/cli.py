@@ -17,6 +17,7 @@ from engine_server import __version__
 logger = logging.getLogger(__name__)
 
 BENCHES: dict[str, str] = {
+    "guidance": "engine_server.guidance.bench:run",
     "kernels": "kernels.hashgrid.bench:run",
     "rasterize": "kernels.rasterize.bench:run",
     "server": "engine_server.server:bench",
@@ -125,6 +126,61 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_generate(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    import torch
+    from tqdm import tqdm
+
+    from engine_server.guidance import PriorLoadError
+    from engine_server.pipelines.events import ProgressEvent
+    from engine_server.pipelines.text_to_3d import TextTo3D, TextTo3DRequest
+
+    out = Path(args.out)
+    if out.suffix.lower() != ".glb":
+        raise UsageError(f"--out must be a .glb file, got {args.out!r}")
+    if not out.parent.exists():
+        raise UsageError(f"output folder {str(out.parent)!r} does not exist")
+    if args.steps is not None and args.steps < 1:
+        raise UsageError(f"--steps must be >= 1, got {args.steps}")
+    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    request = TextTo3DRequest(
+        prompt=args.prompt, seed=args.seed, preset=args.preset, model=args.model, guidance=args.guidance,
+        overrides={"coarse_steps": args.steps} if args.steps else {},
+    )
+    previews = Path(args.previews) if args.previews else None
+    if previews:
+        previews.mkdir(parents=True, exist_ok=True)
+    bars: dict[str, tqdm] = {}
+
+    def progress(event: ProgressEvent) -> None:
+        bar = bars.get(event.stage)
+        if bar is None:
+            for other in bars.values():
+                other.close()
+            bar = bars[event.stage] = tqdm(total=event.total, desc=event.stage, unit="step", leave=True)
+        bar.n = event.step
+        if event.loss is not None:
+            bar.set_postfix(loss=f"{event.loss:.4g}", refresh=False)
+        bar.refresh()
+        if previews is not None and event.preview is not None:
+            from PIL import Image
+
+            Image.fromarray(event.preview).save(previews / f"{event.stage}-{event.step:05d}.png")
+
+    try:
+        pipeline = TextTo3D(request, device=device, progress=progress)
+        result = pipeline.run(out)
+    except (ValueError, PriorLoadError) as exc:  # unknown prompt words, bad preset values, missing model
+        raise UsageError(str(exc).splitlines()[0] if len(str(exc)) > 400 else str(exc)) from None
+    finally:
+        for bar in bars.values():
+            bar.close()
+    total = pipeline.timings["total_s"]
+    print(f"wrote {out} ({len(result.faces)} faces, texture {result.texture.shape[0]}px) in {total:.1f} s")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="engine-server", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"engine-server {__version__}")
@@ -134,6 +190,18 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("info", help="versions, devices, kernel backends, model search paths")
     p.add_argument("--json", action="store_true", help="print as JSON")
     p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("generate", help="prompt -> textured GLB, in-process (no server)")
+    p.add_argument("prompt", help='what to make, e.g. "a red cube"')
+    p.add_argument("--out", required=True, metavar="FILE.glb", help="where to write the GLB (+ a .json sidecar)")
+    p.add_argument("--preset", default="draft", choices=["draft", "standard", "high"], help="quality preset")
+    p.add_argument("--seed", type=int, default=0, help="random seed")
+    p.add_argument("--model", default="bundled", metavar="PATH_OR_ID", help="prior: bundled, a folder or a hub id")
+    p.add_argument("--guidance", default="sds", choices=["sds", "vsd"], help="score distillation mode")
+    p.add_argument("--steps", type=int, default=None, help="distillation steps (overrides the preset)")
+    p.add_argument("--previews", metavar="DIR", default=None, help="save preview renders here")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
+    p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("bench", help="benchmarks, measured side by side in one run")
     p.add_argument("target", choices=sorted(BENCHES), help="what to measure")

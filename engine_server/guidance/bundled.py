@@ -1,0 +1,113 @@
+"""Thin adapter: the project's bundled pixel-space prior (``engine_server.models.bundled.prior``) as a ``Prior``.
+
+The bundled model denoises 3-channel images in [-1, 1] directly (``encode_images``
+is 2x - 1, so the distillation gradient lands on the renders with no encoder),
+is conditioned per view on its camera (so it gets cameras, not view-dependent
+prompt suffixes) and on an optional reference view, and predicts v. It has no
+diffusers UNet to carry a LoRA, so only SDS runs on it. Its unconditional
+branch is "no prompt, no reference, same cameras", as the model was trained.
+Negative prompts are ignored: the model has no text encoder for them.
+The model runs in fp32 whatever dtype is asked for (it is small).
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from engine_server.guidance.config import Conditioning
+from engine_server.guidance.prior import EmbeddingCache, PriorInputs, PriorLoadError, tensor_key, to_epsilon
+from engine_server.models.bundled.prior import DEFAULT_WEIGHTS_DIR, BundledPrior, Reference, UnknownPromptError
+
+logger = logging.getLogger(__name__)
+
+
+class BundledPriorAdapter:
+    """``Prior`` over a ``BundledPrior``: pixel space, camera-conditioned, optionally image-conditioned."""
+
+    kind = "multiview"
+    """Camera-aware: each view is conditioned on its own camera (denoised independently)."""
+    views_per_sample = 1
+    unet = None
+
+    def __init__(self, bundled: BundledPrior) -> None:
+        self.bundled = bundled
+        self.device = bundled.device
+        self.dtype = torch.float32
+        self.num_train_timesteps = int(bundled.num_train_timesteps)
+        self.prediction_type = str(bundled.prediction_type)
+        self.alphas_cumprod = bundled.alphas_cumprod.to(self.device, torch.float32)
+        self.resolution = int(bundled.resolution)
+        self.source = str(bundled.path or "bundled")
+        self._captions = EmbeddingCache(64)
+        self._references = EmbeddingCache(4)
+
+    @classmethod
+    def load(cls, device: torch.device, dtype: torch.dtype | None = None) -> BundledPriorAdapter:
+        """The shipped weights; a missing or broken weights folder becomes a ``PriorLoadError``."""
+        try:
+            bundled = BundledPrior.load(device=device)
+        except (FileNotFoundError, ValueError, OSError) as exc:
+            raise PriorLoadError(f"the bundled model is not available: could not load its weights from "
+                                 f"{DEFAULT_WEIGHTS_DIR} ({exc})") from exc
+        return cls(bundled)
+
+    def __repr__(self) -> str:
+        return f"BundledPriorAdapter({self.source!r}, {self.device})"
+
+    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        """Renders (B, 3, H, W) in [0, 1] -> the model's space, [-1, 1] (identity up to scale)."""
+        return images.to(self.device, torch.float32) * 2.0 - 1.0
+
+    def prepare_conditioning(
+        self, cond: Conditioning, cameras: torch.Tensor, prompts: list[str] | None = None
+    ) -> PriorInputs:
+        """Parsed prompt and (resized) reference view for B views; per-view ``prompts`` are not used."""
+        n = cameras.shape[0]
+        caption = None
+        if cond.prompt:
+            try:
+                caption = self._captions.get(cond.prompt, lambda: self.bundled.parse_prompt(cond.prompt))
+            except UnknownPromptError as exc:
+                raise ValueError(f"the bundled prior does not know this prompt: {exc}") from exc
+        reference = None
+        if cond.reference_image is not None:
+            if cond.reference_c2w is None:
+                raise ValueError("Conditioning.reference_image needs reference_c2w for the bundled prior")
+            ref = cond.reference_image
+            reference = self._references.get(tensor_key(ref), lambda: (ref, self._reference(cond)))[1]
+        if caption is None and reference is None:
+            raise ValueError("the bundled prior needs Conditioning.prompt or a reference image")
+        return PriorInputs(
+            cond={"caption": [caption] * n, "reference": [reference] * n},
+            uncond={"caption": [None] * n, "reference": [None] * n},
+        )
+
+    def _reference(self, cond: Conditioning) -> Reference:
+        img = cond.reference_image.to(self.device, torch.float32).clamp(0, 1)
+        res = self.resolution
+        if tuple(img.shape[-2:]) != (res, res):
+            img = F.interpolate(img[None], size=(res, res), mode="bilinear", align_corners=False,
+                                antialias=img.shape[-1] > res)[0]
+        return Reference(image=img, c2w=cond.reference_c2w.to(self.device, torch.float32), fov=cond.fov_y_deg)
+
+    def predict_noise(
+        self, latents_t: torch.Tensor, t: torch.Tensor, embeddings: dict[str, Any], cameras: torch.Tensor
+    ) -> torch.Tensor:
+        """eps (N, 3, H, W): one model call per run of views sharing a condition (CFG: uncond run, cond run)."""
+        captions, references = embeddings["caption"], embeddings["reference"]
+        cameras = cameras.to(self.device, torch.float32)
+        outs = []
+        start = 0
+        n = latents_t.shape[0]
+        while start < n:
+            end = start + 1
+            while end < n and captions[end] is captions[start] and references[end] is references[start]:
+                end += 1
+            outs.append(self.bundled.predict(latents_t[start:end], t[start:end], captions[start],
+                                             cameras[start:end], references[start], guidance_scale=1.0))
+            start = end
+        out = torch.cat(outs).float() if len(outs) > 1 else outs[0].float()
+        return to_epsilon(out, latents_t, t, self.alphas_cumprod, self.prediction_type)

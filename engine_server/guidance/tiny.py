@@ -1,0 +1,293 @@
+"""Randomly initialised diffusers folders of the real classes, for tests and benchmarks (no download).
+
+Each ``make_*`` writes a folder with the same layout as the real checkpoints
+(``model_index.json`` plus one sub-folder per component, via ``save_pretrained``)
+so the adapters load it through their normal ``from_pretrained`` path. The CLIP
+tokenizer is built from a small local vocabulary (vocab.json / merges.txt).
+"""
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+
+logger = logging.getLogger(__name__)
+
+WORDS = (
+    "a an the of and with on in photo render dslr high quality detailed red green blue yellow white black "
+    "orange purple grey wooden metal glass stone plastic shiny small large round square chair table cup vase "
+    "car house tree dog cat robot cube sphere cone cylinder torus teapot lamp bottle front side back overhead "
+    "view ugly blurry low"
+).split()
+
+
+@dataclass(frozen=True)
+class TinySize:
+    """Sizes of a random model: small enough for CPU tests, or large enough for honest CPU timings."""
+
+    unet_channels: tuple[int, ...] = (32, 64)
+    """UNet block widths (first block(s) cross-attention, last one plain)."""
+    latent_size: int = 8
+    """UNet sample size (latent pixels)."""
+    vae_channels: tuple[int, ...] = (32, 32)
+    """VAE block widths; the VAE downsamples by 2 ** (len - 1)."""
+    context_dim: int = 32
+    """Text / image embedding width (cross-attention dim)."""
+    attention_head_dim: int = 8
+    """Channels per attention head."""
+    layers_per_block: int = 1
+    """ResNet layers per UNet block."""
+    text_layers: int = 2
+    """CLIP transformer layers."""
+    max_tokens: int = 16
+    """Tokenizer / text encoder sequence length (77 in real CLIP)."""
+    norm_groups: int = 32
+    """GroupNorm groups in the UNet and VAE."""
+
+
+TINY = TinySize()
+"""Seconds-scale CPU tests."""
+MEDIUM = TinySize(unet_channels=(128, 256, 256), latent_size=16, vae_channels=(32, 64), context_dim=128,
+                  attention_head_dim=32, layers_per_block=1, text_layers=2, max_tokens=32)
+"""A CPU-friendly size where the denoiser dominates a guidance step (benchmarks)."""
+SD21 = TinySize(unet_channels=(320, 640, 1280, 1280), latent_size=64, vae_channels=(128, 256, 512, 512),
+                context_dim=1024, attention_head_dim=64, layers_per_block=2, text_layers=2, max_tokens=77)
+"""Stable Diffusion 2.1's UNet / VAE shape (random weights; only for GPU benchmarks)."""
+
+
+def _unet(size: TinySize, in_channels: int = 4, **extra) -> UNet2DConditionModel:
+    n = len(size.unet_channels)
+    down = ("CrossAttnDownBlock2D",) * (n - 1) + ("DownBlock2D",)
+    up = ("UpBlock2D",) + ("CrossAttnUpBlock2D",) * (n - 1)
+    heads = tuple(max(c // size.attention_head_dim, 1) for c in size.unet_channels)
+    return UNet2DConditionModel(
+        sample_size=size.latent_size,
+        in_channels=in_channels,
+        out_channels=4,
+        layers_per_block=size.layers_per_block,
+        block_out_channels=size.unet_channels,
+        down_block_types=down,
+        up_block_types=up,
+        cross_attention_dim=size.context_dim,
+        attention_head_dim=heads,
+        norm_num_groups=size.norm_groups,
+        **extra,
+    )
+
+
+def _vae(size: TinySize) -> AutoencoderKL:
+    """A random VAE whose ``scaling_factor`` gives unit-variance latents, as SD's 0.18215 does for SD's VAE."""
+    n = len(size.vae_channels)
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * n,
+        up_block_types=("UpDecoderBlock2D",) * n,
+        block_out_channels=size.vae_channels,
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=min(size.norm_groups, min(size.vae_channels)),
+        sample_size=size.latent_size * 2 ** (n - 1),
+    )
+    gen = torch.Generator().manual_seed(0)
+    probe = torch.rand(4, 3, 16 * 2 ** (n - 1), 16 * 2 ** (n - 1), generator=gen) * 2 - 1
+    with torch.no_grad():
+        std = vae.encode(probe).latent_dist.mean.std().item()
+    vae.register_to_config(scaling_factor=1.0 / max(std, 1e-6))
+    return vae
+
+
+def _scheduler(prediction_type: str) -> DDPMScheduler:
+    return DDPMScheduler(
+        num_train_timesteps=1000,
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        prediction_type=prediction_type,
+        clip_sample=False,
+        steps_offset=1,
+    )
+
+
+def write_clip_tokenizer(folder: Path, words: tuple[str, ...] = WORDS, max_tokens: int = 16) -> int:
+    """A CLIP BPE tokenizer (vocab.json, merges.txt, tokenizer_config.json) knowing ``words``; returns vocab size.
+
+    The vocabulary has CLIP's 256 byte symbols (plain and word-final), the two
+    special tokens, and merges that build each word letter by letter, so any text
+    tokenizes (unknown words fall apart into letters, known words into few tokens).
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    symbols = _byte_symbols()
+    vocab: dict[str, int] = {}
+    for s in symbols:
+        vocab.setdefault(s, len(vocab))
+    for s in symbols:
+        vocab.setdefault(s + "</w>", len(vocab))
+    merges: list[str] = []
+    for word in words:
+        parts = list(word[:-1]) + [word[-1] + "</w>"]
+        while len(parts) > 1:
+            merged = parts[0] + parts[1]
+            merge = f"{parts[0]} {parts[1]}"
+            if merge not in merges:
+                merges.append(merge)
+                vocab.setdefault(merged, len(vocab))
+            parts = [merged] + parts[2:]
+    vocab.setdefault("<|startoftext|>", len(vocab))
+    vocab.setdefault("<|endoftext|>", len(vocab))
+    (folder / "vocab.json").write_text(json.dumps(vocab))
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
+    (folder / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "CLIPTokenizer",
+        "model_max_length": max_tokens,
+        "bos_token": "<|startoftext|>",
+        "eos_token": "<|endoftext|>",
+        "unk_token": "<|endoftext|>",
+        "pad_token": "<|endoftext|>",
+        "do_lower_case": True,
+    }))
+    return len(vocab)
+
+
+def _byte_symbols() -> list[str]:
+    """GPT-2 / CLIP byte-to-unicode table: printable stand-ins for the 256 byte values."""
+    keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + \
+        list(range(ord("®"), ord("ÿ") + 1))
+    chars = keep[:]
+    extra = 0
+    for b in range(256):
+        if b not in keep:
+            keep.append(b)
+            chars.append(256 + extra)
+            extra += 1
+    return [chr(c) for c in chars]
+
+
+def _text_encoder(size: TinySize, vocab_size: int, folder: Path):
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    tok = CLIPTokenizer.from_pretrained(str(folder / "tokenizer"))
+    config = CLIPTextConfig(
+        vocab_size=vocab_size,
+        hidden_size=size.context_dim,
+        intermediate_size=2 * size.context_dim,
+        num_hidden_layers=size.text_layers,
+        num_attention_heads=max(size.context_dim // 16, 1),
+        max_position_embeddings=max(size.max_tokens, 77),
+        projection_dim=size.context_dim,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
+    return CLIPTextModel(config)
+
+
+def _write_index(folder: Path, class_name: str, components: dict[str, list], **extra) -> None:
+    import diffusers
+
+    index = {"_class_name": class_name, "_diffusers_version": diffusers.__version__, **components, **extra}
+    (folder / "model_index.json").write_text(json.dumps(index, indent=2))
+
+
+def _text_components(folder: Path, size: TinySize) -> None:
+    vocab_size = write_clip_tokenizer(folder / "tokenizer", max_tokens=size.max_tokens)
+    _text_encoder(size, vocab_size, folder).save_pretrained(str(folder / "text_encoder"))
+
+
+def make_stable_diffusion(folder: str | Path, size: TinySize = TINY, prediction_type: str = "epsilon",
+                          seed: int = 0) -> Path:
+    """A random Stable Diffusion folder written by ``StableDiffusionPipeline.save_pretrained``."""
+    from diffusers import StableDiffusionPipeline
+    from transformers import CLIPTokenizer
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(seed)
+    vocab_size = write_clip_tokenizer(folder / "_tok", max_tokens=size.max_tokens)
+    tokenizer = CLIPTokenizer.from_pretrained(str(folder / "_tok"))
+    (folder / "tokenizer").mkdir(exist_ok=True)
+    for f in (folder / "_tok").iterdir():
+        f.replace(folder / "tokenizer" / f.name)
+    (folder / "_tok").rmdir()
+    pipe = StableDiffusionPipeline(
+        vae=_vae(size),
+        text_encoder=_text_encoder(size, vocab_size, folder),
+        tokenizer=tokenizer,
+        unet=_unet(size),
+        scheduler=_scheduler(prediction_type),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.save_pretrained(str(folder))
+    return folder
+
+
+def make_multiview(folder: str | Path, size: TinySize = TINY, num_views: int = 4, prediction_type: str = "epsilon",
+                   seed: int = 0) -> Path:
+    """A random MVDream-style folder: SD components, UNet with a 16-d camera projection class embedding."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(seed)
+    _text_components(folder, size)
+    _unet(size, class_embed_type="projection", projection_class_embeddings_input_dim=16).save_pretrained(
+        str(folder / "unet"))
+    _vae(size).save_pretrained(str(folder / "vae"))
+    _scheduler(prediction_type).save_pretrained(str(folder / "scheduler"))
+    _write_index(folder, "MVDreamPipeline", {
+        "unet": ["diffusers", "UNet2DConditionModel"],
+        "vae": ["diffusers", "AutoencoderKL"],
+        "text_encoder": ["transformers", "CLIPTextModel"],
+        "tokenizer": ["transformers", "CLIPTokenizer"],
+        "scheduler": ["diffusers", "DDPMScheduler"],
+    }, num_views=num_views)
+    return folder
+
+
+def make_novel_view(folder: str | Path, size: TinySize = TINY, projection_component: str = "clip_camera_projection",
+                    prediction_type: str = "epsilon", seed: int = 0) -> Path:
+    """A random Zero123-layout folder (8-channel UNet, CLIP vision encoder, camera projection)."""
+    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    from engine_server.guidance.adapters.novel_view import CameraProjection
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(seed)
+    image_size = 32
+    vision = CLIPVisionModelWithProjection(CLIPVisionConfig(
+        hidden_size=size.context_dim, intermediate_size=2 * size.context_dim, num_hidden_layers=size.text_layers,
+        num_attention_heads=max(size.context_dim // 16, 1), image_size=image_size, patch_size=8,
+        projection_dim=size.context_dim,
+    ))
+    vision.save_pretrained(str(folder / "image_encoder"))
+    CLIPImageProcessor(size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size}
+                       ).save_pretrained(str(folder / "feature_extractor"))
+    _unet(size, in_channels=8).save_pretrained(str(folder / "unet"))
+    _vae(size).save_pretrained(str(folder / "vae"))
+    _scheduler(prediction_type).save_pretrained(str(folder / "scheduler"))
+    CameraProjection(embedding_dim=size.context_dim).save_pretrained(str(folder / projection_component))
+    if projection_component == "cc_projection":  # the community pipeline's layout names its layer "projection"
+        from safetensors.torch import load_file, save_file
+
+        path = next((folder / projection_component).glob("*.safetensors"))
+        state = {k.replace("proj.", "projection."): v for k, v in load_file(str(path)).items()}
+        save_file(state, str(path))
+    _write_index(folder, "Zero123Pipeline", {
+        "vae": ["diffusers", "AutoencoderKL"],
+        "image_encoder": ["transformers", "CLIPVisionModelWithProjection"],
+        "unet": ["diffusers", "UNet2DConditionModel"],
+        "scheduler": ["diffusers", "DDPMScheduler"],
+        "feature_extractor": ["transformers", "CLIPImageProcessor"],
+        projection_component: ["zero123", "CLIPCameraProjection"],
+        "safety_checker": [None, None],
+    }, requires_safety_checker=False)
+    return folder
+
+
+BUILDERS = {"stable-diffusion": make_stable_diffusion, "novel-view": make_novel_view, "multi-view": make_multiview}
+"""Random folder builders by adapter name."""
