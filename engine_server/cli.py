@@ -17,6 +17,7 @@ from engine_server import __version__
 logger = logging.getLogger(__name__)
 
 BENCHES: dict[str, str] = {
+    "geometry": "engine_server.geometry.bench:run",
     "guidance": "engine_server.guidance.bench:run",
     "kernels": "kernels.hashgrid.bench:run",
     "rasterize": "kernels.rasterize.bench:run",
