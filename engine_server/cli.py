@@ -82,6 +82,11 @@ def cmd_info(args: argparse.Namespace) -> int:
     info["devices"] = devices
     info["hashgrid_backends"] = {name: st.describe() for name, st in backend_status().items()}
     info["model_search"] = _model_search_paths()
+    from engine_server.models.bundled import bundled_info
+
+    info["bundled_model"] = {k: (", ".join(map(str, v)) if isinstance(v, (list, tuple)) else
+                                 json.dumps(v) if isinstance(v, dict) else v)
+                             for k, v in bundled_info().items()}
     if args.json:
         print(json.dumps(info, indent=2))
         return 0
@@ -203,6 +208,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--previews", metavar="DIR", default=None, help="save preview renders here")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
     p.set_defaults(func=cmd_generate)
+
+    from engine_server.models.bundled import commands as bundled_commands
+
+    bundled_commands.add_parsers(sub)
 
     p = sub.add_parser("bench", help="benchmarks, measured side by side in one run")
     p.add_argument("target", choices=sorted(BENCHES), help="what to measure")

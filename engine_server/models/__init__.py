@@ -1,0 +1,1 @@
+"""Models that ship with the engine (importing this package does not import torch)."""

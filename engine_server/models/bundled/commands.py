@@ -1,0 +1,148 @@
+"""CLI commands of the bundled prior: ``train-bundled``, ``eval-bundled`` (and ``export-bundled``).
+
+The lead's ``engine_server/cli.py`` registers them with::
+
+    from engine_server.models.bundled import commands as bundled_commands
+    bundled_commands.add_parsers(sub)
+
+Each parser sets ``func`` to a ``cmd_*(args) -> int``. The module also runs on
+its own: ``python -m engine_server.models.bundled.commands train-bundled ...``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_RUN_DIR = "runs/bundled"
+
+
+def add_train_parser(sub) -> argparse.ArgumentParser:
+    """``train-bundled``: train (or resume) the bundled prior."""
+    p = sub.add_parser("train-bundled", help="train the bundled diffusion prior (resumes from its checkpoint)")
+    p.add_argument("--out", default=DEFAULT_RUN_DIR, help="run folder: checkpoint, data cache, EMA export")
+    p.add_argument("--seed", type=int, default=0, help="seed of init, data and noise")
+    p.add_argument("--steps", type=int, default=None, help="total steps (default: the ~2 h schedule)")
+    p.add_argument("--batch-size", type=int, default=None, help="images per step")
+    p.add_argument("--lr", type=float, default=None, help="peak learning rate")
+    p.add_argument("--views", type=int, default=None, help="rendered training cameras per shape")
+    p.add_argument("--minutes", type=float, default=0.0, help="stop after this many minutes (0: no limit)")
+    p.add_argument("--threads", type=int, default=-1,
+                   help="torch CPU threads (-1: adapt to the load of a shared CPU; 0: torch default)")
+    p.add_argument("--checkpoint-every", type=int, default=None, help="steps between checkpoints")
+    p.add_argument("--no-resume", action="store_true", help="start over even if a checkpoint exists")
+    p.add_argument("--export", action="store_true",
+                   help="when training stops, copy the EMA weights into the package and run eval + model card")
+    p.set_defaults(func=cmd_train)
+    return p
+
+
+def add_eval_parser(sub) -> argparse.ArgumentParser:
+    """``eval-bundled``: score the bundled prior on held-out cameras."""
+    p = sub.add_parser("eval-bundled", help="evaluate the bundled prior on held-out cameras")
+    p.add_argument("--weights", default=None, help="model folder (default: the shipped weights)")
+    p.add_argument("--json", action="store_true", help="print the table as JSON")
+    p.add_argument("--steps", type=int, default=None, help="DDIM sampling steps")
+    p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale")
+    p.add_argument("--write-card", action="store_true", help="(re)write MODEL_CARD.md beside the weights")
+    p.add_argument("--grid", default=None, help="save a PNG grid of samples here")
+    p.set_defaults(func=cmd_eval)
+    return p
+
+
+def add_export_parser(sub) -> argparse.ArgumentParser:
+    """``export-bundled``: copy a run's EMA weights into the package, evaluate, write the card."""
+    p = sub.add_parser("export-bundled", help="export a training run's EMA weights into the package + eval + card")
+    p.add_argument("--run", default=DEFAULT_RUN_DIR, help="run folder written by train-bundled")
+    p.add_argument("--json", action="store_true", help="print the eval table as JSON")
+    p.set_defaults(func=cmd_export)
+    return p
+
+
+def add_parsers(sub) -> None:
+    """Register every bundled-prior command on an argparse subparsers object."""
+    add_train_parser(sub)
+    add_eval_parser(sub)
+    add_export_parser(sub)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    """Run train-bundled."""
+    from engine_server.models.bundled.train import TrainConfig, train
+
+    cfg = TrainConfig(out_dir=args.out, seed=args.seed, max_minutes=args.minutes, threads=args.threads)
+    for name, attr in (("steps", "steps"), ("batch_size", "batch_size"), ("lr", "lr"), ("views", "views_per_shape"),
+                       ("checkpoint_every", "checkpoint_every")):
+        value = getattr(args, name, None)
+        if value is not None:
+            setattr(cfg, attr, value)
+    result = train(cfg, resume=not args.no_resume)
+    tail = result["losses"][-200:]
+    print(f"trained to step {result['step']} on {result['device']} in {result['seconds'] / 60:.1f} min; "
+          f"mean loss of the last {len(tail)} steps {sum(tail) / max(1, len(tail)):.4f}; EMA weights: {result['ema_dir']}")
+    if args.export:
+        ns = argparse.Namespace(run=args.out, json=False)
+        return cmd_export(ns)
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    """Run eval-bundled."""
+    from engine_server.models.bundled.evaluate import EvalConfig, evaluate, format_rows, write_model_card
+    from engine_server.models.bundled.prior import DEFAULT_WEIGHTS_DIR
+    from engine_server.models.bundled.train import adapt_threads
+
+    adapt_threads()  # two OpenMP threads on a busy 2-core machine are slower than one
+
+    cfg = EvalConfig()
+    if args.steps is not None:
+        cfg.steps = args.steps
+    if args.guidance is not None:
+        cfg.guidance_scale = args.guidance
+    folder = Path(args.weights) if args.weights else DEFAULT_WEIGHTS_DIR
+    result = evaluate(folder, cfg, grid_path=args.grid)
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        print(format_rows(result))
+    if args.write_card:
+        path = write_model_card(folder, result)
+        if not args.json:
+            print(f"wrote {path}")
+    return 0 if result["passed"] else 1
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    """Run export-bundled."""
+    from engine_server.models.bundled.evaluate import export_run
+    from engine_server.models.bundled.train import adapt_threads
+
+    adapt_threads()
+
+    result, card = export_run(Path(args.run))
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        from engine_server.models.bundled.evaluate import format_rows
+
+        print(format_rows(result))
+        print(f"wrote {card}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Stand-alone entry point (the same commands as the engine-server CLI)."""
+    parser = argparse.ArgumentParser(prog="python -m engine_server.models.bundled.commands")
+    sub = parser.add_subparsers(dest="command", required=True)
+    add_parsers(sub)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,216 @@
+"""The bundled prior's network: a diffusers ``UNet2DModel`` with prompt, camera and image conditions.
+
+Conditions enter in two places:
+
+- a vector added to the timestep embedding (``class_embed_type="identity"``):
+  learned shape-word + colour-word embeddings, an MVDream-style embedding of the
+  target camera (its c2w rotation, position and FOV through a small MLP), and in
+  image-conditioned mode a Zero123-style embedding of the reference camera and
+  the relative pose (delta azimuth / elevation / distance);
+- extra input channels: the reference view (scaled to [-1, 1]) and a flag
+  channel that is 1 where a reference is given, 0 (with a zero image) otherwise.
+
+Every condition can be absent (null embedding / zeros), which is what
+classifier-free guidance uses as the unconditional branch.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from diffusers import DDIMScheduler, DDPMScheduler, UNet2DModel
+from diffusers.models.embeddings import TimestepEmbedding
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from engine_server.models.bundled.procedural import DEFAULT_DISTANCE, DEFAULT_FOV
+from engine_server.models.bundled.vocab import COLOR_NAMES, SHAPES
+
+logger = logging.getLogger(__name__)
+
+CAMERA_FEATURES = 13
+REF_FEATURES = CAMERA_FEATURES + 4
+
+
+@dataclass
+class BundledModelConfig:
+    """Architecture of the bundled prior (saved as config.json beside the weights)."""
+
+    resolution: int = 32
+    """Image side in pixels."""
+    block_out_channels: tuple[int, ...] = (32, 64, 96)
+    """UNet channels per resolution level."""
+    layers_per_block: int = 1
+    """ResNet blocks per level."""
+    attention_levels: tuple[bool, ...] = (False, False, True)
+    """Self-attention at each level (lowest resolution last)."""
+    norm_num_groups: int = 16
+    """GroupNorm groups."""
+    shapes: tuple[str, ...] = SHAPES
+    """Shape words, in embedding order."""
+    colors: tuple[str, ...] = COLOR_NAMES
+    """Colour words, in embedding order."""
+    prediction_type: str = "v_prediction"
+    """What the network predicts (diffusers name)."""
+    num_train_timesteps: int = 1000
+    """Diffusion steps in training."""
+    beta_schedule: str = "squaredcos_cap_v2"
+    """Noise schedule (rescaled to zero terminal SNR)."""
+    extra: dict = field(default_factory=dict)
+    """Free-form metadata (background colour, camera ranges, training info)."""
+
+    @property
+    def embed_dim(self) -> int:
+        """Timestep / condition embedding width."""
+        return self.block_out_channels[0] * 4
+
+    def to_json(self) -> dict:
+        """JSON-safe dict."""
+        d = asdict(self)
+        for k in ("block_out_channels", "attention_levels", "shapes", "colors"):
+            d[k] = list(d[k])
+        return d
+
+    @classmethod
+    def from_json(cls, d: dict) -> "BundledModelConfig":
+        """Inverse of to_json; unknown keys are an error."""
+        known = {f for f in cls.__dataclass_fields__}
+        bad = set(d) - known
+        if bad:
+            raise ValueError(f"unknown keys in bundled model config: {sorted(bad)}")
+        d = dict(d)
+        for k in ("block_out_channels", "attention_levels", "shapes", "colors"):
+            if k in d:
+                d[k] = tuple(d[k])
+        return cls(**d)
+
+
+def camera_features(c2w: torch.Tensor, fov: torch.Tensor | None = None) -> torch.Tensor:
+    """(B, 4, 4) c2w (+ (B,) FOV degrees) -> (B, 13) normalised features: rotation, position, FOV."""
+    b = c2w.shape[0]
+    if fov is None:
+        fov = torch.full((b,), DEFAULT_FOV, device=c2w.device, dtype=c2w.dtype)
+    rot = c2w[:, :3, :3].reshape(b, 9)
+    pos = c2w[:, :3, 3] / DEFAULT_DISTANCE
+    return torch.cat([rot, pos, ((fov - DEFAULT_FOV) / 4.0)[:, None]], dim=1).float()
+
+
+def relative_features(c2w: torch.Tensor, ref_c2w: torch.Tensor) -> torch.Tensor:
+    """Zero123-style relative pose of target vs reference: (B, 4) [sin daz, cos daz, d_el, d_dist]."""
+    def sph(m):
+        p = m[:, :3, 3]
+        r = p.norm(dim=-1)
+        az = torch.atan2(p[:, 0], -p[:, 1])
+        el = torch.asin((p[:, 2] / r).clamp(-1, 1))
+        return az, el, r
+
+    az, el, r = sph(c2w)
+    raz, rel, rr = sph(ref_c2w)
+    daz = az - raz
+    return torch.stack([torch.sin(daz), torch.cos(daz), (el - rel) / (math.pi / 3), (r - rr) / 0.3], dim=1).float()
+
+
+class BundledUNet(nn.Module):
+    """UNet2DModel plus the condition embeddings (see module docstring)."""
+
+    def __init__(self, config: BundledModelConfig):
+        super().__init__()
+        self.config = config
+        d = config.embed_dim
+        n = len(config.block_out_channels)
+        down = tuple("AttnDownBlock2D" if a else "DownBlock2D" for a in config.attention_levels)
+        up = tuple("AttnUpBlock2D" if a else "UpBlock2D" for a in reversed(config.attention_levels))
+        if len(config.attention_levels) != n:
+            raise ValueError("attention_levels must have one entry per block_out_channels level")
+        self.unet = UNet2DModel(
+            sample_size=config.resolution,
+            in_channels=7,
+            out_channels=3,
+            block_out_channels=tuple(config.block_out_channels),
+            layers_per_block=config.layers_per_block,
+            down_block_types=down,
+            up_block_types=up,
+            norm_num_groups=config.norm_num_groups,
+            attention_head_dim=min(32, min(config.block_out_channels)),
+            class_embed_type="identity",
+        )
+        self.shape_embed = nn.Embedding(len(config.shapes) + 1, d)  # last row: no shape
+        self.color_embed = nn.Embedding(len(config.colors) + 1, d)  # last row: no colour
+        self.camera_embed = TimestepEmbedding(CAMERA_FEATURES, d)
+        self.null_camera = nn.Parameter(torch.zeros(d))
+        self.ref_embed = TimestepEmbedding(REF_FEATURES, d)
+        for emb in (self.shape_embed, self.color_embed):
+            nn.init.normal_(emb.weight, std=0.02)
+
+    def condition(self, shape_idx, color_idx, cam_feat, cam_present, ref_feat, ref_present) -> torch.Tensor:
+        """(B, embed_dim) condition vector. *_idx (B,) long with -1 for absent; *_present (B,) bool."""
+        ns, nc = len(self.config.shapes), len(self.config.colors)
+        s = torch.where(shape_idx < 0, torch.full_like(shape_idx, ns), shape_idx)
+        c = torch.where(color_idx < 0, torch.full_like(color_idx, nc), color_idx)
+        cam = torch.where(cam_present[:, None], self.camera_embed(cam_feat), self.null_camera.expand(cam_feat.shape[0], -1))
+        ref = self.ref_embed(ref_feat) * ref_present[:, None].float()
+        return self.shape_embed(s) + self.color_embed(c) + cam + ref
+
+    def forward(self, x_t, t, cond: torch.Tensor, ref_image: torch.Tensor, ref_present: torch.Tensor) -> torch.Tensor:
+        """x_t (B,3,H,W), t (B,), cond (B,D), ref_image (B,3,H,W) in [0,1], ref_present (B,) -> (B,3,H,W)."""
+        flag = ref_present.float()[:, None, None, None]
+        ref = (ref_image * 2 - 1) * flag
+        inp = torch.cat([x_t, ref, flag.expand(-1, 1, *x_t.shape[2:])], dim=1)
+        return self.unet(inp, t, class_labels=cond).sample
+
+
+def make_scheduler(config: BundledModelConfig, kind: str = "ddpm"):
+    """The training (ddpm) or sampling (ddim) scheduler: zero-terminal-SNR, trailing spacing."""
+    kw = dict(
+        num_train_timesteps=config.num_train_timesteps,
+        beta_schedule=config.beta_schedule,
+        prediction_type=config.prediction_type,
+        rescale_betas_zero_snr=True,
+        clip_sample=False,
+        timestep_spacing="trailing",
+    )
+    if kind == "ddpm":
+        return DDPMScheduler(**kw)
+    if kind == "ddim":
+        return DDIMScheduler(**kw)
+    raise ValueError(f"unknown scheduler kind {kind!r}; use 'ddpm' or 'ddim'")
+
+
+WEIGHTS_NAME = "model.safetensors"
+CONFIG_NAME = "config.json"
+
+
+def save_model(model: BundledUNet, path: str | Path, half: bool = True) -> None:
+    """Write model.safetensors (fp16 when half) + config.json into folder ``path``."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    state = {k: (v.detach().half() if half and v.is_floating_point() else v.detach()).contiguous().cpu()
+             for k, v in model.state_dict().items()}
+    tmp = path / (WEIGHTS_NAME + ".tmp")
+    save_file(state, str(tmp), metadata={"format": "pt"})
+    tmp.replace(path / WEIGHTS_NAME)
+    (path / CONFIG_NAME).write_text(json.dumps(model.config.to_json(), indent=2) + "\n")
+
+
+def load_model(path: str | Path, device: str | torch.device = "cpu") -> BundledUNet:
+    """Load a folder written by save_model; clear errors for missing or mismatched files."""
+    path = Path(path)
+    wfile, cfile = path / WEIGHTS_NAME, path / CONFIG_NAME
+    for f in (wfile, cfile):
+        if not f.is_file():
+            raise FileNotFoundError(f"bundled model file missing: {f} (expected {WEIGHTS_NAME} and {CONFIG_NAME} in {path})")
+    try:
+        config = BundledModelConfig.from_json(json.loads(cfile.read_text()))
+    except (ValueError, TypeError) as exc:
+        raise ValueError(f"bad bundled model config {cfile}: {exc}") from exc
+    model = BundledUNet(config)
+    state = load_file(str(wfile))
+    try:
+        model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state.items()})
+    except RuntimeError as exc:
+        raise ValueError(f"weights in {wfile} do not match the config in {cfile}: {exc}") from exc
+    return model.to(device).eval()

@@ -1,0 +1,116 @@
+"""Named quality presets. A preset fixes every knob of a run; any of them can be overridden.
+
+`draft` runs in about a minute on a 2-core CPU with the bundled prior; `standard`
+and `high` are for a GPU with a real prior.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+from kernels.hashgrid import HashGridConfig
+
+
+@dataclass(frozen=True)
+class Preset:
+    """Everything a preset fixes. Field names are the override keys."""
+
+    name: str
+    """Preset name."""
+    coarse_steps: int
+    """Score-distillation steps on the radiance field."""
+    views_per_step: int
+    """Views rendered and scored per step."""
+    render_resolution: int | None
+    """Render size in pixels during distillation; None uses the prior's native resolution."""
+    hashgrid: HashGridConfig = field(default_factory=HashGridConfig)
+    """Hash-grid encoding of the field."""
+    samples_per_ray: int = 64
+    """Ray-marching steps across the scene box."""
+    occupancy_resolution: int = 64
+    """Cells per axis of the occupancy grid."""
+    learning_rate: float = 1e-2
+    """Adam learning rate of the hash table (the MLPs use a tenth)."""
+    tet_resolution: int = 64
+    """Marching-tetrahedra grid resolution for mesh extraction."""
+    refine_steps: int = 0
+    """DMTet + texture-field refinement steps on the rasterized mesh (0: skipped)."""
+    texture_size: int = 512
+    """Baked texture size in pixels."""
+    preview_every: int = 50
+    """Steps between preview images / intermediate meshes in progress events."""
+    checkpoint_every: int = 100
+    """Steps between checkpoints."""
+
+    def override(self, **changes) -> Preset:
+        """A copy with some values replaced; unknown names or bad values raise ValueError."""
+        known = {f.name for f in dataclasses.fields(self)} - {"name"}
+        unknown = sorted(set(changes) - known)
+        if unknown:
+            raise ValueError(f"unknown preset option(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+        changes = {k: v for k, v in changes.items() if v is not None}
+        result = dataclasses.replace(self, **changes)
+        result.validate()
+        return result
+
+    def validate(self) -> None:
+        for key in ("coarse_steps", "views_per_step", "samples_per_ray", "occupancy_resolution",
+                    "tet_resolution", "texture_size", "preview_every", "checkpoint_every"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"preset option {key} must be >= 1, got {getattr(self, key)}")
+        if self.refine_steps < 0:
+            raise ValueError(f"preset option refine_steps must be >= 0, got {self.refine_steps}")
+        if not 16 <= self.texture_size <= 8192:
+            raise ValueError(f"texture_size must be in [16, 8192], got {self.texture_size}")
+
+
+PRESETS: dict[str, Preset] = {
+    "draft": Preset(
+        name="draft",
+        coarse_steps=300,
+        views_per_step=4,
+        render_resolution=None,
+        hashgrid=HashGridConfig(n_levels=8, n_features=2, log2_table_size=15, base_resolution=16, max_resolution=256),
+        samples_per_ray=64,
+        occupancy_resolution=32,
+        tet_resolution=48,
+        texture_size=256,
+        preview_every=50,
+        checkpoint_every=100,
+    ),
+    "standard": Preset(
+        name="standard",
+        coarse_steps=2500,
+        views_per_step=4,
+        render_resolution=None,
+        hashgrid=HashGridConfig(n_levels=16, n_features=2, log2_table_size=19, base_resolution=16, max_resolution=2048),
+        samples_per_ray=128,
+        occupancy_resolution=64,
+        tet_resolution=128,
+        refine_steps=1000,
+        texture_size=1024,
+        preview_every=100,
+        checkpoint_every=250,
+    ),
+    "high": Preset(
+        name="high",
+        coarse_steps=6000,
+        views_per_step=8,
+        render_resolution=None,
+        hashgrid=HashGridConfig(n_levels=16, n_features=2, log2_table_size=20, base_resolution=16, max_resolution=4096),
+        samples_per_ray=192,
+        occupancy_resolution=128,
+        tet_resolution=192,
+        refine_steps=3000,
+        texture_size=2048,
+        preview_every=200,
+        checkpoint_every=500,
+    ),
+}
+
+
+def get_preset(name: str, **overrides) -> Preset:
+    """A named preset with overrides applied; a clear error for unknown names."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
+    return PRESETS[name].override(**overrides) if overrides else PRESETS[name]

@@ -1,0 +1,369 @@
+"""Text to 3D: prompt -> score distillation on a hash-grid field -> marching tetrahedra -> textured GLB.
+
+Stages, each reporting through one progress callback:
+  coarse   optimise the radiance field with SDS / VSD from the prior, rendering
+           random views around the object (or near the request's rig cameras);
+  extract  marching tetrahedra on the field's density at a threshold found from
+           the density statistics (Otsu's method on log-density), then cleanup;
+  texture  xatlas unwrap + albedo baked from the field, seams dilated;
+  export   GLB (trimesh) + JSON sidecar.
+The coarse stage checkpoints (field, optimizer, RNG, step) so a job can resume.
+"""
+from __future__ import annotations
+
+import io
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from engine_server.cameras import Camera, look_at, orbit_position
+from engine_server.field import (
+    FieldConfig,
+    FixedBackground,
+    MLPBackground,
+    OccupancyConfig,
+    OccupancyGrid,
+    RadianceField,
+    RendererConfig,
+    VolumeRenderer,
+)
+from engine_server.pipelines.events import Cancelled, ProgressCallback, ProgressEvent, StageTimer
+from engine_server.pipelines.presets import Preset, get_preset
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class TextTo3DRequest:
+    """One text-to-3D job."""
+
+    prompt: str
+    """What to make."""
+    negative_prompt: str = ""
+    """What to avoid (classifier-free guidance's unconditional branch)."""
+    seed: int = 0
+    """Seed of every random choice: same seed, preset and machine give the same mesh."""
+    preset: str = "draft"
+    """Preset name (draft | standard | high)."""
+    model: str = "bundled"
+    """Prior: "bundled", a local diffusers folder or a hub id."""
+    guidance: str = "sds"
+    """Distillation mode: "sds" or "vsd"."""
+    overrides: dict = field(default_factory=dict)
+    """Preset values to override, e.g. {"coarse_steps": 100}."""
+    rig: list[Camera] | None = None
+    """Cameras to concentrate views around (Blender matrix_world + FOV); None: all around."""
+    guidance_scale: float | None = None
+    """Classifier-free guidance scale; None uses the prior's recommended value."""
+
+
+@dataclass
+class TextTo3DResult:
+    glb_path: Path
+    """The exported GLB."""
+    vertices: np.ndarray
+    """(V, 3) float32, unit bounding box centred at the origin, Z up."""
+    faces: np.ndarray
+    """(F, 3) int64."""
+    uvs: np.ndarray
+    """(V, 2) glTF UVs."""
+    texture: np.ndarray
+    """(S, S, 3) uint8 base colour."""
+    sidecar: dict
+    """What was written beside the GLB."""
+
+
+def otsu_threshold(values: torch.Tensor, bins: int = 256) -> float:
+    """Otsu's threshold of a 1-D sample: the cut that maximises the between-class variance."""
+    lo, hi = float(values.min()), float(values.max())
+    if hi - lo < 1e-12:
+        return hi
+    hist = torch.histc(values.float(), bins=bins, min=lo, max=hi).double()
+    centers = torch.linspace(lo, hi, bins + 1, dtype=torch.float64)
+    centers = 0.5 * (centers[1:] + centers[:-1])
+    w0 = hist.cumsum(0)
+    w1 = hist.sum() - w0
+    m0 = (hist * centers).cumsum(0) / w0.clamp_min(1e-12)
+    m1 = ((hist * centers).sum() - (hist * centers).cumsum(0)) / w1.clamp_min(1e-12)
+    between = (w0 * w1 * (m0 - m1) ** 2)[:-1]
+    # Every cut inside an empty gap scores the same: take the middle of the best plateau.
+    best = torch.nonzero(between >= between.max() * (1 - 1e-9)).flatten()
+    k_lo, k_hi = int(best.min()), int(best.max())
+    return float(0.5 * (centers[k_lo] + centers[k_hi + 1]))
+
+
+class CameraSampler:
+    """Random training views: orbits around the object, or jittered copies of rig cameras."""
+
+    def __init__(self, ranges: dict, rig: list[Camera] | None, generator: torch.Generator) -> None:
+        self.distance = tuple(ranges.get("distance", (2.2, 2.8)))
+        self.fov = tuple(ranges.get("fov", (38.0, 46.0)))
+        self.elevation = tuple(ranges.get("elevation", (-10.0, 60.0)))
+        self.rig = rig
+        self.gen = generator
+
+    def _uniform(self, lo: float, hi: float) -> float:
+        return lo + (hi - lo) * float(torch.rand((), generator=self.gen))
+
+    def sample(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(n, 4, 4) camera-to-world and (n,) vertical FOVs in degrees."""
+        poses, fovs = [], []
+        for _ in range(n):
+            if self.rig:
+                cam = self.rig[int(torch.randint(len(self.rig), (), generator=self.gen))]
+                eye = cam.c2w[:3, 3].float()
+                dist = float(eye.norm().clamp_min(1e-3))
+                # Stay near the rig camera's direction, at the prior's distance, looking at the object.
+                direction = eye / dist + 0.15 * torch.randn(3, generator=self.gen)
+                eye = direction / direction.norm() * self._uniform(*self.distance)
+                poses.append(look_at(eye))
+            else:
+                az = self._uniform(0.0, 360.0)
+                el = self._uniform(*self.elevation)
+                poses.append(look_at(orbit_position(az, el, self._uniform(*self.distance))))
+            fovs.append(self._uniform(*self.fov))
+        return torch.stack(poses), torch.tensor(fovs)
+
+
+class TextTo3D:
+    """The text-to-3D pipeline. ``run(out_path)`` does every stage and writes the GLB."""
+
+    STAGES = ("coarse", "extract", "texture", "export")
+
+    def __init__(
+        self,
+        request: TextTo3DRequest,
+        device: str | torch.device = "cpu",
+        progress: ProgressCallback | None = None,
+        cancelled: Callable[[], bool] | None = None,
+        checkpoint_dir: str | Path | None = None,
+        prior=None,
+    ) -> None:
+        from engine_server.guidance import Conditioning, GuidanceConfig, build_guidance, load_prior
+
+        self.request = request
+        self.device = torch.device(device)
+        self.progress = progress or (lambda event: None)
+        self.cancelled = cancelled or (lambda: False)
+        self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir else None
+        self.preset: Preset = get_preset(request.preset, **request.overrides)
+        self.timings: dict[str, float] = {}
+
+        self.prior = prior if prior is not None else load_prior(request.model, device=self.device)
+        scale = request.guidance_scale or getattr(self.prior, "recommended_guidance_scale", 7.5)
+        self.guidance = build_guidance(
+            self.prior, GuidanceConfig(mode=request.guidance, guidance_scale=scale, seed=request.seed)
+        )
+        self.cond = Conditioning(prompt=request.prompt, negative_prompt=request.negative_prompt)
+        # Fail on a prompt the prior cannot read now, before any optimisation (and cache its embedding).
+        self.guidance.prepare_inputs(self.cond, look_at(orbit_position(0.0, 0.0, 2.5))[None].to(self.device))
+
+        torch.manual_seed(request.seed)
+        self.gen = torch.Generator().manual_seed(request.seed)
+        self.field = RadianceField(FieldConfig(hashgrid=self.preset.hashgrid)).to(self.device)
+        self.occupancy = OccupancyGrid(
+            OccupancyConfig(resolution=self.preset.occupancy_resolution, threshold=0.01 * self.preset.samples_per_ray),
+            aabb=self.field.aabb,
+        ).to(self.device)
+        self.renderer = VolumeRenderer(RendererConfig(num_steps=self.preset.samples_per_ray, shading="albedo"))
+        bg = getattr(self.prior, "background_rgb", None)
+        # A prior trained on a fixed background must see that background; others get a learned one.
+        self.background = (FixedBackground(bg) if bg is not None else MLPBackground()).to(self.device)
+        self.resolution = self.preset.render_resolution or int(getattr(self.prior, "resolution", 64))
+        self.cameras = CameraSampler(getattr(self.prior, "camera_ranges", {}) or {}, request.rig, self.gen)
+        params = [
+            {"params": [self.field.encoder.table], "lr": self.preset.learning_rate},
+            {"params": [p for n, p in self.field.named_parameters() if not n.startswith("encoder.")],
+             "lr": self.preset.learning_rate * 0.1},
+        ]
+        bg_params = list(self.background.parameters())
+        if bg_params:
+            params.append({"params": bg_params, "lr": self.preset.learning_rate * 0.1})
+        self.optimizer = torch.optim.Adam(params, betas=(0.9, 0.99), eps=1e-15)
+        self.step = 0
+
+    # ---------------------------------------------------------------- checkpoints
+    def _checkpoint_path(self) -> Path | None:
+        return self.checkpoint_dir / "coarse.pt" if self.checkpoint_dir else None
+
+    def save_checkpoint(self) -> None:
+        path = self._checkpoint_path()
+        if path is None:
+            return
+        state = {
+            "step": self.step,
+            "field": self.field.state_dict(),
+            "occupancy": self.occupancy.state_dict(),
+            "background": self.background.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "rng": self.gen.get_state(),
+            "torch_rng": torch.get_rng_state(),
+            "guidance_rng": self.guidance.generator.get_state() if hasattr(self.guidance, "generator") else None,
+        }
+        buf = io.BytesIO()
+        torch.save(state, buf)
+        from engine_server.jobs import atomic_write
+
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(path, buf.getvalue())
+
+    def load_checkpoint(self) -> bool:
+        path = self._checkpoint_path()
+        if path is None or not path.exists():
+            return False
+        state = torch.load(path, map_location=self.device, weights_only=False)
+        self.field.load_state_dict(state["field"])
+        self.occupancy.load_state_dict(state["occupancy"])
+        self.background.load_state_dict(state["background"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.gen.set_state(state["rng"])
+        torch.set_rng_state(state["torch_rng"])
+        if state.get("guidance_rng") is not None and hasattr(self.guidance, "generator"):
+            self.guidance.generator.set_state(state["guidance_rng"])
+        self.step = int(state["step"])
+        logger.info("resumed the coarse stage at step %d from %s", self.step, path)
+        return True
+
+    # ---------------------------------------------------------------- stages
+    def _check_cancel(self) -> None:
+        if self.cancelled():
+            raise Cancelled()
+
+    def render_views(self, c2w: torch.Tensor, fovs: torch.Tensor, jitter: bool) -> dict:
+        """Render B views at the working resolution: rgb (B, 3, R, R) and per-ray outputs."""
+        from engine_server.cameras import camera_rays
+
+        res = self.resolution
+        origins, dirs = [], []
+        for pose, fov in zip(c2w, fovs):
+            o, d = camera_rays(pose.to(self.device), float(fov), res, res)
+            origins.append(o.reshape(-1, 3))
+            dirs.append(d.reshape(-1, 3))
+        out = self.renderer.render(
+            self.field, torch.cat(origins), torch.cat(dirs), self.background,
+            occupancy=self.occupancy, jitter=jitter,
+        )
+        out["image"] = out["rgb"].reshape(len(c2w), res, res, 3).permute(0, 3, 1, 2)
+        return out
+
+    def preview(self) -> np.ndarray:
+        """A front-three-quarter render (R, R, 3) uint8 of the current field."""
+        ranges = self.cameras
+        dist = 0.5 * (ranges.distance[0] + ranges.distance[1])
+        pose = look_at(orbit_position(30.0, 20.0, dist))[None]
+        fov = torch.tensor([0.5 * (ranges.fov[0] + ranges.fov[1])])
+        with torch.no_grad():
+            img = self.render_views(pose, fov, jitter=False)["image"][0]
+        return (img.permute(1, 2, 0).clamp(0, 1) * 255).round().byte().cpu().numpy()
+
+    def coarse(self) -> None:
+        total = self.preset.coarse_steps
+        self.load_checkpoint()
+        timer = StageTimer(total - self.step)
+        start_step = self.step
+        sparsity_weight = 1e-3
+        while self.step < total:
+            self._check_cancel()
+            self.occupancy.update(self.field.density, self.step)
+            c2w, fovs = self.cameras.sample(self.preset.views_per_step)
+            out = self.render_views(c2w, fovs, jitter=True)
+            g = self.guidance(out["image"], c2w.to(self.device), self.cond, self.step, total)
+            # Opacity sparsity keeps empty space empty (DreamFusion's opacity penalty).
+            opacity = out["opacity"].clamp(1e-5, 1 - 1e-5)
+            loss = g.loss + sparsity_weight * opacity.mean() * opacity.numel()
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"non-finite loss at coarse step {self.step}")
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            self.optimizer.step()
+            self.step += 1
+            eta = timer.tick(self.step - start_step)
+            due = self.step % self.preset.preview_every == 0 or self.step == total
+            self.progress(ProgressEvent("coarse", self.step, total, float(loss.detach()), eta,
+                                        preview=self.preview() if due else None))
+            if self.step % self.preset.checkpoint_every == 0 and self.step < total:
+                self.save_checkpoint()
+        self.save_checkpoint()
+
+    @torch.no_grad()
+    def extract(self) -> tuple[np.ndarray, np.ndarray]:
+        from engine_server.geometry import clean_mesh, marching_tets, tet_grid
+
+        res = self.preset.tet_resolution
+        verts, tets = tet_grid(res, device=self.device)
+        density = torch.cat([self.field.density(chunk) for chunk in verts.split(65536)])
+        log_density = torch.log1p(density)
+        threshold = math.expm1(otsu_threshold(log_density))
+        logger.info("surface density threshold %.4g (Otsu on log-density; max %.4g)", threshold, float(density.max()))
+        sdf = threshold - density  # negative inside, as marching_tets expects
+        v, f = marching_tets(verts, tets, sdf)
+        if len(f) == 0:
+            raise RuntimeError("the field is empty: no surface at the density threshold (try more steps)")
+        v, f = clean_mesh(v.cpu().numpy(), f.cpu().numpy(), min_component_fraction=0.05)
+        self.progress(ProgressEvent("extract", 1, 1, mesh=(v, f)))
+        return v, f
+
+    def texture(self, vertices: np.ndarray, faces: np.ndarray):
+        from engine_server.texture import BakeConfig, UnwrapConfig, bake_texture, unwrap
+
+        size = self.preset.texture_size
+        uv_mesh = unwrap(vertices, faces, UnwrapConfig(texture_size=size))
+
+        def albedo(points: torch.Tensor) -> torch.Tensor:
+            return self.field(points.to(self.device, torch.float32))["albedo"]
+
+        tex = bake_texture(uv_mesh, albedo, BakeConfig(size=size), device=self.device)
+        self.progress(ProgressEvent("texture", 1, 1))
+        return uv_mesh, tex
+
+    def run(self, out_path: str | Path) -> TextTo3DResult:
+        from engine_server.export import export_glb
+
+        out_path = Path(out_path)
+        t0 = time.perf_counter()
+        self.coarse()
+        self.timings["coarse_s"] = time.perf_counter() - t0
+        self._check_cancel()
+
+        t = time.perf_counter()
+        vertices, faces = self.extract()
+        self.timings["extract_s"] = time.perf_counter() - t
+        self._check_cancel()
+
+        t = time.perf_counter()
+        uv_mesh, texture = self.texture(vertices, faces)
+        self.timings["texture_s"] = time.perf_counter() - t
+        self._check_cancel()
+
+        t = time.perf_counter()
+        # Normalise to a unit bounding box centred at the origin (DESIGN.md coordinates).
+        v = uv_mesh.vertices.astype(np.float32)
+        lo, hi = v.min(0), v.max(0)
+        v = (v - 0.5 * (lo + hi)) / float((hi - lo).max())
+        sidecar = {
+            "prompt": self.request.prompt,
+            "negative_prompt": self.request.negative_prompt,
+            "seed": self.request.seed,
+            "preset": asdict(self.preset) | {"hashgrid": asdict(self.preset.hashgrid)},
+            "model": self.request.model,
+            "guidance": self.request.guidance,
+            "device": str(self.device),
+            "timings_s": dict(self.timings),
+        }
+        export_glb(out_path, v, uv_mesh.faces, uv_mesh.uvs, texture, name=_object_name(self.request.prompt),
+                   sidecar=sidecar)
+        self.timings["export_s"] = time.perf_counter() - t
+        self.timings["total_s"] = time.perf_counter() - t0
+        self.progress(ProgressEvent("export", 1, 1))
+        return TextTo3DResult(out_path, v, uv_mesh.faces, uv_mesh.uvs, texture, sidecar)
+
+
+def _object_name(prompt: str) -> str:
+    words = [w for w in prompt.lower().replace(",", " ").split() if w not in {"a", "an", "the"}]
+    return "_".join(words)[:60] or "generated"
