@@ -39,6 +39,17 @@ def load_vae(folder: Path, device: torch.device, dtype: torch.dtype) -> Autoenco
     return vae.to(device).eval().requires_grad_(False)
 
 
+def load_clip_text(folder: Path, device: torch.device, dtype: torch.dtype):
+    """The frozen CLIP text encoder and its tokenizer of a diffusers folder (SD and multi-view models)."""
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    text_encoder = load_component(folder, "text_encoder", CLIPTextModel.from_pretrained,
+                                  "a transformers CLIPTextModel")
+    text_encoder = text_encoder.to(device=device, dtype=dtype).eval().requires_grad_(False)
+    tokenizer = load_component(folder, "tokenizer", CLIPTokenizer.from_pretrained, "a CLIP tokenizer")
+    return text_encoder, tokenizer
+
+
 def load_noise_schedule(folder: Path) -> DDPMScheduler:
     """The ``scheduler/`` config read as a DDPM schedule (betas, alphas_cumprod, prediction type)."""
     return load_component(folder, "scheduler", DDPMScheduler.from_pretrained, "a diffusers scheduler config")

@@ -30,9 +30,9 @@ from typing import Any
 
 import torch
 from diffusers.models.attention_processor import AttnProcessor2_0
-from transformers import CLIPTextModel, CLIPTokenizer
 
 from engine_server.guidance.adapters.base import (
+    load_clip_text,
     LatentDiffusionPrior,
     TextConditioned,
     load_noise_schedule,
@@ -44,7 +44,6 @@ from engine_server.guidance.config import Conditioning
 from engine_server.guidance.prior import (
     PriorInputs,
     PriorLoadError,
-    load_component,
     read_component_config,
     register_prior,
 )
@@ -159,10 +158,7 @@ class MultiViewPrior(TextConditioned, LatentDiffusionPrior):
             )
         unet = load_unet(folder, device, dtype)
         vae = load_vae(folder, device, dtype)
-        text_encoder = load_component(folder, "text_encoder", CLIPTextModel.from_pretrained,
-                                      "a transformers CLIPTextModel")
-        text_encoder = text_encoder.to(device=device, dtype=dtype).eval().requires_grad_(False)
-        tokenizer = load_component(folder, "tokenizer", CLIPTokenizer.from_pretrained, "a CLIP tokenizer")
+        text_encoder, tokenizer = load_clip_text(folder, device, dtype)
         schedule = load_noise_schedule(folder)
         num_views = int(index.get("num_views", 4))
         return cls(unet, vae, text_encoder, tokenizer, schedule, device, dtype, num_views, source=str(folder))

@@ -6,9 +6,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import CLIPTextModel, CLIPTokenizer
 
 from engine_server.guidance.adapters.base import (
+    load_clip_text,
     LatentDiffusionPrior,
     TextConditioned,
     load_noise_schedule,
@@ -17,7 +17,7 @@ from engine_server.guidance.adapters.base import (
     pipeline_components,
 )
 from engine_server.guidance.config import Conditioning
-from engine_server.guidance.prior import PriorInputs, PriorLoadError, load_component, register_prior
+from engine_server.guidance.prior import PriorInputs, PriorLoadError, register_prior
 
 logger = logging.getLogger(__name__)
 
@@ -56,10 +56,7 @@ class StableDiffusionPrior(TextConditioned, LatentDiffusionPrior):
         logger.debug("loading Stable Diffusion components from %s", folder)
         unet = load_unet(folder, device, dtype)
         vae = load_vae(folder, device, dtype)
-        text_encoder = load_component(folder, "text_encoder", CLIPTextModel.from_pretrained,
-                                      "a transformers CLIPTextModel")
-        text_encoder = text_encoder.to(device=device, dtype=dtype).eval().requires_grad_(False)
-        tokenizer = load_component(folder, "tokenizer", CLIPTokenizer.from_pretrained, "a CLIP tokenizer")
+        text_encoder, tokenizer = load_clip_text(folder, device, dtype)
         schedule = load_noise_schedule(folder)
         return cls(unet, vae, text_encoder, tokenizer, schedule, device, dtype, source=str(folder))
 
