@@ -20,6 +20,7 @@ BENCHES: dict[str, str] = {
     "geometry": "engine_server.geometry.bench:run",
     "guidance": "engine_server.guidance.bench:run",
     "kernels": "kernels.hashgrid.bench:run",
+    "pipeline": "engine_server.pipelines.bench:run",
     "rasterize": "kernels.rasterize.bench:run",
     "server": "engine_server.server:bench",
     "texture": "engine_server.texture.bench:run",
@@ -142,6 +143,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from engine_server.pipelines.events import ProgressEvent
     from engine_server.pipelines.text_to_3d import TextTo3D, TextTo3DRequest
 
+    if getattr(args, "image", None):
+        from engine_server.multiview.commands import cmd_generate_image
+
+        return cmd_generate_image(args)
+    if not args.prompt:
+        raise UsageError("give a PROMPT or --image REF.png")
     out = Path(args.out)
     if out.suffix.lower() != ".glb":
         raise UsageError(f"--out must be a .glb file, got {args.out!r}")
@@ -198,7 +205,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_info)
 
     p = sub.add_parser("generate", help="prompt -> textured GLB, in-process (no server)")
-    p.add_argument("prompt", help='what to make, e.g. "a red cube"')
+    p.add_argument("prompt", nargs="?", default=None, help='what to make, e.g. "a red cube"')
+    p.add_argument("--image", metavar="REF.png", default=None, help="reference image: image to 3D")
     p.add_argument("--out", required=True, metavar="FILE.glb", help="where to write the GLB (+ a .json sidecar)")
     p.add_argument("--preset", default="draft", choices=["draft", "standard", "high"], help="quality preset")
     p.add_argument("--seed", type=int, default=0, help="random seed")
@@ -212,6 +220,18 @@ def build_parser() -> argparse.ArgumentParser:
     from engine_server.models.bundled import commands as bundled_commands
 
     bundled_commands.add_parsers(sub)
+
+    from engine_server.multiview import commands as multiview_commands
+
+    multiview_commands.add_multiview_parser(sub)
+
+    from engine_server.pipelines import refine_commands
+
+    refine_commands.add_parser(sub)
+
+    from engine_server import server_commands
+
+    server_commands.add_parsers(sub)
 
     p = sub.add_parser("bench", help="benchmarks, measured side by side in one run")
     p.add_argument("target", choices=sorted(BENCHES), help="what to measure")

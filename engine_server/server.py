@@ -587,11 +587,26 @@ class EngineServer:
             self._drop_peer(identity, f"silent for {self.config.peer_expiry_s:g} s")
 
 
-def serve(config: ServerConfig, executor: Executor | None = None, ready: Callable[[str], None] | None = None) -> int:
-    """Run a server until SIGINT / SIGTERM; ``ready`` is called with the bound endpoint. Returns an exit status."""
+def resolve_data_dir(config: ServerConfig) -> Path:
+    """The job store folder a server with this config uses."""
+    return Path(config.data_dir).expanduser() if config.data_dir else user_data_dir() / "data"
+
+
+def serve(config: ServerConfig, executor: Executor | None = None, ready: Callable[[str], None] | None = None,
+          *, worker: Any = None) -> int:
+    """Run a server until SIGINT / SIGTERM; ``ready`` is called with the bound endpoint. Returns an exit status.
+
+    ``worker``: a :class:`engine_server.worker.WorkerConfig` to run jobs in local child
+    processes (started once the store is locked and the socket bound); with neither it
+    nor ``executor`` the server only accepts and stores jobs (protocol-only).
+    """
     server = EngineServer(config, executor=executor)
     try:
         endpoint = server.bind()
+        if executor is None and worker is not None:
+            from engine_server.worker import LocalWorker
+
+            server.executor = LocalWorker(server.store.root, worker)
         if ready is not None:
             ready(endpoint)
         if threading.current_thread() is threading.main_thread():
@@ -708,26 +723,67 @@ def bench(args) -> dict:
     }
 
 
+def add_serve_arguments(p) -> None:
+    """The options of ``serve`` (shared by ``engine-server serve`` and ``python -m engine_server.server``)."""
+    p.add_argument("--bind", default=DEFAULT_BIND, metavar="ADDR",
+                   help=f"ZeroMQ endpoint to listen on (default {DEFAULT_BIND}; port * picks a free one)")
+    p.add_argument("--data", type=Path, default=None, metavar="DIR", help="job store folder (default: per-user data dir)")
+    p.add_argument("--key-file", type=Path, default=None, metavar="FILE",
+                   help="HMAC key file, created 0600 on first start (default: per-user data dir)")
+    p.add_argument("--no-auth", action="store_true", help="no signatures (loopback only)")
+    p.add_argument("--model", default="bundled", metavar="PATH_OR_ID",
+                   help="default prior: bundled, a local diffusers folder or a hub id")
+    p.add_argument("--extra-model", action="append", default=[], metavar="PATH_OR_ID",
+                   help="another prior a request may pick with options.model (repeatable)")
+    p.add_argument("--device", action="append", default=None, metavar="DEV",
+                   help="auto, cpu or cuda[:N]; repeat for one worker per device (default auto)")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads per worker (0: default)")
+    p.add_argument("--heartbeat", type=float, default=1.0, help="heartbeat interval in seconds")
+    p.add_argument("--max-queued", type=int, default=16, help="most waiting jobs before submits get busy")
+    p.add_argument("--cancel-grace", type=float, default=0.4,
+                   help="seconds a cancelled job may take to stop before its worker is terminated")
+    p.add_argument("--protocol-only", action="store_true",
+                   help="no worker: accept and store jobs without running them (tests, debugging)")
+
+
+def run_serve(args) -> int:
+    """Start a server from parsed ``add_serve_arguments`` options; prints 'listening on ENDPOINT' when ready."""
+    from engine_server.auth import KeyFileError
+    from engine_server.jobs import StoreLocked
+
+    if args.heartbeat <= 0 or args.max_queued < 1 or args.cancel_grace < 0:
+        print("engine-server serve: error: --heartbeat must be > 0, --max-queued >= 1, --cancel-grace >= 0",
+              file=sys.stderr)
+        return 2
+    devices = args.device or ["auto"]
+    config = ServerConfig(bind=args.bind, data_dir=args.data, key_file=args.key_file, auth=not args.no_auth,
+                          heartbeat_s=args.heartbeat, max_queued=args.max_queued,
+                          models=[args.model, *[m for m in args.extra_model if m != args.model]],
+                          device=", ".join(devices))
+    worker = None
+    if not args.protocol_only:
+        from engine_server.runner import RunnerConfig
+        from engine_server.worker import WorkerConfig
+
+        worker = WorkerConfig(runner=RunnerConfig(model=args.model, models=list(config.models), threads=args.threads),
+                              devices=devices, cancel_grace_s=args.cancel_grace,
+                              log_level="DEBUG" if getattr(args, "verbose", False) else "INFO")
+    try:
+        return serve(config, ready=lambda ep: print(f"listening on {ep}", flush=True), worker=worker)
+    except (ConfigError, StoreLocked, KeyFileError, OSError) as exc:
+        print(f"engine-server serve: error: {exc}", file=sys.stderr)
+        return 2
+
+
 def main(argv: list[str] | None = None) -> int:
-    """``python -m engine_server.server``: serve without an executor (protocol and store only; tests, debugging)."""
+    """``python -m engine_server.server``: the same as ``engine-server serve`` (``--protocol-only``: no worker)."""
     import argparse
 
     p = argparse.ArgumentParser(prog="python -m engine_server.server", description=__doc__.splitlines()[0])
-    p.add_argument("--bind", default=DEFAULT_BIND)
-    p.add_argument("--data", type=Path, default=None)
-    p.add_argument("--key-file", type=Path, default=None)
-    p.add_argument("--no-auth", action="store_true", help="no signatures (loopback only)")
-    p.add_argument("--heartbeat", type=float, default=1.0)
-    p.add_argument("--max-queued", type=int, default=16)
+    add_serve_arguments(p)
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    config = ServerConfig(bind=args.bind, data_dir=args.data, key_file=args.key_file, auth=not args.no_auth,
-                          heartbeat_s=args.heartbeat, max_queued=args.max_queued)
-    try:
-        return serve(config, ready=lambda ep: print(f"listening on {ep}", flush=True))
-    except ConfigError as exc:
-        print(f"engine-server: {exc}", file=sys.stderr)
-        return 2
+    return run_serve(args)
 
 
 if __name__ == "__main__":

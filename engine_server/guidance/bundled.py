@@ -57,6 +57,21 @@ class BundledPriorAdapter:
     def __repr__(self) -> str:
         return f"BundledPriorAdapter({self.source!r}, {self.device})"
 
+    @property
+    def background_rgb(self) -> tuple[float, float, float]:
+        """The plain background the model was trained on (pipelines render onto it)."""
+        return self.bundled.background_rgb
+
+    @property
+    def camera_ranges(self) -> dict:
+        """The model's training camera ranges (distance, fov, elevation)."""
+        return self.bundled.camera_ranges
+
+    @property
+    def lighting(self) -> dict:
+        """The world-fixed lights of the model's training renders."""
+        return self.bundled.lighting
+
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
         """Renders (B, 3, H, W) in [0, 1] -> the model's space, [-1, 1] (identity up to scale)."""
         return images.to(self.device, torch.float32) * 2.0 - 1.0

@@ -31,6 +31,14 @@ class Preset:
     """Cells per axis of the occupancy grid."""
     learning_rate: float = 1e-2
     """Adam learning rate of the hash table (the MLPs use a tenth)."""
+    sparsity_weight: float = 1e-3
+    """Weight of the opacity sparsity penalty (sum of rendered opacity per view; keeps empty space empty)."""
+    orientation_weight: float = 0.0
+    """Weight of DreamFusion's orientation penalty (normals facing away from the camera) on lit steps; 0: off."""
+    shading_mix: tuple[float, float, float] = (0.5, 0.5, 0.0)
+    """Probabilities of albedo / lambertian / textureless shading per step (DreamFusion's augmentation)."""
+    shading_warmup: float = 0.0
+    """Fraction of the coarse steps rendered in albedo only before shading augmentation starts."""
     tet_resolution: int = 64
     """Marching-tetrahedra grid resolution for mesh extraction."""
     refine_steps: int = 0
@@ -58,6 +66,15 @@ class Preset:
                     "tet_resolution", "texture_size", "preview_every", "checkpoint_every"):
             if getattr(self, key) < 1:
                 raise ValueError(f"preset option {key} must be >= 1, got {getattr(self, key)}")
+        if self.sparsity_weight < 0 or self.orientation_weight < 0:
+            raise ValueError(f"regulariser weights must be >= 0, got sparsity_weight={self.sparsity_weight}, "
+                             f"orientation_weight={self.orientation_weight}")
+        mix = tuple(self.shading_mix)
+        if len(mix) != 3 or min(mix) < 0 or sum(mix) <= 0:
+            raise ValueError(f"shading_mix must be 3 non-negative probabilities (albedo, lambertian, textureless) "
+                             f"with a positive sum, got {self.shading_mix}")
+        if not 0.0 <= self.shading_warmup <= 1.0:
+            raise ValueError(f"shading_warmup must be in [0, 1], got {self.shading_warmup}")
         if self.refine_steps < 0:
             raise ValueError(f"preset option refine_steps must be >= 0, got {self.refine_steps}")
         if not 16 <= self.texture_size <= 8192:
@@ -67,7 +84,7 @@ class Preset:
 PRESETS: dict[str, Preset] = {
     "draft": Preset(
         name="draft",
-        coarse_steps=300,
+        coarse_steps=200,
         views_per_step=4,
         render_resolution=None,
         hashgrid=HashGridConfig(n_levels=8, n_features=2, log2_table_size=15, base_resolution=16, max_resolution=256),

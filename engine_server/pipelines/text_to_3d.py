@@ -2,7 +2,12 @@
 
 Stages, each reporting through one progress callback:
   coarse   optimise the radiance field with SDS / VSD from the prior, rendering
-           random views around the object (or near the request's rig cameras);
+           random views around the object (or near the request's rig cameras) within
+           the prior's camera ranges; shading augmentation (DreamFusion): a share of the
+           steps is lit by deferred shading of the composited normals, with the prior's
+           own world-fixed lights when it declares them (``prior.lighting``), so the
+           albedo is the object's colour and the shading carries its shape; opacity
+           sparsity and an optional orientation penalty on lit steps;
   extract  marching tetrahedra on the field's density at a threshold found from
            the density statistics (Otsu's method on log-density), then cleanup;
   texture  xatlas unwrap + albedo baked from the field, seams dilated;
@@ -134,7 +139,8 @@ class CameraSampler:
 class TextTo3D:
     """The text-to-3D pipeline. ``run(out_path)`` does every stage and writes the GLB."""
 
-    STAGES = ("coarse", "extract", "texture", "export")
+    STAGES = ("coarse", "extract", "refine", "texture", "export")
+    """Stage names of progress events, in order ("refine" only when the preset has refine_steps > 0)."""
 
     def __init__(
         self,
@@ -235,8 +241,21 @@ class TextTo3D:
         if self.cancelled():
             raise Cancelled()
 
-    def render_views(self, c2w: torch.Tensor, fovs: torch.Tensor, jitter: bool) -> dict:
-        """Render B views at the working resolution: rgb (B, 3, R, R) and per-ray outputs."""
+    def render_views(
+        self,
+        c2w: torch.Tensor,
+        fovs: torch.Tensor,
+        jitter: bool,
+        shading: str = "albedo",
+        light_dirs: torch.Tensor | None = None,
+        compute_normals: bool = False,
+    ) -> dict:
+        """Render B views c2w (B, 4, 4), fovs (B,) at the working resolution R.
+
+        shading: "albedo" | "lambertian" | "textureless"; light_dirs: (B, 3) unit directions
+        towards the light per view (None: headlight). Returns image (B, 3, R, R), rays_d (B*R*R, 3)
+        and the renderer's per-ray outputs (opacity (B*R*R,), ..., samples).
+        """
         from engine_server.cameras import camera_rays
 
         res = self.resolution
@@ -245,11 +264,15 @@ class TextTo3D:
             o, d = camera_rays(pose.to(self.device), float(fov), res, res)
             origins.append(o.reshape(-1, 3))
             dirs.append(d.reshape(-1, 3))
+        rays_d = torch.cat(dirs)
+        light = None if light_dirs is None else light_dirs.to(self.device).repeat_interleave(res * res, dim=0)
         out = self.renderer.render(
-            self.field, torch.cat(origins), torch.cat(dirs), self.background,
-            occupancy=self.occupancy, jitter=jitter,
+            self.field, torch.cat(origins), rays_d, self.background,
+            shading=shading, light_dir=light, occupancy=self.occupancy, jitter=jitter,
+            compute_normals=compute_normals,
         )
         out["image"] = out["rgb"].reshape(len(c2w), res, res, 3).permute(0, 3, 1, 2)
+        out["rays_d"] = rays_d
         return out
 
     def preview(self) -> np.ndarray:
@@ -262,21 +285,102 @@ class TextTo3D:
             img = self.render_views(pose, fov, jitter=False)["image"][0]
         return (img.permute(1, 2, 0).clamp(0, 1) * 255).round().byte().cpu().numpy()
 
+    def _sample_shading(self) -> str:
+        """This step's shading (DreamFusion's augmentation): "albedo", "lambertian" or "textureless"."""
+        p = self.preset
+        if self.step < p.shading_warmup * p.coarse_steps or p.shading_mix[1] + p.shading_mix[2] <= 0:
+            return "albedo"
+        mix = torch.tensor(p.shading_mix, dtype=torch.float64)
+        return ("albedo", "lambertian", "textureless")[int(torch.multinomial(mix, 1, generator=self.gen))]
+
+    def _lights(self, c2w: torch.Tensor) -> tuple[float, list[tuple[float, torch.Tensor]]]:
+        """Ambient and (strength, unit direction (B, 3)) lights for lit views c2w (B, 4, 4).
+
+        A prior trained on lit renders (``prior.lighting``) gets exactly its lights, fixed in the
+        world, so the field's albedo is the object's colour and shading carries the shape; other
+        priors get DreamFusion's random light near the camera.
+        """
+        lighting = getattr(self.prior, "lighting", None)
+        b = len(c2w)
+        if lighting:
+            lights = [(float(k), torch.nn.functional.normalize(torch.tensor(d, dtype=torch.float32), dim=0).expand(b, 3))
+                      for k, d in lighting["lights"]]
+            return float(lighting["ambient"]), lights
+        eye = c2w[:, :3, 3].float()
+        light = eye / eye.norm(dim=-1, keepdim=True) + 0.4 * torch.randn(eye.shape, generator=self.gen)
+        return self.renderer.config.ambient, [(1.0 - self.renderer.config.ambient,
+                                               torch.nn.functional.normalize(light, dim=-1))]
+
+    def _shade(self, out: dict, c2w: torch.Tensor, shading: str) -> torch.Tensor:
+        """Deferred shading of a render made with compute_normals=True -> image (B, 3, R, R).
+
+        Per pixel: albedo (or white, "textureless") times ambient + sum_k s_k max(0, n . l_k),
+        with n the pixel's composited normal, over the background.
+        """
+        b, res = len(c2w), self.resolution
+        opacity = out["opacity"][:, None]
+        fg = out["rgb"] - (1.0 - opacity) * out["background"]  # (N, 3) = sum_i w_i albedo_i
+        if shading == "textureless":
+            fg = opacity.expand(-1, 3)
+        n = torch.nn.functional.normalize(out["normal"], dim=-1, eps=1e-6)
+        ambient, lights = self._lights(c2w)
+        shade = torch.full_like(opacity, ambient)
+        for strength, direction in lights:
+            per_ray = direction.to(n).repeat_interleave(res * res, dim=0)
+            shade = shade + strength * (n * per_ray).sum(-1, keepdim=True).clamp_min(0.0)
+        rgb = fg * shade.clamp(max=1.0) + (1.0 - opacity) * out["background"]
+        return rgb.reshape(b, res, res, 3).permute(0, 3, 1, 2)
+
+    @staticmethod
+    def orientation_penalty(out: dict) -> torch.Tensor:
+        """DreamFusion's orientation loss: visible samples whose normal faces away from the camera.
+
+        sum_i stop_grad(w_i) * max(0, n_i . d)^2 over samples, per ray with opacity.
+        """
+        samples = out["samples"]
+        if "normals" not in samples or samples["normals"].numel() == 0:
+            return out["opacity"].sum() * 0.0
+        d = out["rays_d"].index_select(0, samples["ray_indices"])
+        facing_away = (samples["normals"] * d).sum(-1).clamp_min(0.0)
+        hit_rays = (out["opacity"].detach() > 1e-3).sum().clamp_min(1)
+        return (samples["weights"].detach() * facing_away**2).sum() / hit_rays
+
+    def coarse_loss(self) -> tuple[torch.Tensor, dict]:
+        """One coarse step's loss: samples and renders its own views, scores them with the guidance.
+
+        Returns the scalar loss to back-propagate and a dict of logged values (floats).
+        Subclasses replace this to change the objective while reusing ``coarse()``'s loop
+        (occupancy updates, optimizer step, checkpoints, events, cancel, non-finite check).
+        """
+        p = self.preset
+        c2w, fovs = self.cameras.sample(p.views_per_step)
+        shading = self._sample_shading()
+        lit = shading != "albedo"
+        # The orientation penalty rides on lit steps, whose normals are computed anyway.
+        orient = p.orientation_weight > 0 and lit
+        out = self.render_views(c2w, fovs, jitter=True, compute_normals=orient or lit)
+        image = self._shade(out, c2w, shading) if lit else out["image"]
+        g = self.guidance(image, c2w.to(self.device), self.cond, self.step, p.coarse_steps)
+        # Opacity sparsity keeps empty space empty (DreamFusion's opacity penalty).
+        opacity = out["opacity"].clamp(1e-5, 1 - 1e-5)
+        sparsity = opacity.mean() * opacity.numel() / len(c2w)
+        loss = g.loss + p.sparsity_weight * sparsity * len(c2w)
+        logs = {"sds": float(g.loss.detach()), "sparsity": float(sparsity.detach()), "shading": shading}
+        if orient:
+            orientation = self.orientation_penalty(out)
+            loss = loss + p.orientation_weight * orientation
+            logs["orientation"] = float(orientation.detach())
+        return loss, logs
+
     def coarse(self) -> None:
         total = self.preset.coarse_steps
         self.load_checkpoint()
         timer = StageTimer(total - self.step)
         start_step = self.step
-        sparsity_weight = 1e-3
         while self.step < total:
             self._check_cancel()
             self.occupancy.update(self.field.density, self.step)
-            c2w, fovs = self.cameras.sample(self.preset.views_per_step)
-            out = self.render_views(c2w, fovs, jitter=True)
-            g = self.guidance(out["image"], c2w.to(self.device), self.cond, self.step, total)
-            # Opacity sparsity keeps empty space empty (DreamFusion's opacity penalty).
-            opacity = out["opacity"].clamp(1e-5, 1 - 1e-5)
-            loss = g.loss + sparsity_weight * opacity.mean() * opacity.numel()
+            loss, _logs = self.coarse_loss()
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"non-finite loss at coarse step {self.step}")
             self.optimizer.zero_grad(set_to_none=True)
@@ -322,6 +426,23 @@ class TextTo3D:
         self.progress(ProgressEvent("texture", 1, 1))
         return uv_mesh, tex
 
+    def refine(self, vertices: np.ndarray, faces: np.ndarray):
+        """DMTet + texture-field refinement on the rasterized mesh (presets with refine_steps > 0).
+
+        Returns (vertices, faces, uvs, texture) in the frame of the given mesh.
+        """
+        from engine_server.pipelines.refine import MeshRefiner, RefineConfig
+
+        lo, hi = vertices.min(0), vertices.max(0)
+        centre, scale = 0.5 * (lo + hi), float((hi - lo).max())
+        # The refiner works in the mesh's unit box; it starts its texture from the coarse field's albedo.
+        start = _FieldAlbedo(self.field, centre, scale)
+        refiner = MeshRefiner(self.prior, self.cond, RefineConfig.from_preset(self.preset, "full"), self.device,
+                              self.progress, self.cancelled, seed=self.request.seed,
+                              checkpoint_dir=self.checkpoint_dir, texture_field=start)
+        out = refiner.run((vertices - centre) / scale, faces)
+        return out.vertices * scale + centre, out.faces, out.uvs, out.texture
+
     def run(self, out_path: str | Path) -> TextTo3DResult:
         from engine_server.export import export_glb
 
@@ -337,13 +458,18 @@ class TextTo3D:
         self._check_cancel()
 
         t = time.perf_counter()
-        uv_mesh, texture = self.texture(vertices, faces)
-        self.timings["texture_s"] = time.perf_counter() - t
+        if self.preset.refine_steps > 0:
+            v, faces, uvs, texture = self.refine(vertices, faces)
+            self.timings["refine_s"] = time.perf_counter() - t
+        else:
+            uv_mesh, texture = self.texture(vertices, faces)
+            v, faces, uvs = uv_mesh.vertices, uv_mesh.faces, uv_mesh.uvs
+            self.timings["texture_s"] = time.perf_counter() - t
         self._check_cancel()
 
         t = time.perf_counter()
         # Normalise to a unit bounding box centred at the origin (DESIGN.md coordinates).
-        v = uv_mesh.vertices.astype(np.float32)
+        v = v.astype(np.float32)
         lo, hi = v.min(0), v.max(0)
         v = (v - 0.5 * (lo + hi)) / float((hi - lo).max())
         sidecar = {
@@ -356,12 +482,25 @@ class TextTo3D:
             "device": str(self.device),
             "timings_s": dict(self.timings),
         }
-        export_glb(out_path, v, uv_mesh.faces, uv_mesh.uvs, texture, name=_object_name(self.request.prompt),
+        export_glb(out_path, v, faces, uvs, texture, name=_object_name(self.request.prompt),
                    sidecar=sidecar)
         self.timings["export_s"] = time.perf_counter() - t
         self.timings["total_s"] = time.perf_counter() - t0
         self.progress(ProgressEvent("export", 1, 1))
-        return TextTo3DResult(out_path, v, uv_mesh.faces, uv_mesh.uvs, texture, sidecar)
+        return TextTo3DResult(out_path, v, faces, uvs, texture, sidecar)
+
+
+class _FieldAlbedo(torch.nn.Module):
+    """The coarse field's albedo at points of the extracted mesh's unit box (field = unit * scale + centre)."""
+
+    def __init__(self, field: RadianceField, centre: np.ndarray, scale: float) -> None:
+        super().__init__()
+        self.field = field
+        self.register_buffer("centre", torch.as_tensor(centre, dtype=torch.float32))
+        self.scale = scale
+
+    def forward(self, points: torch.Tensor) -> torch.Tensor:
+        return self.field(points * self.scale + self.centre)["albedo"]
 
 
 def _object_name(prompt: str) -> str:

@@ -110,3 +110,56 @@ def test_unknown_prompt_fails_before_any_work():
 def test_otsu_separates_two_clusters():
     values = torch.cat([torch.randn(1000) * 0.1, 5 + torch.randn(300) * 0.1])
     assert 0.5 < otsu_threshold(values) < 4.5
+
+
+def test_orientation_penalty_only_counts_normals_facing_away():
+    d = torch.tensor([[0.0, 1.0, 0.0], [0.0, 1.0, 0.0]])  # two rays looking along +Y
+    out = {"rays_d": d, "opacity": torch.tensor([1.0, 1.0]),
+           "samples": {"ray_indices": torch.tensor([0, 1]), "weights": torch.tensor([0.5, 0.5]),
+                       "normals": torch.tensor([[0.0, -1.0, 0.0], [0.0, -1.0, 0.0]])}}
+    assert float(TextTo3D.orientation_penalty(out)) == 0.0  # both face the camera
+    out["samples"]["normals"] = torch.tensor([[0.0, -1.0, 0.0], [0.0, 1.0, 0.0]])
+    assert float(TextTo3D.orientation_penalty(out)) == pytest.approx(0.25)  # 0.5 * 1^2 / 2 hit rays
+
+
+def test_lit_steps_shade_with_the_priors_lights(tiny_run):
+    pipe = tiny_run[0]
+    assert pipe.prior.lighting["lights"]  # the bundled prior declares its training lights
+    c2w, fovs = pipe.cameras.sample(1)
+    with torch.no_grad():
+        out = pipe.render_views(c2w, fovs, jitter=False, compute_normals=True)
+        lit = pipe._shade(out, c2w, "lambertian")
+    hit = out["opacity"].reshape(lit.shape[2:]) > 0.9
+    bg_only = out["opacity"].reshape(lit.shape[2:]) < 1e-3
+    assert hit.any() and bg_only.any()
+    # Shading only darkens or keeps the surface (ambient + lights clamped at 1) and leaves the background.
+    assert (lit[0][:, hit] <= out["image"][0][:, hit] + 1e-5).all()
+    assert torch.allclose(lit[0][:, bg_only], out["image"][0][:, bg_only], atol=1e-3)
+    assert not torch.allclose(lit[0][:, hit], out["image"][0][:, hit], atol=1e-3)
+
+
+def test_bad_shading_mix_is_refused():
+    with pytest.raises(ValueError, match="shading_mix"):
+        TextTo3D(TextTo3DRequest(prompt="a red cube", overrides={**TINY, "shading_mix": (0.0, 0.0, 0.0)}))
+
+
+def test_refine_stage_runs_between_extract_and_export(tmp_path):
+    """A preset with refine_steps > 0 refines the extracted mesh (DMTet + texture field) before export."""
+    torch.set_num_threads(1)
+    events = []
+    request = TextTo3DRequest(prompt="a red cube", seed=3,
+                              overrides={**TINY, "refine_steps": 2, "tet_resolution": 16})
+    result = TextTo3D(request, progress=events.append, checkpoint_dir=tmp_path / "ckpt").run(tmp_path / "r.glb")
+    stages = [e.stage for e in events]
+    order = [s for i, s in enumerate(stages) if i == 0 or stages[i - 1] != s]
+    assert order == ["coarse", "extract", "refine", "texture", "export"]
+    assert [e.step for e in events if e.stage == "refine"] == [1, 2]
+    assert (tmp_path / "ckpt" / "refine.pt").is_file()
+    sidecar = json.loads((tmp_path / "r.json").read_text())
+    assert "refine_s" in sidecar["timings_s"] and "texture_s" not in sidecar["timings_s"]
+    loaded = load_glb(tmp_path / "r.glb")
+    assert len(loaded.faces) == len(result.faces) > 0 and np.isfinite(loaded.vertices).all()
+    assert abs((loaded.vertices.max(0) - loaded.vertices.min(0)).max() - 1.0) < 1e-4
+    # the texture starts from the coarse field's albedo: still red after two refine steps
+    texels = loaded.texture.reshape(-1, 3).astype(float)
+    assert texels[:, 0].mean() > texels[:, 1].mean() and texels[:, 0].mean() > texels[:, 2].mean()

@@ -20,7 +20,7 @@ pytestmark = pytest.mark.skipif(os.name != "posix", reason="POSIX signals")
 def start_server(data, key_file, bind="tcp://127.0.0.1:*", *extra) -> tuple[subprocess.Popen, str]:
     proc = subprocess.Popen(
         [sys.executable, "-m", "engine_server.server", "--bind", bind, "--data", str(data), "--key-file", str(key_file),
-         "--heartbeat", str(HEARTBEAT_S), *extra],
+         "--heartbeat", str(HEARTBEAT_S), "--protocol-only", *extra],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     line = proc.stdout.readline()
     if not line.startswith("listening on "):

@@ -88,6 +88,14 @@ class BundledPrior:
         return tuple(self.config.extra.get("background_rgb", (0.0, 0.75, 0.75)))
 
     @property
+    def lighting(self) -> dict:
+        """The world-fixed lights of the training renders: {"ambient": a, "lights": [(strength, (x, y, z)), ...]}."""
+        from engine_server.models.bundled import procedural
+
+        return {"ambient": procedural.AMBIENT,
+                "lights": [(procedural.KEY, procedural.KEY_LIGHT), (procedural.FILL, procedural.FILL_LIGHT)]}
+
+    @property
     def camera_ranges(self) -> dict:
         """Training camera ranges: distance, fov, elevation (+ default_distance, default_fov)."""
         return dict(self.config.extra.get("camera", {}))

@@ -1,0 +1,152 @@
+"""Engine arrays -> Blender mesh, material and images (main thread only).
+
+Meshes are filled with ``foreach_set`` from numpy arrays (no per-vertex Python loop):
+a 100k-face import takes well under half a second (see ``bench.py``). UVs arrive in
+glTF's convention (top-left origin) and are flipped for Blender.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+
+import bpy
+import numpy as np
+
+from .glb import blender_uvs
+
+logger = logging.getLogger(__name__)
+
+PREVIEW_IMAGE = "Generate3D Preview"
+"""Name of the image holding the latest preview render."""
+
+
+def fill_mesh(mesh: bpy.types.Mesh, vertices: np.ndarray, faces: np.ndarray, uvs: np.ndarray | None = None) -> None:
+    """Replace ``mesh``'s geometry: vertices (V, 3) float, faces (F, 3) int, uvs (V, 2) glTF convention or None."""
+    v = np.ascontiguousarray(vertices, dtype=np.float32).reshape(-1, 3)
+    f = np.ascontiguousarray(faces, dtype=np.int32).reshape(-1, 3)
+    if f.size and (f.min() < 0 or f.max() >= len(v)):
+        raise ValueError(f"face indices span [{f.min()}, {f.max()}] but the mesh has {len(v)} vertices")
+    mesh.clear_geometry()
+    mesh.vertices.add(len(v))
+    mesh.vertices.foreach_set("co", v.ravel())
+    mesh.loops.add(f.size)
+    mesh.loops.foreach_set("vertex_index", f.ravel())
+    mesh.polygons.add(len(f))
+    mesh.polygons.foreach_set("loop_start", np.arange(0, f.size, 3, dtype=np.int32))
+    if bpy.app.version < (4, 0, 0):  # loop_total became derived from loop_start in 4.0
+        mesh.polygons.foreach_set("loop_total", np.full(len(f), 3, dtype=np.int32))
+    if uvs is not None:
+        layer = mesh.uv_layers.new(name="UVMap")
+        layer.data.foreach_set("uv", blender_uvs(uvs, f).ravel())
+    mesh.update(calc_edges=True)
+    if hasattr(mesh, "shade_smooth"):
+        mesh.shade_smooth()
+    else:
+        mesh.polygons.foreach_set("use_smooth", np.ones(len(f), dtype=bool))
+
+
+def image_from_png(name: str, png: bytes, *, pack: bool = True, existing: bpy.types.Image | None = None) -> bpy.types.Image:
+    """A Blender image from PNG bytes (packed into the .blend unless ``pack`` is False).
+
+    Blender reads images from files only, so the bytes go through a temporary file
+    that is deleted again (a packed image keeps its own copy).
+    """
+    fd, path = tempfile.mkstemp(suffix=".png", prefix="generate3d-")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(png)
+        if existing is not None:
+            if existing.packed_file is not None:
+                existing.unpack(method="REMOVE")
+            existing.filepath = path
+            existing.reload()
+            image = existing
+        else:
+            image = bpy.data.images.load(path, check_existing=False)
+            image.name = name
+        image.pack()
+        image.filepath = ""  # nothing on disk refers to it any more
+    finally:
+        try:
+            os.remove(path)
+        except OSError:
+            pass
+    return image
+
+
+def textured_material(name: str, image: bpy.types.Image | None) -> bpy.types.Material:
+    """A material whose Principled BSDF's Base Color is fed by an Image Texture node holding ``image``."""
+    mat = bpy.data.materials.new(name)
+    if not mat.use_nodes:
+        mat.use_nodes = True
+    nodes, links = mat.node_tree.nodes, mat.node_tree.links
+    bsdf = next((n for n in nodes if n.type == "BSDF_PRINCIPLED"), None)
+    if bsdf is None:
+        bsdf = nodes.new("ShaderNodeBsdfPrincipled")
+        out = next((n for n in nodes if n.type == "OUTPUT_MATERIAL"), None) or nodes.new("ShaderNodeOutputMaterial")
+        links.new(bsdf.outputs["BSDF"], out.inputs["Surface"])
+    if image is not None:
+        tex = nodes.new("ShaderNodeTexImage")
+        tex.image = image
+        tex.extension = "EXTEND"
+        tex.location = (bsdf.location.x - 320, bsdf.location.y)
+        links.new(tex.outputs["Color"], bsdf.inputs["Base Color"])
+    return mat
+
+
+def create_object(name: str, vertices: np.ndarray, faces: np.ndarray, uvs: np.ndarray | None = None,
+                  texture_png: bytes | None = None, matrix: list[float] | None = None,
+                  collection: bpy.types.Collection | None = None) -> bpy.types.Object:
+    """A new mesh object linked into ``collection`` (default: the scene's), textured when a PNG is given."""
+    mesh = bpy.data.meshes.new(name)
+    fill_mesh(mesh, vertices, faces, uvs)
+    obj = bpy.data.objects.new(name, mesh)
+    image = image_from_png(f"{name} texture", texture_png) if texture_png else None
+    mesh.materials.append(textured_material(name, image))
+    if matrix is not None:
+        obj.matrix_world = _matrix(matrix)
+    (collection or bpy.context.scene.collection).objects.link(obj)
+    return obj
+
+
+def update_preview_object(name: str, vertices: np.ndarray, faces: np.ndarray, uvs: np.ndarray | None = None,
+                          matrix: list[float] | None = None) -> bpy.types.Object:
+    """Create, or update in place, the one preview object ``name`` showing an intermediate mesh."""
+    obj = bpy.data.objects.get(name)
+    if obj is None or obj.type != "MESH":
+        obj = bpy.data.objects.new(name, bpy.data.meshes.new(name))
+        bpy.context.scene.collection.objects.link(obj)
+        obj.display_type = "SOLID"
+    fill_mesh(obj.data, vertices, faces, uvs)
+    if matrix is not None:
+        obj.matrix_world = _matrix(matrix)
+    return obj
+
+
+def remove_object(name: str) -> None:
+    """Delete the object ``name`` and its mesh, if they exist."""
+    obj = bpy.data.objects.get(name)
+    if obj is None:
+        return
+    mesh = obj.data if obj.type == "MESH" else None
+    bpy.data.objects.remove(obj, do_unlink=True)
+    if mesh is not None and mesh.users == 0:
+        bpy.data.meshes.remove(mesh)
+
+
+def show_preview(png: bytes) -> bpy.types.Image:
+    """Put the latest preview render into the image PREVIEW_IMAGE (created once, then replaced in place)."""
+    image = image_from_png(PREVIEW_IMAGE, png, existing=bpy.data.images.get(PREVIEW_IMAGE))
+    if hasattr(image, "preview_ensure"):
+        image.preview_ensure()
+        if image.preview is not None:
+            image.preview.reload()
+    return image
+
+
+def _matrix(rows: list[float]):
+    import mathutils
+
+    flat = [float(x) for x in np.asarray(rows, dtype=np.float64).reshape(-1)]
+    return mathutils.Matrix([flat[0:4], flat[4:8], flat[8:12], flat[12:16]])

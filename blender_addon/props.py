@@ -1,0 +1,71 @@
+"""Add-on preferences (engine endpoint, key file, local engine command) and the scene's settings group."""
+from __future__ import annotations
+
+import bpy
+from bpy.props import BoolProperty, EnumProperty, FloatProperty, IntProperty, PointerProperty, StringProperty
+
+ADDON_PACKAGE = __package__
+"""The add-on's module name as Blender knows it (``bl_ext.<repo>.generate_3d`` for an extension)."""
+
+PRESETS = [("draft", "Draft", "Seconds to a minute on CPU with the bundled model"),
+           ("standard", "Standard", "Better quality, a GPU helps"),
+           ("high", "High", "Best quality, needs a GPU")]
+REFINE_MODES = [("full", "Geometry + Texture", "Change the shape and the texture"),
+                ("texture", "Texture Only", "Keep the shape, repaint the texture")]
+
+
+class Generate3DPreferences(bpy.types.AddonPreferences):
+    """Where the engine runs and how to reach it."""
+
+    bl_idname = ADDON_PACKAGE
+
+    endpoint: StringProperty(name="Engine Endpoint", default="tcp://127.0.0.1:5557",
+                             description="ZeroMQ endpoint of the engine server (non-loopback needs online access)")
+    key_file: StringProperty(name="Key File", subtype="FILE_PATH", default="",
+                             description="The engine's key file (empty: the engine's default per-user key file)")
+    auto_start: BoolProperty(name="Start Engine Automatically", default=False,
+                             description="Start a local engine with the command below when none answers")
+    engine_command: StringProperty(name="Engine Command", default="engine-server serve",
+                                   description="Command line that starts a local engine (e.g. /path/to/python -m engine_server.cli serve)")
+    timeout_s: FloatProperty(name="Request Timeout (s)", default=5.0, min=0.5, max=120.0,
+                             description="Longest wait for one reply from the engine")
+    job_timeout_s: FloatProperty(name="Background Job Timeout (s)", default=900.0, min=1.0, max=86400.0,
+                                 description="In background mode (blender -b) operators wait this long for a job")
+
+    def draw(self, context):
+        layout = self.layout
+        layout.prop(self, "endpoint")
+        layout.prop(self, "key_file")
+        row = layout.row()
+        row.prop(self, "auto_start")
+        sub = row.row()
+        sub.enabled = self.auto_start
+        sub.prop(self, "engine_command", text="")
+        layout.prop(self, "timeout_s")
+        layout.prop(self, "job_timeout_s")
+
+
+class Generate3DSettings(bpy.types.PropertyGroup):
+    """Everything the Generate panel edits, kept with the scene."""
+
+    prompt: StringProperty(name="Prompt", default="", description="What to make, e.g. 'a red cube'")
+    negative_prompt: StringProperty(name="Negative Prompt", default="", description="What to avoid")
+    image: PointerProperty(name="Reference Image", type=bpy.types.Image,
+                           description="Make the object from this image instead of (or with) the prompt")
+    seed: IntProperty(name="Seed", default=0, min=0, description="Random seed (0: the engine picks one)")
+    preset: EnumProperty(name="Preset", items=PRESETS, default="draft")
+    use_rig: BoolProperty(name="Selected Cameras as Rig", default=False,
+                          description="Send the selected cameras' placement, field of view and resolution")
+    at_cursor: BoolProperty(name="Place at 3D Cursor", default=True,
+                            description="Put the new object at the 3D cursor (else at the world origin)")
+    refine_mode: EnumProperty(name="Refine", items=REFINE_MODES, default="full")
+    steps: IntProperty(name="Steps Override", default=0, min=0, max=100000,
+                       description="Optimisation steps (0: the preset's)")
+    overrides: StringProperty(name="Overrides", default="",
+                              description="More preset overrides as name=value pairs, e.g. 'render_resolution=32 refine_steps=0'")
+
+
+def prefs(context=None) -> Generate3DPreferences:
+    """This add-on's preferences."""
+    context = context or bpy.context
+    return context.preferences.addons[ADDON_PACKAGE].preferences

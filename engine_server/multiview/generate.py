@@ -1,0 +1,265 @@
+"""Generate N views of one object that agree with each other, from a prompt or a reference image.
+
+    result = generate_views(prior, cameras, prompt="a red cube")            # camera-conditioned prior
+    result = generate_views(prior, cameras, reference=ViewReference(img, c2w, fov))  # novel-view prior
+
+``prior`` is any guidance ``Prior`` (``load_prior(...)``): sampling is DDIM written against its
+``prepare_conditioning`` / ``predict_noise`` interface, with classifier-free guidance, so the
+bundled model, Zero123-family and MVDream-style adapters all work. Agreement between views
+comes from the strategy (``MultiViewConfig.strategy``):
+
+- ``"anchor"``: a text request first draws an anchor view (the first camera) from the prompt;
+  every other view is then a novel view of the anchor (or of the reference image), all
+  conditioned on that one image, with the same starting noise. One batched sampling.
+- ``"sequential"``: views are drawn one after another, each conditioned on the nearest view
+  already known (the anchor / reference first), so neighbours agree; slower (one sampling per view).
+- ``"independent"``: every view from the prompt / reference alone (the baseline agreement is measured against).
+
+Returned masks come from the prior's plain background colour; ``agreement`` is the per-view
+IoU of each silhouette with the visual hull of all of them (:func:`silhouette_agreement`).
+"""
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from engine_server.cameras import Camera, azimuth_elevation
+from engine_server.multiview.rig import background_mask, silhouette_agreement
+
+logger = logging.getLogger(__name__)
+
+STRATEGIES = ("anchor", "sequential", "independent")
+
+
+@dataclass
+class MultiViewConfig:
+    """How views are sampled."""
+
+    strategy: str = "anchor"
+    """"anchor", "sequential" or "independent" (see the module docstring)."""
+    steps: int = 20
+    """DDIM steps per sampling."""
+    guidance_scale: float = 2.0
+    """Classifier-free guidance scale."""
+    shared_noise: bool = True
+    """Start every view from the same noise image (helps colours and texture agree)."""
+    seed: int = 0
+    """Seed of the starting noise."""
+    mask_threshold: float = 0.15
+    """A pixel is foreground when some channel is further than this from the background colour."""
+
+    def __post_init__(self) -> None:
+        if self.strategy not in STRATEGIES:
+            raise ValueError(f"MultiViewConfig.strategy must be one of {STRATEGIES}, got {self.strategy!r}")
+        if self.steps < 1:
+            raise ValueError(f"MultiViewConfig.steps must be >= 1, got {self.steps}")
+        if self.guidance_scale < 0:
+            raise ValueError(f"MultiViewConfig.guidance_scale must be >= 0, got {self.guidance_scale}")
+
+
+@dataclass
+class ViewReference:
+    """A known view of the object: the image and its camera."""
+
+    image: torch.Tensor
+    """(3, R, R) in [0, 1], object on the prior's background colour."""
+    c2w: torch.Tensor
+    """(4, 4) camera-to-world."""
+    fov_y_deg: float
+    """Vertical FOV in degrees."""
+
+
+@dataclass
+class MultiViewResult:
+    """Generated views and what they were generated at."""
+
+    images: torch.Tensor
+    """(N, 3, R, R) in [0, 1]."""
+    c2w: torch.Tensor
+    """(N, 4, 4) camera-to-world of each view."""
+    fovs: torch.Tensor
+    """(N,) vertical FOVs in degrees."""
+    masks: torch.Tensor
+    """(N, R, R) bool foreground (off the prior's background colour)."""
+    agreement: torch.Tensor
+    """(N,) IoU of each silhouette with the visual hull of all silhouettes (and the reference's)."""
+    strategy: str = "anchor"
+    """The sampling strategy used."""
+    extras: dict = field(default_factory=dict)
+    """Anything else worth logging (timings)."""
+
+    @property
+    def cameras(self) -> list[Camera]:
+        """The views' cameras as :class:`Camera` objects."""
+        r = self.images.shape[-1]
+        return [Camera(c, float(f), r, r) for c, f in zip(self.c2w, self.fovs)]
+
+
+def prior_attr(prior, name: str, default=None):
+    """An attribute of a prior adapter or of the model it wraps (``.bundled``), else ``default``."""
+    if hasattr(prior, name):
+        return getattr(prior, name)
+    inner = getattr(prior, "bundled", None)
+    return getattr(inner, name, default) if inner is not None else default
+
+
+class DDIMSampler:
+    """Deterministic DDIM (eta 0) on a guidance ``Prior``'s noise predictions, with classifier-free guidance."""
+
+    def __init__(self, prior, steps: int = 20, guidance_scale: float = 2.0) -> None:
+        self.prior = prior
+        self.guidance_scale = guidance_scale
+        acp = prior.alphas_cumprod.detach().float().cpu()
+        total = int(prior.num_train_timesteps)
+        # Trailing spacing; timesteps whose signal is ~0 (zero terminal SNR) carry no x0 through an
+        # eps prediction, so sampling starts at the first one with some signal.
+        ts = [int(round(total - 1 - k * total / steps)) for k in range(steps)]
+        self.timesteps = [t for t in ts if acp[t] > 1e-4] or [ts[-1]]
+        self.acp = acp
+        probe = prior.encode_images(torch.zeros(1, 3, prior.resolution, prior.resolution, device=prior.device))
+        self.latent_shape = tuple(probe.shape[1:])
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Latents -> images (B, 3, R, R) in [0, 1]."""
+        decode = getattr(self.prior, "decode_latents", None)
+        if decode is not None:
+            return decode(latents)
+        return ((latents + 1.0) / 2.0).clamp(0, 1)  # pixel-space prior: encode is 2x - 1
+
+    @torch.no_grad()
+    def sample(self, cond, cameras: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        """Images (B, 3, R, R) in [0, 1] for one ``Conditioning`` at cameras (B, 4, 4) from noise (B, *latent)."""
+        dev = self.prior.device
+        cameras = cameras.to(dev, torch.float32)
+        inputs = self.prior.prepare_conditioning(cond, cameras)
+        x = noise.to(dev, torch.float32)
+        b = x.shape[0]
+        s = self.guidance_scale
+        for i, t in enumerate(self.timesteps):
+            tt = torch.full((b,), t, dtype=torch.long, device=dev)
+            if s == 1.0:
+                eps = self.prior.predict_noise(x, tt, inputs.cond, cameras)
+            else:
+                both = self.prior.predict_noise(torch.cat([x, x]), torch.cat([tt, tt]), inputs.cfg_batch(),
+                                                torch.cat([cameras, cameras]))
+                eps_u, eps_c = both.chunk(2)
+                eps = eps_u + s * (eps_c - eps_u)
+            a = float(self.acp[t])
+            a_prev = float(self.acp[self.timesteps[i + 1]]) if i + 1 < len(self.timesteps) else 1.0
+            x0 = (x - math.sqrt(1 - a) * eps) / math.sqrt(a)
+            x0 = x0.clamp(-1.0, 1.0) if getattr(self.prior, "decode_latents", None) is None else x0
+            x = math.sqrt(a_prev) * x0 + math.sqrt(1 - a_prev) * eps
+        return self.decode(x)
+
+
+def _conditioning(prompt: str | None, ref: ViewReference | None):
+    from engine_server.guidance import Conditioning
+
+    if ref is None:
+        return Conditioning(prompt=prompt or None)
+    return Conditioning(prompt=prompt or None, reference_image=ref.image.float(), reference_c2w=ref.c2w.float(),
+                        fov_y_deg=float(ref.fov_y_deg))
+
+
+def _nearest(c2w: torch.Tensor, known: list[torch.Tensor]) -> int:
+    """Index of the known camera whose viewing direction is closest to c2w's."""
+    d = c2w[:3, 3] / c2w[:3, 3].norm()
+    dots = [float((k[:3, 3] / k[:3, 3].norm()) @ d) for k in known]
+    return max(range(len(known)), key=dots.__getitem__)
+
+
+def generate_views(
+    prior,
+    cameras: list[Camera] | torch.Tensor,
+    prompt: str | None = None,
+    reference: ViewReference | None = None,
+    config: MultiViewConfig | None = None,
+    fovs: torch.Tensor | list[float] | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> MultiViewResult:
+    """N views at ``cameras`` (list of Camera, or (N, 4, 4) c2w with ``fovs``) that agree with each other.
+
+    Needs ``prompt`` (camera-conditioned prior) and/or ``reference`` (novel-view prior).
+    ``progress(done, total)`` is called after each view (or batch of views) is drawn.
+    """
+    import time
+
+    config = config or MultiViewConfig()
+    if prompt is None and reference is None:
+        raise ValueError("generate_views needs a prompt or a reference view")
+    if isinstance(cameras, torch.Tensor):
+        c2w = cameras.float().reshape(-1, 4, 4)
+        if fovs is None:
+            fovs = [float(prior_attr(prior, "camera_ranges", {}).get("default_fov", 40.0))] * len(c2w)
+    else:
+        c2w = torch.stack([c.c2w.float() for c in cameras])
+        fovs = [c.fov_y_deg for c in cameras] if fovs is None else fovs
+    fovs = torch.as_tensor(fovs, dtype=torch.float32).reshape(-1)
+    n = len(c2w)
+    if n < 1 or len(fovs) != n:
+        raise ValueError(f"need at least one camera and one FOV per camera, got {n} cameras and {len(fovs)} FOVs")
+    if reference is None and getattr(prior, "kind", "multiview") == "image":
+        raise ValueError("this prior is a novel-view (image-conditioned) model: pass a reference image")
+    if reference is not None and getattr(prior, "kind", "multiview") == "text":
+        raise ValueError("this prior is text-only: it cannot generate novel views of a reference image")
+    # TODO(multiview): priors with views_per_sample > 1 (MVDream) could sample the rig jointly.
+    sampler = DDIMSampler(prior, config.steps, config.guidance_scale)
+    gen = torch.Generator().manual_seed(config.seed)
+    if config.shared_noise:
+        noise = torch.randn(1, *sampler.latent_shape, generator=gen).expand(n, *sampler.latent_shape)
+    else:
+        noise = torch.randn(n, *sampler.latent_shape, generator=gen)
+    t0 = time.perf_counter()
+    images: list[torch.Tensor | None] = [None] * n
+
+    def draw(idx: list[int], ref: ViewReference | None) -> None:
+        out = sampler.sample(_conditioning(prompt, ref), c2w[idx], noise[idx])
+        for k, i in enumerate(idx):
+            images[i] = out[k].cpu()
+        if progress is not None:
+            progress(sum(im is not None for im in images), n)
+
+    anchor = reference
+    todo = list(range(n))
+    if config.strategy == "independent":
+        draw(todo, reference)
+    else:
+        if anchor is None:  # text: the first camera's view anchors the others
+            draw([0], None)
+            anchor = ViewReference(images[0], c2w[0], float(fovs[0]))
+            todo = todo[1:]
+        if config.strategy == "anchor":
+            if todo:
+                draw(todo, anchor)
+        else:
+            known = [anchor]
+            remaining = list(todo)
+            while remaining:
+                # next: the remaining view closest to any known one; condition on that known view
+                best = max(remaining, key=lambda i: max(float(
+                    (c2w[i, :3, 3] / c2w[i, :3, 3].norm()) @ (k.c2w[:3, 3] / k.c2w[:3, 3].norm())) for k in known))
+                ref = known[_nearest(c2w[best], [k.c2w for k in known])]
+                draw([best], ref)
+                known.append(ViewReference(images[best], c2w[best], float(fovs[best])))
+                remaining.remove(best)
+    imgs = torch.stack(images)
+    bg = prior_attr(prior, "background_rgb", (0.0, 0.75, 0.75))
+    masks = background_mask(imgs, bg, config.mask_threshold)
+    all_masks, all_c2w, all_fovs = masks, c2w, fovs
+    if reference is not None:  # the reference's silhouette takes part in the hull too
+        ref_img = reference.image.float().cpu()
+        if ref_img.shape[-1] == imgs.shape[-1]:
+            ref_mask = background_mask(ref_img[None], bg, config.mask_threshold)
+            all_masks = torch.cat([masks, ref_mask])
+            all_c2w = torch.cat([c2w, reference.c2w.float().cpu()[None]])
+            all_fovs = torch.cat([fovs, torch.tensor([float(reference.fov_y_deg)])])
+    agreement = silhouette_agreement(all_masks, all_c2w, all_fovs)[:n]
+    az, el = azimuth_elevation(c2w)
+    logger.info("generated %d views (%s) in %.1f s; silhouette agreement %s", n, config.strategy,
+                time.perf_counter() - t0, ", ".join(f"{v:.2f}" for v in agreement.tolist()))
+    return MultiViewResult(imgs, c2w, fovs, masks, agreement, config.strategy,
+                           {"seconds": time.perf_counter() - t0, "azimuth": az.tolist(), "elevation": el.tolist()})

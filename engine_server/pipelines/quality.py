@@ -1,0 +1,97 @@
+"""Shape and colour measures of a generated mesh, used by tests and tuning of the pipelines.
+
+A primitive's measures (on a clean, closed mesh; the object's vertical axis is Z):
+  sphericity    pi^(1/3) (6 V)^(2/3) / A: sphere 1.0, cylinder (h = d) 0.87, cube 0.81, cone ~0.7;
+  fill          V / (bounding-box volume): cube 1.0, cylinder 0.79, sphere 0.52, cone 0.26;
+  taper         mean width of the top fifth over the bottom fifth of the height: cube,
+                cylinder ~1, sphere ~1 (symmetric), cone ~0.2;
+  extent_ratio  smallest over largest bounding-box side;
+  roundness     horizontal cross-section at mid-height: area / (pi r_max^2) around its centroid:
+                circle (sphere, cylinder, cone) 1.0, square (cube) 0.64, any rotation about Z.
+"""
+from __future__ import annotations
+
+import logging
+import math
+
+import numpy as np
+
+logger = logging.getLogger(__name__)
+
+
+def shape_measures(vertices: np.ndarray, faces: np.ndarray) -> dict[str, float]:
+    """vertices (V, 3), faces (F, 3) -> sphericity, fill, taper, extent_ratio, watertight, components."""
+    import trimesh
+
+    mesh = trimesh.Trimesh(np.asarray(vertices, dtype=np.float64), np.asarray(faces), process=True)
+    parts = mesh.split(only_watertight=False)
+    main = max(parts, key=lambda m: m.area) if len(parts) else mesh
+    volume, area = abs(float(main.volume)), float(main.area)
+    extent = main.extents
+    sphericity = math.pi ** (1 / 3) * (6 * volume) ** (2 / 3) / max(area, 1e-12)
+    fill = volume / max(float(np.prod(extent)), 1e-12)
+    z = main.vertices[:, 2]
+    lo, hi = float(z.min()), float(z.max())
+    h = max(hi - lo, 1e-12)
+
+    def width(mask: np.ndarray) -> float:
+        xy = main.vertices[mask][:, :2]
+        return float((xy.max(0) - xy.min(0)).mean()) if len(xy) > 2 else 0.0
+
+    taper = width(z > hi - 0.2 * h) / max(width(z < lo + 0.2 * h), 1e-12)
+    roundness = _section_roundness(main, 0.5 * (lo + hi))
+    # Boundary edges (used by exactly one face) over all edges: 0 for a closed surface.
+    edges = np.sort(main.edges, axis=1)
+    _, counts = np.unique(edges, axis=0, return_counts=True)
+    open_fraction = float((counts == 1).sum()) / max(len(counts), 1)
+    return {
+        "sphericity": sphericity,
+        "fill": fill,
+        "taper": taper,
+        "roundness": roundness,
+        "extent_ratio": float(extent.min() / max(extent.max(), 1e-12)),
+        "open_edge_fraction": open_fraction,
+        "components": float(len(parts)),
+        "main_area_fraction": area / max(float(mesh.area), 1e-12),
+    }
+
+
+def _section_roundness(mesh, z: float, band: float = 0.05) -> float:
+    """Convex area / (pi r_max^2) of the mesh's vertices within ``band`` x height of z, seen from above."""
+    from scipy.spatial import ConvexHull, QhullError
+
+    v = np.asarray(mesh.vertices)
+    h = float(np.ptp(v[:, 2])) or 1.0
+    xy = v[np.abs(v[:, 2] - z) <= band * h][:, :2]
+    if len(xy) < 3:
+        return 0.0
+    try:
+        hull = ConvexHull(xy)
+    except QhullError:
+        return 0.0
+    ring = xy[hull.vertices]
+    # Centroid of the hull polygon (shoelace), then its farthest corner.
+    x, y = ring[:, 0], ring[:, 1]
+    cross = x * np.roll(y, -1) - np.roll(x, -1) * y
+    area = 0.5 * cross.sum()
+    centre = np.array([((x + np.roll(x, -1)) * cross).sum(), ((y + np.roll(y, -1)) * cross).sum()]) / (6 * area)
+    r_max = float(np.linalg.norm(ring - centre, axis=1).max())
+    return float(abs(area) / (math.pi * r_max**2)) if r_max > 0 else 0.0
+
+
+def dominant_color(texture: np.ndarray, uvs: np.ndarray | None = None, faces: np.ndarray | None = None) -> np.ndarray:
+    """The median colour (3,) in [0, 1] of a texture's used texels (those under the mesh's UV triangles).
+
+    Without uvs/faces, every texel that is not pure black (unused atlas space) counts.
+    """
+    tex = np.asarray(texture, dtype=np.float64)[..., :3] / 255.0
+    if uvs is not None and faces is not None:
+        size = tex.shape[0]
+        # Sample texels at the centroids of the UV triangles (glTF UVs: v points down the image).
+        centroids = np.asarray(uvs)[np.asarray(faces)].mean(axis=1)
+        px = np.clip((centroids[:, 0] * size).astype(int), 0, size - 1)
+        py = np.clip((centroids[:, 1] * size).astype(int), 0, size - 1)
+        return np.median(tex[py, px], axis=0)
+    used = tex.reshape(-1, 3)
+    used = used[used.sum(1) > 1e-3]
+    return np.median(used, axis=0) if len(used) else np.zeros(3)

@@ -1,0 +1,62 @@
+"""Fixtures for the add-on tests: the built zips and a real engine server process on loopback."""
+from __future__ import annotations
+
+import os
+import re
+import select
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+if str(ROOT) not in sys.path:  # build_addon.py and blender_addon/ live at the top level
+    sys.path.insert(0, str(ROOT))
+
+TINY_JOB = "coarse_steps=4 tet_resolution=24 texture_size=64 preview_every=2"
+"""Preset overrides that make a text job take seconds on CPU with the bundled prior."""
+
+
+@pytest.fixture(scope="session")
+def addon_build(tmp_path_factory):
+    """The extension zip (pyzmq wheel for linux-x64 bundled, cached in build/addon-wheels) and the legacy zip."""
+    import build_addon
+
+    return build_addon.build(tmp_path_factory.mktemp("dist"), wheels="download", platforms=["linux-x64"])
+
+
+@pytest.fixture(scope="session")
+def engine(tmp_path_factory):
+    """A real engine server with its worker (bundled prior, CPU) on a free loopback port: (endpoint, key file)."""
+    tmp = tmp_path_factory.mktemp("engine")
+    key = tmp / "key"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "ENGINE_SERVER_HOME": str(tmp / "home")}
+    log = open(tmp / "server.log", "w")
+    proc = subprocess.Popen([sys.executable, "-m", "engine_server.server", "--bind", "tcp://127.0.0.1:*",
+                             "--data", str(tmp / "data"), "--key-file", str(key)],
+                            stdout=subprocess.PIPE, stderr=log, env=env, cwd=ROOT, text=True)
+    endpoint = None
+    try:
+        ready, _, _ = select.select([proc.stdout], [], [], 60)
+        while ready:
+            line = proc.stdout.readline()
+            if not line:
+                break
+            match = re.search(r"listening on (tcp://\S+)", line)
+            if match:
+                endpoint = match.group(1)
+                break
+            ready, _, _ = select.select([proc.stdout], [], [], 60)
+        if endpoint is None:
+            pytest.fail(f"engine server did not start:\n{(tmp / 'server.log').read_text()[-3000:]}")
+        yield endpoint, key
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+        proc.stdout.close()
+        log.close()

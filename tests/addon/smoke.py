@@ -1,0 +1,349 @@
+"""Install the built add-on in a fresh Blender, drive its operators against an engine, report as JSON.
+
+Runs unchanged under Blender-as-a-module and a real Blender binary::
+
+    python tests/addon/smoke.py --zip dist/generate_3d-0.1.0.zip --endpoint tcp://127.0.0.1:PORT \\
+        --key-file KEY --report out.json
+    blender -b --factory-startup --python tests/addon/smoke.py -- --zip dist/generate_3d-0.1.0-legacy.zip ...
+
+Blender 4.2+ installs the extension zip with ``extensions.package_install_files``;
+older Blender installs the legacy zip with ``preferences.addon_install``. Point
+``BLENDER_USER_RESOURCES`` (4.2+) or ``BLENDER_USER_CONFIG`` / ``BLENDER_USER_SCRIPTS``
+(older) at a temporary folder so no real Blender configuration is touched.
+The report maps check names to {ok, detail}; the exit status is 1 when a check failed.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import threading
+import time
+import traceback
+
+import bpy
+
+ADDON_ID = "generate_3d"
+
+
+def _args() -> argparse.Namespace:
+    argv = sys.argv[sys.argv.index("--") + 1:] if "--" in sys.argv else sys.argv[1:]
+    p = argparse.ArgumentParser()
+    p.add_argument("--zip", required=True)
+    p.add_argument("--endpoint", required=True)
+    p.add_argument("--key-file", required=True)
+    p.add_argument("--report", required=True)
+    p.add_argument("--dead-endpoint", default="tcp://127.0.0.1:9")
+    p.add_argument("--prompt", default="a red cube")
+    p.add_argument("--bad-prompt", default="a purple elephant")
+    p.add_argument("--overrides", default="", help="preset overrides for a tiny job, name=value ...")
+    p.add_argument("--job-timeout", type=float, default=120.0)
+    p.add_argument("--expect-worker", action="store_true",
+                   help="the engine executes jobs (else jobs stay queued and Generate must time out cleanly)")
+    p.add_argument("--skip-refine", action="store_true")
+    p.add_argument("--expect-wheel", action="store_true", help="the zip bundles pyzmq: Blender must have installed it")
+    p.add_argument("--autostart-command", default="",
+                   help="engine command line for the auto-start check ({endpoint} is filled in); empty: skipped")
+    p.add_argument("--autostart-endpoint", default="")
+    return p.parse_args(argv)
+
+
+def _os_threads() -> int:
+    try:
+        return len(os.listdir("/proc/self/task"))
+    except OSError:
+        return threading.active_count()
+
+
+def _zmq_threads() -> list[str]:
+    """Names of this process's ZeroMQ background threads (libzmq names them ZMQbg/...); Linux only."""
+    names = []
+    try:
+        for tid in os.listdir("/proc/self/task"):
+            try:
+                with open(f"/proc/self/task/{tid}/comm") as f:
+                    names.append(f.read().strip())
+            except OSError:
+                continue
+    except OSError:
+        return []
+    return [n for n in names if n.startswith("ZMQbg")]
+
+
+class Checks:
+    def __init__(self):
+        self.results: dict[str, dict] = {}
+
+    def add(self, name: str, ok: bool, detail=None) -> bool:
+        self.results[name] = {"ok": bool(ok), "detail": detail}
+        print(f"[smoke] {'ok  ' if ok else 'FAIL'} {name}: {detail}", flush=True)
+        return ok
+
+
+def _install(zip_path: str) -> str:
+    """Install and enable the add-on; returns its module name."""
+    if bpy.app.version >= (4, 2, 0):
+        bpy.ops.extensions.package_install_files(filepath=zip_path, repo="user_default", enable_on_install=True)
+        names = [n for n in bpy.context.preferences.addons.keys() if n.split(".")[-1] == ADDON_ID]
+    else:
+        bpy.ops.preferences.addon_install(filepath=zip_path, overwrite=True)
+        bpy.ops.preferences.addon_enable(module=ADDON_ID)
+        names = [n for n in bpy.context.preferences.addons.keys() if n == ADDON_ID]
+    if not names:
+        raise RuntimeError(f"add-on {ADDON_ID} is not enabled after installing {zip_path}")
+    return names[0]
+
+
+def _material_facts(obj) -> dict:
+    facts: dict = {"materials": len(obj.data.materials)}
+    mat = obj.data.materials[0] if obj.data.materials else None
+    if mat is None or mat.node_tree is None:
+        return facts
+    bsdf = next((n for n in mat.node_tree.nodes if n.type == "BSDF_PRINCIPLED"), None)
+    facts["principled"] = bsdf is not None
+    if bsdf is not None and bsdf.inputs["Base Color"].is_linked:
+        node = bsdf.inputs["Base Color"].links[0].from_node
+        facts["base_color_from"] = node.type
+        if node.type == "TEX_IMAGE" and node.image is not None:
+            facts["image_size"] = list(node.image.size)
+            facts["image_packed"] = node.image.packed_file is not None
+    return facts
+
+
+def _mesh_facts(obj) -> dict:
+    import numpy as np
+
+    co = np.empty(len(obj.data.vertices) * 3, dtype=np.float64)
+    obj.data.vertices.foreach_get("co", co)
+    return {"name": obj.name, "vertices": len(obj.data.vertices), "faces": len(obj.data.polygons),
+            "uv_layers": len(obj.data.uv_layers), "co_sum": float(np.abs(co).sum()),
+            "matrix": [list(r) for r in obj.matrix_world], **_material_facts(obj)}
+
+
+def _object_facts(obj) -> dict:
+    """Where the object is, how big, and the colour of its texture (mean RGB of the image)."""
+    import numpy as np
+
+    co = np.empty(len(obj.data.vertices) * 3, dtype=np.float64)
+    obj.data.vertices.foreach_get("co", co)
+    co = co.reshape(-1, 3)
+    facts = {"local_min": co.min(0).tolist(), "local_max": co.max(0).tolist(),
+             "location": list(obj.matrix_world.translation)}
+    mat = obj.data.materials[0]
+    tex = next((n for n in mat.node_tree.nodes if n.type == "TEX_IMAGE"), None)
+    if tex is not None and tex.image is not None:
+        px = np.empty(tex.image.size[0] * tex.image.size[1] * tex.image.channels, dtype=np.float32)
+        tex.image.pixels.foreach_get(px)
+        facts["texture_mean_rgb"] = px.reshape(-1, tex.image.channels)[:, :3].mean(0).tolist()
+    return facts
+
+
+def _op_error(fn) -> tuple[set | None, str, float]:
+    """Run an operator; (result, error text, seconds). bpy.ops raises RuntimeError when the operator reported an error."""
+    start = time.monotonic()
+    try:
+        result = fn()
+        return result, "", time.monotonic() - start
+    except RuntimeError as exc:
+        return None, str(exc), time.monotonic() - start
+
+
+def main() -> int:
+    args = _args()
+    checks = Checks()
+    baseline_threads = _os_threads()
+    if bpy.app.version >= (4, 2, 0):
+        bpy.ops.wm.read_factory_settings(use_empty=False)
+    checks.add("background_mode", bpy.app.background, bpy.app.version_string)
+    try:
+        name = _install(args.zip)
+        checks.add("installed", True, name)
+        mod = sys.modules[name]
+        ops = sys.modules[f"{name}.operators"]
+        checks.add("panel_registered", hasattr(bpy.types, "GENERATE3D_PT_main"), "GENERATE3D_PT_main")
+        wanted = ("generate", "refine_selected", "cancel", "connect", "import_result", "refresh_jobs")
+        missing = [o for o in wanted if not hasattr(bpy.ops.generate3d, o)]
+        checks.add("operators_registered", not missing, missing or list(wanted))
+        checks.add("scene_settings", hasattr(bpy.context.scene, "generate3d"), "Scene.generate3d")
+        if args.expect_wheel:
+            wheel_dirs = [d for d in sys.path if "extensions" in d and ".local" in d and os.path.isdir(os.path.join(d, "zmq"))]
+            checks.add("bundled_wheel_installed", bool(wheel_dirs), wheel_dirs)
+
+        # Timers never fire in background mode; the drain function works when called directly.
+        fired = []
+        bpy.app.timers.register(lambda: fired.append(1) and None, first_interval=0.0)
+        time.sleep(0.3)
+        checks.add("timers_do_not_fire_in_background", not fired, f"fired {len(fired)} times in 0.3 s")
+
+        p = bpy.context.preferences.addons[name].preferences
+        p.key_file = args.key_file
+        p.timeout_s = 2.0
+        p.job_timeout_s = args.job_timeout
+
+        # Engine down: a clear report, bounded time, no hang.
+        p.endpoint = args.dead_endpoint
+        _, err, took = _op_error(lambda: bpy.ops.generate3d.connect())
+        checks.add("engine_down_reports", bool(err) and "did not answer" in err and took < 10, f"{took:.1f} s: {err}")
+        p.endpoint = args.endpoint
+
+        result, err, took = _op_error(lambda: bpy.ops.generate3d.connect())
+        checks.add("connect", result == {"FINISHED"}, err or f"{took:.2f} s")
+        client_mod = sys.modules.get(f"{name}.engine_client.client")
+        checks.add("uses_bundled_client", client_mod is not None and ops.runtime.session is not None
+                   and ops.runtime.session.client_mod is client_mod,
+                   getattr(client_mod, "__file__", None))
+        import zmq
+
+        checks.add("zmq_found", True, zmq.__file__)
+        delay = ops.drain(bpy.context)
+        checks.add("drain_callable_directly", isinstance(delay, float) and delay > 0, delay)
+        delay = ops._timer()  # the UI timer's body runs too (it only never gets called by Blender here)
+        checks.add("timer_function_runs", isinstance(delay, float) and delay > 0, delay)
+
+        camera = bpy.data.objects.get("Camera")
+        if camera is not None:
+            scene = bpy.context.scene
+            (entry,) = sys.modules[f"{name}.scene_io"].camera_rig([camera], scene)
+            frame = camera.data.view_frame(scene=scene)  # Blender's own frustum corners (sensor fit applied)
+            half_h = max(v.y for v in frame)
+            import math
+
+            fov_y = math.degrees(2 * math.atan(half_h / abs(frame[0].z)))
+            pct = scene.render.resolution_percentage / 100
+            checks.add("rig_matches_blender_frustum",
+                       abs(entry["fov_y_deg"] - fov_y) < 1e-3 and entry["width"] == int(scene.render.resolution_x * pct)
+                       and entry["matrix_world"] == [list(r) for r in camera.matrix_world],
+                       {"rig_fov_y": entry["fov_y_deg"], "blender_fov_y": fov_y, "size": [entry["width"], entry["height"]]})
+
+        scene = bpy.context.scene
+        s = scene.generate3d
+        s.prompt = args.prompt
+        s.overrides = args.overrides
+        s.seed = 7
+        scene.cursor.location = (2.0, 0.0, 0.0)
+        before = set(bpy.data.objects.keys())
+        if not args.expect_worker:
+            p.job_timeout_s = 3.0
+        result, err, took = _op_error(lambda: bpy.ops.generate3d.generate())
+        new = [bpy.data.objects[n] for n in set(bpy.data.objects.keys()) - before]
+        if args.expect_worker:
+            ok = result == {"FINISHED"} and len(new) == 1
+            checks.add("generate", ok, {"seconds": took, "error": err, "objects": [_mesh_facts(o) for o in new]})
+            if new:
+                facts = _object_facts(new[0])
+                job = next(j for j in ops.runtime.session.jobs.values() if j.imported == new[0].name)
+                engine_tex = ops.runtime.session.result(job.job_id).arrays.get("texture")
+                if engine_tex is not None:  # (H, W, 3) uint8, top row first; Blender keeps the bottom row first
+                    import numpy as np
+
+                    tex = next(n for n in new[0].data.materials[0].node_tree.nodes if n.type == "TEX_IMAGE").image
+                    px = np.empty(tex.size[0] * tex.size[1] * tex.channels, dtype=np.float32)
+                    tex.pixels.foreach_get(px)
+                    px = px.reshape(tex.size[1], tex.size[0], tex.channels)[::-1, :, :3]
+                    facts["texture_max_diff_to_engine"] = float(np.abs(px * 255 - engine_tex.numpy()).max())
+                checks.add("generated_object", True, facts)
+            preview = bpy.data.images.get(ops.importer.PREVIEW_IMAGE)
+            checks.add("preview_image", preview is not None and preview.size[0] > 0,
+                       list(preview.size) if preview is not None else None)
+            checks.add("no_preview_object_left", not any(n.endswith("(preview)") for n in bpy.data.objects.keys()),
+                       sorted(bpy.data.objects.keys()))
+        else:
+            checks.add("generate_times_out_cleanly", result is None and "did not finish" in err and not new and took < 15,
+                       {"seconds": took, "error": err})
+        p.job_timeout_s = args.job_timeout
+
+        if not args.skip_refine:
+            cube = bpy.data.objects.get("Cube")
+            if cube is None:
+                bpy.ops.mesh.primitive_cube_add()
+                cube = bpy.context.active_object
+            for o in bpy.context.view_layer.objects:
+                o.select_set(False)
+            cube.select_set(True)
+            bpy.context.view_layer.objects.active = cube
+            original = _mesh_facts(cube)
+            before = set(bpy.data.objects.keys())
+            if not args.expect_worker:
+                p.job_timeout_s = 3.0
+            result, err, took = _op_error(lambda: bpy.ops.generate3d.refine_selected())
+            new = [bpy.data.objects[n] for n in set(bpy.data.objects.keys()) - before]
+            after = _mesh_facts(bpy.data.objects[original["name"]])
+            checks.add("refine_keeps_original", after == original, {"before": original, "after": after})
+            checks.add("refine", True, {"result": sorted(result) if result else None, "error": err, "seconds": took,
+                                        "objects": [_mesh_facts(o) for o in new]})
+            p.job_timeout_s = args.job_timeout
+
+        if args.expect_worker:
+            s.prompt = args.bad_prompt
+            before = set(bpy.data.objects.keys())
+            result, err, took = _op_error(lambda: bpy.ops.generate3d.generate())
+            checks.add("engine_error_reports", result is None and bool(err) and took < args.job_timeout
+                       and set(bpy.data.objects.keys()) == before, {"seconds": took, "error": err})
+
+        # A reference image travels as PNG (the engine may not run image jobs yet: then it says so).
+        ref = bpy.data.images.new("reference", 8, 6)
+        ref.pixels.foreach_set([0.9, 0.1, 0.1, 1.0] * 48)
+        s.image = ref
+        s.prompt = ""
+        p.job_timeout_s = 3.0 if not args.expect_worker else args.job_timeout
+        result, err, took = _op_error(lambda: bpy.ops.generate3d.generate())
+        s.image = None
+        checks.add("image_job", result == {"FINISHED"} or "unsupported_kind" in err or "did not finish" in err,
+                   {"result": sorted(result) if result else None, "error": err, "seconds": took})
+
+        if args.expect_worker:  # a job that outlives the background timeout is cancelled, and says so
+            s.prompt = args.prompt
+            p.job_timeout_s = 0.5
+            before = set(bpy.data.objects.keys())
+            result, err, took = _op_error(lambda: bpy.ops.generate3d.generate())
+            job = list(ops.runtime.session.jobs.values())[-1]
+            checks.add("job_timeout_cancels", result is None and "did not finish" in err and took < 10
+                       and set(bpy.data.objects.keys()) == before,
+                       {"seconds": took, "error": err, "job_state": job.state,
+                        "new_objects": sorted(set(bpy.data.objects.keys()) - before)})
+
+        if args.autostart_command:  # no engine at the endpoint: the add-on starts one, and stops it on disable
+            bpy.ops.generate3d.disconnect()
+            p.endpoint = args.autostart_endpoint
+            p.auto_start = True
+            p.engine_command = args.autostart_command.replace("{endpoint}", args.autostart_endpoint)
+            result, err, took = _op_error(lambda: bpy.ops.generate3d.connect())
+            proc = ops.runtime.session.process if ops.runtime.session is not None else None
+            checks.add("autostart_engine", result == {"FINISHED"} and proc is not None and proc.poll() is None,
+                       {"error": err, "seconds": took})
+        else:
+            proc = None
+
+        session = ops.runtime.session
+        threads_connected = _os_threads()
+        zmq_connected = _zmq_threads()
+        bpy.ops.preferences.addon_disable(module=name)
+        checks.add("unregistered", not hasattr(bpy.types, "GENERATE3D_PT_main") and not hasattr(bpy.types.Scene, "generate3d"),
+                   "panel and settings gone")
+        checks.add("session_closed", ops.runtime.session is None and session is not None and session.client._socket is None,
+                   "socket closed")
+        if proc is not None:
+            checks.add("autostarted_engine_stopped", proc.poll() is not None, proc.returncode)
+        time.sleep(0.2)
+        # ZeroMQ's I/O and reaper threads end with the session's context; Blender's own worker
+        # threads (started lazily by its task scheduler) may outlive the add-on and are not ours.
+        zmq_after = _zmq_threads()
+        checks.add("no_thread_left", threading.active_count() == 1 and session._ctx.closed
+                   and (bool(zmq_connected) or not os.path.isdir("/proc/self/task")) and not zmq_after,
+                   {"zmq_threads_connected": zmq_connected, "zmq_threads_after_disable": zmq_after,
+                    "os_threads": [baseline_threads, threads_connected, _os_threads()],
+                    "python_threads": threading.active_count(), "context_closed": session._ctx.closed})
+        del mod
+    except Exception:
+        checks.add("exception", False, traceback.format_exc())
+    with open(args.report, "w") as f:
+        json.dump(checks.results, f, indent=1, default=str)
+    return 0 if all(r["ok"] for r in checks.results.values()) else 1
+
+
+if __name__ == "__main__":
+    code = main()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)  # the same way out under bpy and blender -b (Blender would otherwise keep running or ignore it)

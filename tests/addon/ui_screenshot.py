@@ -1,0 +1,129 @@
+"""Drive the add-on in Blender's real UI (under Xvfb) and screenshot the panel during and after a job.
+
+Not a pytest test (it needs a display): run by hand, e.g.
+
+    xvfb-run -a -s "-screen 0 1600x900x24" blender --factory-startup --enable-event-simulate START.blend \\
+        --python tests/addon/ui_screenshot.py -- --zip dist/generate_3d-0.1.0-legacy.zip \\
+        --endpoint tcp://127.0.0.1:PORT --key-file KEY --out DIR --tab-click 1308 735
+
+Everything happens in ``bpy.app.timers`` callbacks, as in an artist's session: the
+operators are invoked with a window/area context, the add-on's own timer drains the
+engine, and the script only watches. Opening a saved .blend (e.g. the factory startup
+saved with ``blender -b --factory-startup --python-expr "import bpy; bpy.ops.wm.save_as_mainfile(filepath='START.blend')"``)
+keeps the splash screen away. Writes DIR/panel-running.png, DIR/panel-done.png
+and DIR/ui-report.json, then quits (exit status 1 if the job did not finish).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import bpy
+
+ADDON_ID = "generate_3d"
+
+
+def _args() -> argparse.Namespace:
+    argv = sys.argv[sys.argv.index("--") + 1:] if "--" in sys.argv else []
+    p = argparse.ArgumentParser()
+    p.add_argument("--zip", required=True)
+    p.add_argument("--endpoint", required=True)
+    p.add_argument("--key-file", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--prompt", default="a red cube")
+    p.add_argument("--overrides", default="coarse_steps=60 tet_resolution=32 texture_size=128 preview_every=5")
+    p.add_argument("--timeout", type=float, default=300.0)
+    p.add_argument("--tab-click", type=int, nargs=2, metavar=("X", "Y"),
+                   help="window coordinates of the sidebar's Generate tab (Blender 3.x; needs --enable-event-simulate)")
+    return p.parse_args(argv)
+
+
+ARGS = _args()
+STATE = {"t0": time.monotonic(), "phase": "start", "report": {}}
+
+
+def _view3d():
+    window = bpy.context.window_manager.windows[0]
+    area = next(a for a in window.screen.areas if a.type == "VIEW_3D")
+    region = next(r for r in area.regions if r.type == "WINDOW")
+    return window, area, region
+
+
+def _screenshot(name: str) -> None:
+    window, area, _ = _view3d()
+    path = os.path.join(ARGS.out, name)
+    with bpy.context.temp_override(window=window, area=area):
+        bpy.ops.screen.screenshot(filepath=path)
+    STATE["report"][name] = os.path.exists(path)
+
+
+def _finish(code: int) -> None:
+    STATE["report"]["seconds"] = time.monotonic() - STATE["t0"]
+    with open(os.path.join(ARGS.out, "ui-report.json"), "w") as f:
+        json.dump(STATE["report"], f, indent=1, default=str)
+    sys.stdout.flush()
+    os._exit(code)
+
+
+def _setup() -> None:
+    bpy.ops.preferences.addon_install(filepath=ARGS.zip, overwrite=True)
+    bpy.ops.preferences.addon_enable(module=ADDON_ID)
+    p = bpy.context.preferences.addons[ADDON_ID].preferences
+    p.endpoint, p.key_file = ARGS.endpoint, ARGS.key_file
+    s = bpy.context.scene.generate3d
+    s.prompt, s.overrides, s.seed = ARGS.prompt, ARGS.overrides, 3
+    bpy.context.scene.cursor.location = (0.0, 0.0, 1.2)
+    window, area, region = _view3d()
+    area.spaces.active.show_region_ui = True
+    ui = next(r for r in area.regions if r.type == "UI")
+    if hasattr(ui, "active_panel_category"):  # Blender 4.x
+        ui.active_panel_category = "Generate"
+    elif ARGS.tab_click:  # Blender 3.x cannot pick a sidebar tab from Python: click it (--enable-event-simulate)
+        x, y = ARGS.tab_click
+        for etype, value in (("MOUSEMOVE", "NOTHING"), ("LEFTMOUSE", "PRESS"), ("LEFTMOUSE", "RELEASE")):
+            window.event_simulate(etype, value, x=x, y=y)
+    with bpy.context.temp_override(window=window, area=area, region=region):
+        STATE["report"]["connect"] = sorted(bpy.ops.generate3d.connect())
+        STATE["report"]["generate"] = sorted(bpy.ops.generate3d.generate())
+
+
+def _tick():
+    ops = sys.modules.get(f"{ADDON_ID}.operators")
+    try:
+        if STATE["phase"] == "start":
+            _setup()
+            STATE["phase"] = "running"
+            return 0.5
+        session = ops.runtime.session
+        jobs = list(session.jobs.values()) if session else []
+        job = jobs[-1] if jobs else None
+        if STATE["phase"] == "running" and job is not None and job.total and job.step >= 10:
+            STATE["report"]["status_while_running"] = ops.runtime.status
+            STATE["report"]["timer_registered"] = bpy.app.timers.is_registered(ops._timer)
+            STATE["report"]["preview_object"] = any(n.endswith("(preview)") for n in bpy.data.objects.keys())
+            _screenshot("panel-running.png")
+            STATE["phase"] = "waiting"
+        if job is not None and job.terminal and (job.imported or job.state != "done"):
+            STATE["report"]["job"] = {"state": job.state, "imported": job.imported, "message": job.message}
+            if job.imported:
+                obj = bpy.data.objects[job.imported]
+                STATE["report"]["object"] = {"faces": len(obj.data.polygons), "material": obj.data.materials[0].name}
+            _screenshot("panel-done.png")
+            _finish(0 if job.imported else 1)
+        if time.monotonic() - STATE["t0"] > ARGS.timeout:
+            STATE["report"]["error"] = "timed out"
+            _finish(1)
+    except Exception as exc:  # report and quit: a script that hangs a UI session helps no one
+        import traceback
+
+        STATE["report"]["exception"] = traceback.format_exc()
+        print(exc, file=sys.stderr)
+        _finish(1)
+    return 0.25
+
+
+os.makedirs(ARGS.out, exist_ok=True)
+bpy.app.timers.register(_tick, first_interval=1.0)

@@ -1,0 +1,293 @@
+"""The real engine behind a real server process on loopback: bundled prior, tiny step counts.
+
+One server (module fixture) serves every test, in file order; the last one kills it with
+SIGKILL and restarts it on the same port and data. The worker child takes ~10 s to import torch and load the prior on a loaded 2-core box,
+so every test that replaces the child (cancel by kill, kill -9) pays that once.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from engine_server.client import EngineClient
+from engine_server.export import load_glb
+
+from .conftest import HEARTBEAT_S, png_bytes
+
+pytestmark = pytest.mark.skipif(os.name != "posix", reason="POSIX signals and /proc")
+
+TINY = {"coarse_steps": 4, "tet_resolution": 24, "texture_size": 64, "preview_every": 2}
+"""A job that runs in a few seconds on a CPU."""
+SLOW = {"coarse_steps": 400, "tet_resolution": 24, "texture_size": 64, "preview_every": 1000}
+"""A job that is still in its coarse stage when the test acts on it."""
+SLOW_SHORT_STEPS = {**SLOW, "views_per_step": 1, "samples_per_ray": 32}
+"""Like SLOW with quick steps, so a cancel is seen between two steps (no need to kill the worker)."""
+JOB_TIMEOUT = 90.0
+
+
+def start_engine(data: Path, key_file: Path, log: Path, bind: str = "tcp://127.0.0.1:*") -> tuple[subprocess.Popen, str]:
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    with open(log, "ab") as err:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "engine_server.server", "--bind", bind, "--data", str(data), "--key-file",
+             str(key_file), "--heartbeat", str(HEARTBEAT_S), "--device", "cpu", "--threads", "1"],
+            stdout=subprocess.PIPE, stderr=err, text=True, env=env)
+    line = proc.stdout.readline()
+    if not line.startswith("listening on "):
+        proc.kill()
+        raise AssertionError(f"server did not start: {line!r} {log.read_text()[-2000:]}")
+    return proc, line.split()[-1]
+
+
+def children(pid: int) -> list[int]:
+    """Direct child processes of ``pid`` (the worker children of a server)."""
+    out = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            out += [int(p) for p in (task / "children").read_text().split()]
+        except OSError:
+            pass
+    return out
+
+
+def alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
+    proc.stdout.close()
+
+
+def collect(client: EngineClient, job_id: str, timeout: float = JOB_TIMEOUT, on_event=None) -> list:
+    """The job's events up to and including its end."""
+    deadline = time.monotonic() + timeout
+    events = []
+    while time.monotonic() < deadline:
+        for event in client.poll_events(0.05):
+            if event.job_id != job_id:
+                continue
+            events.append(event)
+            if on_event is not None:
+                on_event(event)
+            if event.type in ("done", "failed", "cancelled"):
+                return events
+    raise AssertionError(f"job {job_id} did not end within {timeout} s; got {[e.type for e in events]}")
+
+
+@pytest.fixture(scope="module")
+def engine(tmp_path_factory):
+    root = tmp_path_factory.mktemp("engine")
+    proc, endpoint = start_engine(root / "data", root / "key", root / "server.log")
+    client = EngineClient(endpoint, root / "key", heartbeat_s=HEARTBEAT_S, timeout=10)
+    engine_state = {"proc": proc, "endpoint": endpoint, "client": client, "root": root}
+    try:
+        client.hello()
+        yield engine_state
+    finally:
+        client.close()
+        stop(engine_state["proc"])
+
+
+def test_text_job_streams_progress_preview_mesh_done_and_the_glb_loads(engine, tmp_path):
+    client = engine["client"]
+    job = client.submit("text", "a red cube", seed=3, options=TINY)
+    events = collect(client, job)
+    types = [e.type for e in events]
+    assert types[-1] == "done", [(e.type, e.fields) for e in events if e.type == "failed"]
+    first = {t: types.index(t) for t in ("progress", "preview", "mesh")}
+    assert first["progress"] < first["preview"] < first["mesh"] < len(types) - 1, types
+    coarse = [e for e in events if e.type == "progress" and e["stage"] == "coarse"]
+    assert coarse and coarse[-1]["step"] == coarse[-1]["total"] == TINY["coarse_steps"]
+    assert all(np.isfinite(e["loss"]) for e in coarse)
+    preview = next(e for e in events if e.type == "preview")
+    assert preview["image"].data[:8] == b"\x89PNG\r\n\x1a\n" and preview["image"].width > 0
+    final = [e for e in events if e.type == "mesh" and e["final"]]
+    assert len(final) == 1 and types.index("mesh") < types.index("done")
+    assert final[0]["texture"].width == TINY["texture_size"]
+
+    result = client.result(job)
+    out = tmp_path / "cube.glb"
+    out.write_bytes(result.glb)
+    mesh = load_glb(out)
+    assert len(mesh.faces) == result.arrays["faces"].shape[0] == final[0]["faces"].shape[0] > 0
+    vertices = result.arrays["vertices"].numpy()
+    assert np.isfinite(vertices).all() and np.abs(vertices).max() <= 0.5 + 1e-4  # unit box at the origin
+    assert mesh.texture is not None and mesh.texture.shape[:2] == (TINY["texture_size"],) * 2
+    assert result.meta["seed"] == 3 and result.meta["prompt"] == "a red cube" and result.meta["resumed_from_step"] == 0
+
+
+def test_unknown_prompt_and_bad_option_fail_clearly_and_the_server_keeps_serving(engine):
+    client = engine["client"]
+    job = client.submit("text", "a flying unicorn", options=TINY)
+    end = collect(client, job)[-1]
+    assert end.type == "failed" and end["code"] == "invalid_request"
+    assert "flying" in end["message"] and "unicorn" in end["message"] and "Traceback" not in end["message"]
+    job = client.submit("text", "a red cube", options={**TINY, "coarse_stepz": 3})
+    end = collect(client, job)[-1]
+    assert end.type == "failed" and "coarse_stepz" in end["message"] and "coarse_steps" in end["message"]
+    assert client.ping() < 2.0
+    assert {j["job_id"]: j["state"] for j in client.jobs()}[job] == "failed"
+
+
+def test_diverging_optimisation_fails_as_non_finite(engine):
+    client = engine["client"]
+    job = client.submit("text", "a blue sphere", options={**TINY, "learning_rate": 1e30})
+    events = collect(client, job)
+    assert (events[-1].type, events[-1]["code"]) == ("failed", "non_finite"), events[-1].fields
+    assert not [e for e in events if e.type == "mesh"]  # never a NaN mesh
+    summary = next(j for j in client.jobs() if j["job_id"] == job)
+    assert summary["error_code"] == "non_finite"
+
+
+def test_a_kind_without_a_pipeline_fails_naming_it(engine):
+    from engine_server import runner
+
+    client = engine["client"]
+    job = client.submit("image", "", image=png_bytes(32, 32))
+    end = collect(client, job)[-1]
+    if "image" in runner.KIND_RUNNERS:
+        pytest.skip("the image pipeline is wired in")
+    assert end.type == "failed" and end["code"] == "unsupported_kind" and "'image'" in end["message"]
+
+
+def _overcommit_refuses_huge() -> bool:
+    try:
+        return Path("/proc/sys/vm/overcommit_memory").read_text().strip() in ("0", "2")
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not _overcommit_refuses_huge(), reason="needs a kernel that refuses a 4 TB allocation outright")
+def test_an_allocation_too_large_for_the_machine_fails_as_out_of_memory(engine):
+    client = engine["client"]
+    job = client.submit("text", "a red cube", options={**TINY, "occupancy_resolution": 16384})  # 16384^3 cells
+    end = collect(client, job)[-1]
+    assert (end.type, end["code"]) == ("failed", "out_of_memory"), end.fields
+    assert alive(engine["proc"].pid) and client.ping() < 2.0
+
+
+def test_cancel_ends_a_running_job_within_a_second_and_the_next_job_succeeds(engine):
+    client = engine["client"]
+    job = client.submit("text", "a green cone", options=SLOW_SHORT_STEPS)
+    asked: list[float] = []
+
+    def on_event(event):
+        if event.type == "progress" and event.get("stage") == "coarse" and event["step"] >= 2 and not asked:
+            asked.append(time.monotonic())
+            assert client.cancel(job) == "running"
+
+    events = collect(client, job, on_event=on_event)
+    assert asked and events[-1].type == "cancelled"
+    assert time.monotonic() - asked[0] < 1.0 + 0.1  # + one poll interval of this loop
+    assert next(j for j in client.jobs() if j["job_id"] == job)["state"] == "cancelled"
+    nxt = client.submit("text", "a red cube", options=TINY)
+    assert collect(client, nxt)[-1].type == "done"
+
+
+def test_kill_9_of_the_worker_fails_the_job_with_the_signal_and_the_next_job_completes(engine):
+    client, server = engine["client"], engine["proc"]
+    job = client.submit("text", "a yellow torus", options=SLOW)
+    killed: list[int] = []
+
+    def on_event(event):
+        if event.type == "progress" and event.get("stage") == "coarse" and event["step"] >= 1 and not killed:
+            workers = children(server.pid)
+            assert len(workers) == 1, workers
+            os.kill(workers[0], signal.SIGKILL)
+            killed.append(workers[0])
+
+    end = collect(client, job, on_event=on_event)[-1]
+    assert killed and (end.type, end["code"]) == ("failed", "worker_died")
+    assert "signal 9" in end["message"] and "SIGKILL" in end["message"]
+    # The fresh worker is still importing torch and loading the prior: it cannot see a cancel
+    # between steps, so the server terminates it, still within a second.
+    busy = client.submit("text", "a green cone", options=SLOW)
+    asked: list[float] = []
+
+    def on_start(event):
+        if event.type == "progress" and event.get("stage") == "starting" and not asked:
+            asked.append(time.monotonic())
+            client.cancel(busy)
+
+    assert collect(client, busy, on_event=on_start)[-1].type == "cancelled"
+    assert asked and time.monotonic() - asked[0] < 1.0 + 0.1
+    nxt = client.submit("text", "a red cube", options=TINY)
+    assert collect(client, nxt)[-1].type == "done"
+    assert children(server.pid) and killed[0] not in children(server.pid)
+
+
+def test_jobs_command_lists_shows_fetches_and_deletes_from_the_store(engine, tmp_path):
+    data = engine["root"] / "data"
+    done = [j for j in engine["client"].jobs(state="done")]
+    assert done
+    job = done[0]["job_id"]
+
+    def cli(*args):
+        return subprocess.run([sys.executable, "-m", "engine_server.cli", "jobs", "--data", str(data), *args],
+                              capture_output=True, text=True, timeout=60)
+
+    r = cli("list")
+    assert r.returncode == 0 and job in r.stdout and "non_finite" in r.stdout
+    r = cli("show", job)
+    assert r.returncode == 0 and '"state": "done"' in r.stdout and '"faces"' in r.stdout
+    r = cli("result", job, "--out", str(tmp_path / "x.glb"))
+    assert r.returncode == 0 and len(load_glb(tmp_path / "x.glb").faces) > 0
+    r = cli("delete", job)
+    assert r.returncode == 0
+    r = cli("show", job)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "no job" in r.stderr and "Traceback" not in r.stderr
+    assert job not in [j["job_id"] for j in engine["client"].jobs()]
+
+
+def test_kill_9_of_the_server_mid_job_resumes_from_the_checkpoint_after_a_restart(engine):
+    """Last in the file: it replaces the module's server by a restarted one on the same port and data."""
+    client, proc, root = engine["client"], engine["proc"], engine["root"]
+    options = {"coarse_steps": 12, "checkpoint_every": 3, "tet_resolution": 24, "texture_size": 64,
+               "preview_every": 100}
+    job = client.submit("text", "a purple cylinder", seed=5, options=options)
+    deadline = time.monotonic() + JOB_TIMEOUT
+    step = 0
+    while step < 5:  # the checkpoint of step 3 is committed once step 5 is reported
+        assert time.monotonic() < deadline, "the job never reached step 5"
+        for e in client.poll_events(0.05):
+            if e.job_id == job and e.type == "progress" and e.get("stage") == "coarse":
+                step = e["step"]
+            assert not (e.job_id == job and e.type in ("done", "failed", "cancelled")), e.fields
+    workers = children(proc.pid)
+    session = client.server_session
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait(10)
+    proc.stdout.close()
+    deadline = time.monotonic() + 5
+    while any(alive(w) for w in workers):  # the orphaned worker stops by itself
+        assert time.monotonic() < deadline, "the worker outlived its server"
+        time.sleep(0.05)
+    proc, again = start_engine(root / "data", root / "key", root / "server.log", bind=engine["endpoint"])
+    engine["proc"] = proc  # the fixture stops this one
+    assert again == engine["endpoint"]
+    end = collect(client, job)[-1]  # the client notices the restart and subscribes again
+    assert client.server_session != session
+    assert end.type == "done", end.fields
+    result = client.result(job)
+    assert result.meta["resumed_from_step"] >= 3 and result.meta["resumed_from_step"] % 3 == 0
+    summary = next(j for j in client.jobs() if j["job_id"] == job)
+    assert summary["attempts"] == 2
+    assert np.isfinite(result.arrays["vertices"].numpy()).all()
