@@ -10,6 +10,7 @@ operator returns.
 """
 from __future__ import annotations
 
+import array
 import logging
 import os
 import tempfile
@@ -277,6 +278,11 @@ def _image_png(image: bpy.types.Image) -> bytes:
     os.close(fd)
     copy = image.copy()
     try:
+        # A copy of a generated or painted image may come back from its source, not from what is in
+        # memory: carry the current pixels over explicitly.
+        pixels = array.array("f", bytes(4 * len(image.pixels)))
+        image.pixels.foreach_get(pixels)
+        copy.pixels.foreach_set(pixels)
         copy.filepath_raw = path
         copy.file_format = "PNG"
         copy.save()
@@ -308,11 +314,12 @@ class _JobOperator:
         failed = _flush_reports(self)
         return {"CANCELLED"} if failed or job.imported is None else {"FINISHED"}
 
-    def _common(self, context) -> dict:
+    def _common(self, context, steps_option: str = "coarse_steps") -> dict:
+        """Fields every job shares; the steps override sets the job's main optimisation (``steps_option``)."""
         s = context.scene.generate3d
         options = _parse_overrides(s.overrides)
         if s.steps:
-            options["coarse_steps"] = s.steps
+            options[steps_option] = s.steps
         return {"negative_prompt": s.negative_prompt or None, "seed": s.seed or None, "preset": s.preset,
                 "options": options or None}
 
@@ -408,7 +415,7 @@ class GENERATE3D_OT_refine(_JobOperator, bpy.types.Operator):
             self.report({"ERROR"}, f"Generate 3D: '{obj.name}' has no faces to refine")
             return {"CANCELLED"}
         try:
-            fields = self._common(context)
+            fields = self._common(context, steps_option="refine_steps")
             if s.image is not None:
                 fields["image"] = _image_png(s.image)
         except (SessionError, RuntimeError) as exc:

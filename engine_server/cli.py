@@ -133,14 +133,68 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---------------------------------------------------------------- shared by the pipeline commands
+def usage_from(exc: Exception) -> UsageError:
+    """A one-line UsageError from a pipeline's ValueError / PriorLoadError (first line of long messages)."""
+    text = str(exc)
+    return UsageError((text.splitlines()[0] if len(text) > 400 else text) or type(exc).__name__)
+
+
+def output_glb(path: str, steps: int | None = None):
+    """``--out`` checked (a .glb in an existing folder) as a Path; ``--steps`` checked when given."""
+    from pathlib import Path
+
+    out = Path(path)
+    if out.suffix.lower() != ".glb":
+        raise UsageError(f"--out must be a .glb file, got {path!r}")
+    if not out.parent.exists():
+        raise UsageError(f"output folder {str(out.parent)!r} does not exist")
+    if steps is not None and steps < 1:
+        raise UsageError(f"--steps must be >= 1, got {steps}")
+    return out
+
+
+def pick_device(name: str) -> str:
+    """``--device auto`` -> cuda when available, else cpu."""
+    import torch
+
+    return name if name != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+class StageBars:
+    """A pipeline progress callback: one tqdm bar per stage, optional preview PNGs into a folder."""
+
+    def __init__(self, previews=None) -> None:
+        self.bars: dict = {}
+        self.previews = previews
+        if previews is not None:
+            previews.mkdir(parents=True, exist_ok=True)
+
+    def __call__(self, event) -> None:
+        from tqdm import tqdm
+
+        bar = self.bars.get(event.stage)
+        if bar is None:
+            self.close()  # the previous stage is over
+            bar = self.bars[event.stage] = tqdm(total=event.total, desc=event.stage, unit="step", leave=True)
+        bar.n = event.step
+        if event.loss is not None:
+            bar.set_postfix(loss=f"{event.loss:.4g}", refresh=False)
+        bar.refresh()
+        if self.previews is not None and event.preview is not None:
+            from PIL import Image
+
+            Image.fromarray(event.preview).save(self.previews / f"{event.stage}-{event.step:05d}.png")
+
+    def close(self) -> None:
+        for bar in self.bars.values():
+            bar.close()
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    import torch
-    from tqdm import tqdm
-
     from engine_server.guidance import PriorLoadError
-    from engine_server.pipelines.events import ProgressEvent
     from engine_server.pipelines.text_to_3d import TextTo3D, TextTo3DRequest
 
     if getattr(args, "image", None):
@@ -149,46 +203,19 @@ def cmd_generate(args: argparse.Namespace) -> int:
         return cmd_generate_image(args)
     if not args.prompt:
         raise UsageError("give a PROMPT or --image REF.png")
-    out = Path(args.out)
-    if out.suffix.lower() != ".glb":
-        raise UsageError(f"--out must be a .glb file, got {args.out!r}")
-    if not out.parent.exists():
-        raise UsageError(f"output folder {str(out.parent)!r} does not exist")
-    if args.steps is not None and args.steps < 1:
-        raise UsageError(f"--steps must be >= 1, got {args.steps}")
-    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    out = output_glb(args.out, args.steps)
     request = TextTo3DRequest(
         prompt=args.prompt, seed=args.seed, preset=args.preset, model=args.model, guidance=args.guidance,
         overrides={"coarse_steps": args.steps} if args.steps else {},
     )
-    previews = Path(args.previews) if args.previews else None
-    if previews:
-        previews.mkdir(parents=True, exist_ok=True)
-    bars: dict[str, tqdm] = {}
-
-    def progress(event: ProgressEvent) -> None:
-        bar = bars.get(event.stage)
-        if bar is None:
-            for other in bars.values():
-                other.close()
-            bar = bars[event.stage] = tqdm(total=event.total, desc=event.stage, unit="step", leave=True)
-        bar.n = event.step
-        if event.loss is not None:
-            bar.set_postfix(loss=f"{event.loss:.4g}", refresh=False)
-        bar.refresh()
-        if previews is not None and event.preview is not None:
-            from PIL import Image
-
-            Image.fromarray(event.preview).save(previews / f"{event.stage}-{event.step:05d}.png")
-
+    progress = StageBars(Path(args.previews) if args.previews else None)
     try:
-        pipeline = TextTo3D(request, device=device, progress=progress)
+        pipeline = TextTo3D(request, device=pick_device(args.device), progress=progress)
         result = pipeline.run(out)
     except (ValueError, PriorLoadError) as exc:  # unknown prompt words, bad preset values, missing model
-        raise UsageError(str(exc).splitlines()[0] if len(str(exc)) > 400 else str(exc)) from None
+        raise usage_from(exc) from None
     finally:
-        for bar in bars.values():
-            bar.close()
+        progress.close()
     total = pipeline.timings["total_s"]
     print(f"wrote {out} ({len(result.faces)} faces, texture {result.texture.shape[0]}px) in {total:.1f} s")
     return 0

@@ -284,10 +284,10 @@ def run_refine(ctx: RunContext, request: dict[str, Any], job_dir: Path, events: 
 KindRunner = Callable[[RunContext, dict, Path, EventSink, Callable[[], bool], CheckpointStore], Result]
 KIND_RUNNERS: dict[str, KindRunner] = {
     "text": run_text,
+    "image": run_image,
+    "refine": run_refine,
 }
-"""Job kind -> its runner. ``image`` and ``refine`` join here (``"image": run_image``,
-``"refine": run_refine``) once their pipelines are final; until then such a job fails
-with ``unsupported_kind``."""
+"""Job kind -> its runner; a kind missing here fails with ``unsupported_kind``."""
 
 
 class EngineRunner:

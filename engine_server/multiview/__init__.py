@@ -14,7 +14,6 @@ import importlib
 _EXPORTS = {
     "STRATEGIES": "generate", "DDIMSampler": "generate", "MultiViewConfig": "generate",
     "MultiViewResult": "generate", "ViewReference": "generate", "generate_views": "generate",
-    "prior_attr": "generate",
     "DEFAULT_ELEVATION": "rig", "OVERHEAD_ELEVATION": "rig", "background_mask": "rig", "default_rig": "rig",
     "mask_iou": "rig", "project_points": "rig", "silhouette_agreement": "rig",
 }

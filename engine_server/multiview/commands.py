@@ -9,19 +9,6 @@ from pathlib import Path
 logger = logging.getLogger(__name__)
 
 
-def _device(name: str) -> str:
-    import torch
-
-    return name if name != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def _usage(exc: Exception):
-    from engine_server.cli import UsageError
-
-    text = str(exc)
-    return UsageError(text.splitlines()[0] if text else type(exc).__name__)
-
-
 def add_multiview_parser(sub) -> None:
     """Register ``engine-server multiview (PROMPT | --image REF.png) --out DIR [--views N]``."""
     p = sub.add_parser("multiview", help="prompt or reference image -> N agreeing views (PNGs + cameras.json)")
@@ -43,6 +30,7 @@ def cmd_multiview(args: argparse.Namespace) -> int:
     from PIL import Image
 
     from engine_server.cameras import look_at, orbit_position
+    from engine_server.cli import UsageError, pick_device, usage_from
     from engine_server.guidance import PriorLoadError, load_prior
     from engine_server.multiview import (
         DEFAULT_ELEVATION,
@@ -50,18 +38,17 @@ def cmd_multiview(args: argparse.Namespace) -> int:
         ViewReference,
         default_rig,
         generate_views,
-        prior_attr,
     )
 
     if args.prompt is None and args.image is None:
-        raise _usage(ValueError("give a PROMPT or --image REF.png"))
+        raise UsageError("give a PROMPT or --image REF.png")
     if args.views < 2:
-        raise _usage(ValueError(f"--views must be >= 2, got {args.views}"))
+        raise UsageError(f"--views must be >= 2, got {args.views}")
     out = Path(args.out)
     try:
-        prior = load_prior(args.model, device=_device(args.device))
-        res = int(prior_attr(prior, "resolution", 32))
-        ranges = dict(prior_attr(prior, "camera_ranges", {}) or {})
+        prior = load_prior(args.model, device=pick_device(args.device))
+        res = int(getattr(prior, "resolution", 32))
+        ranges = dict(getattr(prior, "camera_ranges", {}) or {})
         dist, fov = float(ranges.get("default_distance", 2.5)), float(ranges.get("default_fov", 42.0))
         reference = None
         if args.image:
@@ -69,14 +56,14 @@ def cmd_multiview(args: argparse.Namespace) -> int:
 
             rgba = read_image(args.image)
             mask, _ = foreground_mask(rgba)
-            bg = prior_attr(prior, "background_rgb", (0.0, 0.75, 0.75))
+            bg = getattr(prior, "background_rgb", (0.0, 0.75, 0.75))
             img, _ = prepare_reference(rgba, mask, bg, res)
             reference = ViewReference(img, look_at(orbit_position(0.0, DEFAULT_ELEVATION, dist)), fov)
         rig = default_rig(args.views, dist, fov, res)
         cfg = MultiViewConfig(strategy=args.strategy, steps=args.steps, seed=args.seed)
         result = generate_views(prior, rig, prompt=args.prompt, reference=reference, config=cfg)
     except (ValueError, PriorLoadError) as exc:
-        raise _usage(exc) from None
+        raise usage_from(exc) from None
     out.mkdir(parents=True, exist_ok=True)
     cams = []
     for i, (img, m) in enumerate(zip(result.images, result.masks)):
@@ -91,42 +78,21 @@ def cmd_multiview(args: argparse.Namespace) -> int:
 
 def cmd_generate_image(args: argparse.Namespace) -> int:
     """``engine-server generate --image REF.png --out X.glb [PROMPT]``: image to 3D, in-process."""
-    from tqdm import tqdm
-
+    from engine_server.cli import StageBars, output_glb, pick_device, usage_from
     from engine_server.guidance import PriorLoadError
-    from engine_server.pipelines.events import ProgressEvent
     from engine_server.pipelines.image_to_3d import ImageTo3D, ImageTo3DRequest
 
-    out = Path(args.out)
-    if out.suffix.lower() != ".glb":
-        raise _usage(ValueError(f"--out must be a .glb file, got {args.out!r}"))
-    if not out.parent.exists():
-        raise _usage(ValueError(f"output folder {str(out.parent)!r} does not exist"))
-    if args.steps is not None and args.steps < 1:
-        raise _usage(ValueError(f"--steps must be >= 1, got {args.steps}"))
+    out = output_glb(args.out, args.steps)
     request = ImageTo3DRequest(image=args.image, prompt=args.prompt or "", seed=args.seed, preset=args.preset,
                                model=args.model, guidance=args.guidance,
                                overrides={"coarse_steps": args.steps} if args.steps else {})
-    bars: dict = {}
-
-    def progress(event: ProgressEvent) -> None:
-        bar = bars.get(event.stage)
-        if bar is None:
-            for other in bars.values():
-                other.close()
-            bar = bars[event.stage] = tqdm(total=event.total, desc=event.stage, unit="step", leave=True)
-        bar.n = event.step
-        if event.loss is not None:
-            bar.set_postfix(loss=f"{event.loss:.4g}", refresh=False)
-        bar.refresh()
-
+    progress = StageBars(Path(args.previews) if getattr(args, "previews", None) else None)
     try:
-        pipeline = ImageTo3D(request, device=_device(args.device), progress=progress)
+        pipeline = ImageTo3D(request, device=pick_device(args.device), progress=progress)
         result = pipeline.run(out)
     except (ValueError, PriorLoadError) as exc:  # bad image (BadImageError), unknown words, missing model
-        raise _usage(exc) from None
+        raise usage_from(exc) from None
     finally:
-        for bar in bars.values():
-            bar.close()
+        progress.close()
     print(f"wrote {out} ({len(result.faces)} faces) in {pipeline.timings['total_s']:.1f} s")
     return 0

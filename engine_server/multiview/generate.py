@@ -99,14 +99,6 @@ class MultiViewResult:
         return [Camera(c, float(f), r, r) for c, f in zip(self.c2w, self.fovs)]
 
 
-def prior_attr(prior, name: str, default=None):
-    """An attribute of a prior adapter or of the model it wraps (``.bundled``), else ``default``."""
-    if hasattr(prior, name):
-        return getattr(prior, name)
-    inner = getattr(prior, "bundled", None)
-    return getattr(inner, name, default) if inner is not None else default
-
-
 class DDIMSampler:
     """Deterministic DDIM (eta 0) on a guidance ``Prior``'s noise predictions, with classifier-free guidance."""
 
@@ -194,7 +186,7 @@ def generate_views(
     if isinstance(cameras, torch.Tensor):
         c2w = cameras.float().reshape(-1, 4, 4)
         if fovs is None:
-            fovs = [float(prior_attr(prior, "camera_ranges", {}).get("default_fov", 40.0))] * len(c2w)
+            fovs = [float(getattr(prior, "camera_ranges", {}).get("default_fov", 40.0))] * len(c2w)
     else:
         c2w = torch.stack([c.c2w.float() for c in cameras])
         fovs = [c.fov_y_deg for c in cameras] if fovs is None else fovs
@@ -247,7 +239,7 @@ def generate_views(
                 known.append(ViewReference(images[best], c2w[best], float(fovs[best])))
                 remaining.remove(best)
     imgs = torch.stack(images)
-    bg = prior_attr(prior, "background_rgb", (0.0, 0.75, 0.75))
+    bg = getattr(prior, "background_rgb", (0.0, 0.75, 0.75))
     masks = background_mask(imgs, bg, config.mask_threshold)
     all_masks, all_c2w, all_fovs = masks, c2w, fovs
     if reference is not None:  # the reference's silhouette takes part in the hull too

@@ -34,8 +34,8 @@ from engine_server.multiview import (
     ViewReference,
     default_rig,
     generate_views,
-    prior_attr,
 )
+from engine_server.pipelines.checkpoint import save_torch
 from engine_server.pipelines.events import ProgressCallback, ProgressEvent
 from engine_server.pipelines.text_to_3d import CameraSampler, TextTo3D, TextTo3DResult
 
@@ -279,9 +279,9 @@ class ImageTo3D(TextTo3D):
         if getattr(prior, "kind", "image") == "text":
             raise ValueError(f"prior {request.model!r} is text-only; image-to-3D needs a novel-view "
                              "(image-conditioned) model such as the bundled one or a Zero123 folder")
-        res = int(prior_attr(prior, "resolution", 32))
-        ranges = dict(prior_attr(prior, "camera_ranges", {}) or {})
-        self.background_rgb = tuple(prior_attr(prior, "background_rgb", (0.0, 0.75, 0.75)))
+        res = int(getattr(prior, "resolution", 32))
+        ranges = dict(getattr(prior, "camera_ranges", {}) or {})
+        self.background_rgb = tuple(getattr(prior, "background_rgb", (0.0, 0.75, 0.75)))
         if request.rig:
             ref_cam = request.rig[0]
             self.reference_c2w, self.reference_fov = ref_cam.c2w.float(), float(ref_cam.fov_y_deg)
@@ -352,14 +352,9 @@ class ImageTo3D(TextTo3D):
             self.views = generate_views(self.prior, cams, prompt=self.request.prompt or None, reference=ref,
                                         config=cfg, progress=report)
             if path is not None:
-                from engine_server.jobs import atomic_write
-
-                buf = io.BytesIO()
                 v = self.views
-                torch.save({"images": v.images, "c2w": v.c2w, "fovs": v.fovs, "masks": v.masks,
-                            "agreement": v.agreement, "strategy": v.strategy, "extras": v.extras}, buf)
-                path.parent.mkdir(parents=True, exist_ok=True)
-                atomic_write(path, buf.getvalue())
+                save_torch(path, {"images": v.images, "c2w": v.c2w, "fovs": v.fovs, "masks": v.masks,
+                                  "agreement": v.agreement, "strategy": v.strategy, "extras": v.extras})
         return self.views
 
     # ---------------------------------------------------------------- coarse objective

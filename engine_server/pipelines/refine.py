@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import io
 import logging
 import math
 import time
@@ -47,6 +46,7 @@ from torch import nn
 
 from engine_server.cameras import look_at, orbit_position
 from engine_server.guidance.config import TimestepSchedule
+from engine_server.pipelines.checkpoint import restore_rngs, save_checkpoint
 from engine_server.pipelines.events import Cancelled, ProgressCallback, ProgressEvent, StageTimer
 from engine_server.pipelines.presets import Preset, get_preset
 from kernels.hashgrid import HashGridConfig, HashGridEncoder
@@ -249,14 +249,6 @@ def check_input_mesh(vertices, faces, uvs=None) -> tuple[np.ndarray, np.ndarray,
     return v.astype(np.float64), f, uv
 
 
-def _prior_attr(prior, name: str):
-    """An attribute of the prior or of the model it wraps (the bundled adapter keeps it on ``.bundled``)."""
-    value = getattr(prior, name, None)
-    if value is None and getattr(prior, "bundled", None) is not None:
-        value = getattr(prior.bundled, name, None)
-    return value
-
-
 @dataclass
 class RefineOutput:
     """What :meth:`MeshRefiner.run` returns, in the frame of the mesh it was given."""
@@ -316,12 +308,12 @@ class MeshRefiner:
         self.guidance = guidance
         # Fail on a prompt the prior cannot read now, before any work.
         self.guidance.prepare_inputs(cond, look_at(orbit_position(0.0, 0.0, 2.5))[None].to(self.device))
-        bg = _prior_attr(prior, "background_rgb")
+        bg = getattr(prior, "background_rgb", None)
         self.background = torch.tensor(bg if bg is not None else (1.0, 1.0, 1.0), dtype=torch.float32,
                                        device=self.device)
         self.resolution = int(self.config.resolution or int(getattr(prior, "resolution", 64)))
         self.gen = torch.Generator().manual_seed(self.seed)
-        self.cameras = CameraSampler(_prior_attr(prior, "camera_ranges") or {}, None, self.gen)
+        self.cameras = CameraSampler(getattr(prior, "camera_ranges", None) or {}, None, self.gen)
         light = self.config.lighting
         self.lights = [(light.key, F.normalize(torch.tensor(light.key_dir, dtype=torch.float32), dim=0)),
                        (light.fill, F.normalize(torch.tensor(light.fill_dir, dtype=torch.float32), dim=0))]
@@ -435,22 +427,14 @@ class MeshRefiner:
         path = self._checkpoint_path()
         if path is None:
             return
-        from engine_server.jobs import atomic_write
-
         state = {
             "signature": self._signature,
             "step": self.step,
             "texture_field": self.texture_field.state_dict(),
             "dmtet": self.dmtet.state_dict() if self.dmtet is not None else None,
             "optimizer": self.optimizer.state_dict(),
-            "rng": self.gen.get_state(),
-            "torch_rng": torch.get_rng_state(),
-            "guidance_rng": self.guidance.generator.get_state() if hasattr(self.guidance, "generator") else None,
         }
-        buf = io.BytesIO()
-        torch.save(state, buf)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write(path, buf.getvalue())
+        save_checkpoint(path, state, self.gen, self.guidance)
 
     def load_checkpoint(self) -> bool:
         """Resume from the checkpoint of the same input, config, seed and prompt; False when none."""
@@ -465,10 +449,7 @@ class MeshRefiner:
         if self.dmtet is not None:
             self.dmtet.load_state_dict(state["dmtet"])
         self.optimizer.load_state_dict(state["optimizer"])
-        self.gen.set_state(state["rng"])
-        torch.set_rng_state(state["torch_rng"])
-        if state.get("guidance_rng") is not None and hasattr(self.guidance, "generator"):
-            self.guidance.generator.set_state(state["guidance_rng"])
+        restore_rngs(state, self.gen, self.guidance)
         self.step = int(state["step"])
         logger.info("resumed refinement at step %d from %s", self.step, path)
         return True
@@ -657,6 +638,7 @@ class RefineMesh:
 
     def run(self, out_path: str | Path) -> RefineMeshResult:
         from engine_server.export import export_glb
+        from engine_server.pipelines.text_to_3d import object_name
 
         out_path = Path(out_path)
         t0 = time.perf_counter()
@@ -690,14 +672,9 @@ class RefineMesh:
             "final_loss": out.losses[-1] if out.losses else None,
             "timings_s": dict(self.timings),
         }
-        export_glb(out_path, local, out.faces, out.uvs, out.texture, name=_object_name(self.request.prompt),
+        export_glb(out_path, local, out.faces, out.uvs, out.texture, name=object_name(self.request.prompt, prefix="refined_"),
                    sidecar=sidecar)
         self.timings["export_s"] = time.perf_counter() - t
         self.timings["total_s"] = time.perf_counter() - t0
         self.progress(ProgressEvent("export", 1, 1))
         return RefineMeshResult(out_path, local, out.faces, out.uvs, out.texture, sidecar, out.vmapping)
-
-
-def _object_name(prompt: str) -> str:
-    words = [w for w in prompt.lower().replace(",", " ").split() if w not in {"a", "an", "the"}]
-    return ("refined_" + "_".join(words))[:60] if words else "refined"

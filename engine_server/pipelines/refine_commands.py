@@ -55,49 +55,24 @@ def _load_mesh(path: Path):
 
 
 def cmd_refine(args: argparse.Namespace) -> int:
-    import torch
-    from tqdm import tqdm
-
-    from engine_server.cli import UsageError
+    from engine_server.cli import StageBars, output_glb, pick_device, usage_from
     from engine_server.guidance import PriorLoadError
-    from engine_server.pipelines.events import ProgressEvent
     from engine_server.pipelines.refine import RefineMesh, RefineMeshRequest
 
-    out = Path(args.out)
-    if out.suffix.lower() != ".glb":
-        raise UsageError(f"--out must be a .glb file, got {args.out!r}")
-    if not out.parent.exists():
-        raise UsageError(f"output folder {str(out.parent)!r} does not exist")
-    if args.steps is not None and args.steps < 1:
-        raise UsageError(f"--steps must be >= 1, got {args.steps}")
-    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    bars: dict[str, tqdm] = {}
-
-    def progress(event: ProgressEvent) -> None:
-        bar = bars.get(event.stage)
-        if bar is None:
-            for other in bars.values():
-                other.close()
-            bar = bars[event.stage] = tqdm(total=event.total, desc=event.stage, unit="step", leave=True)
-        bar.n = event.step
-        if event.loss is not None:
-            bar.set_postfix(loss=f"{event.loss:.4g}", refresh=False)
-        bar.refresh()
-
+    out = output_glb(args.out, args.steps)
+    progress = StageBars()
     try:
         vertices, faces, uvs = _load_mesh(Path(args.mesh))
         request = RefineMeshRequest(
             prompt=args.prompt, vertices=vertices, faces=faces, uvs=uvs, mode=args.mode, seed=args.seed,
             preset=args.preset, model=args.model, overrides={"steps": args.steps} if args.steps else {},
         )
-        pipeline = RefineMesh(request, device=device, progress=progress)
+        pipeline = RefineMesh(request, device=pick_device(args.device), progress=progress)
         result = pipeline.run(out)
     except (ValueError, PriorLoadError) as exc:  # broken mesh, unknown prompt words, bad options, missing model
-        text = str(exc)
-        raise UsageError(text.splitlines()[0] if text else type(exc).__name__) from None
+        raise usage_from(exc) from None
     finally:
-        for bar in bars.values():
-            bar.close()
+        progress.close()
     print(f"wrote {out} ({len(result.faces)} faces, texture {result.texture.shape[0]}px, mode {args.mode}) "
           f"in {pipeline.timings['total_s']:.1f} s")
     return 0

@@ -16,7 +16,6 @@ The coarse stage checkpoints (field, optimizer, RNG, step) so a job can resume.
 """
 from __future__ import annotations
 
-import io
 import logging
 import math
 import time
@@ -38,6 +37,7 @@ from engine_server.field import (
     RendererConfig,
     VolumeRenderer,
 )
+from engine_server.pipelines.checkpoint import restore_rngs, save_checkpoint
 from engine_server.pipelines.events import Cancelled, ProgressCallback, ProgressEvent, StageTimer
 from engine_server.pipelines.presets import Preset, get_preset
 
@@ -208,16 +208,8 @@ class TextTo3D:
             "occupancy": self.occupancy.state_dict(),
             "background": self.background.state_dict(),
             "optimizer": self.optimizer.state_dict(),
-            "rng": self.gen.get_state(),
-            "torch_rng": torch.get_rng_state(),
-            "guidance_rng": self.guidance.generator.get_state() if hasattr(self.guidance, "generator") else None,
         }
-        buf = io.BytesIO()
-        torch.save(state, buf)
-        from engine_server.jobs import atomic_write
-
-        path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write(path, buf.getvalue())
+        save_checkpoint(path, state, self.gen, self.guidance)
 
     def load_checkpoint(self) -> bool:
         path = self._checkpoint_path()
@@ -228,10 +220,7 @@ class TextTo3D:
         self.occupancy.load_state_dict(state["occupancy"])
         self.background.load_state_dict(state["background"])
         self.optimizer.load_state_dict(state["optimizer"])
-        self.gen.set_state(state["rng"])
-        torch.set_rng_state(state["torch_rng"])
-        if state.get("guidance_rng") is not None and hasattr(self.guidance, "generator"):
-            self.guidance.generator.set_state(state["guidance_rng"])
+        restore_rngs(state, self.gen, self.guidance)
         self.step = int(state["step"])
         logger.info("resumed the coarse stage at step %d from %s", self.step, path)
         return True
@@ -482,7 +471,7 @@ class TextTo3D:
             "device": str(self.device),
             "timings_s": dict(self.timings),
         }
-        export_glb(out_path, v, faces, uvs, texture, name=_object_name(self.request.prompt),
+        export_glb(out_path, v, faces, uvs, texture, name=object_name(self.request.prompt),
                    sidecar=sidecar)
         self.timings["export_s"] = time.perf_counter() - t
         self.timings["total_s"] = time.perf_counter() - t0
@@ -503,6 +492,7 @@ class _FieldAlbedo(torch.nn.Module):
         return self.field(points * self.scale + self.centre)["albedo"]
 
 
-def _object_name(prompt: str) -> str:
+def object_name(prompt: str, prefix: str = "") -> str:
+    """A GLB node name from the prompt: its words without articles, joined by underscores."""
     words = [w for w in prompt.lower().replace(",", " ").split() if w not in {"a", "an", "the"}]
-    return "_".join(words)[:60] or "generated"
+    return (prefix + "_".join(words))[:60] if words else (prefix.rstrip("_") or "generated")

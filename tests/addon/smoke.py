@@ -266,7 +266,9 @@ def main() -> int:
             before = set(bpy.data.objects.keys())
             if not args.expect_worker:
                 p.job_timeout_s = 3.0
+            s.steps = 3  # the steps override drives a refine job's refine_steps
             result, err, took = _op_error(lambda: bpy.ops.generate3d.refine_selected())
+            s.steps = 0
             new = [bpy.data.objects[n] for n in set(bpy.data.objects.keys()) - before]
             after = _mesh_facts(bpy.data.objects[original["name"]])
             checks.add("refine_keeps_original", after == original, {"before": original, "after": after})
@@ -281,15 +283,23 @@ def main() -> int:
             checks.add("engine_error_reports", result is None and bool(err) and took < args.job_timeout
                        and set(bpy.data.objects.keys()) == before, {"seconds": took, "error": err})
 
-        # A reference image travels as PNG (the engine may not run image jobs yet: then it says so).
-        ref = bpy.data.images.new("reference", 8, 6)
-        ref.pixels.foreach_set([0.9, 0.1, 0.1, 1.0] * 48)
+        # A reference image travels as PNG: a red square on the bundled prior's plain cyan background.
+        ref = bpy.data.images.new("reference", 16, 16)
+        pixels = []
+        for y in range(16):
+            for x in range(16):
+                inside = 4 <= x < 12 and 4 <= y < 12
+                pixels += [0.8, 0.05, 0.05, 1.0] if inside else [0.0, 0.75, 0.75, 1.0]
+        ref.pixels.foreach_set(pixels)
         s.image = ref
         s.prompt = ""
         p.job_timeout_s = 3.0 if not args.expect_worker else args.job_timeout
+        before = set(bpy.data.objects.keys())
         result, err, took = _op_error(lambda: bpy.ops.generate3d.generate())
+        new = [bpy.data.objects[n] for n in set(bpy.data.objects.keys()) - before]
         s.image = None
-        checks.add("image_job", result == {"FINISHED"} or "unsupported_kind" in err or "did not finish" in err,
+        ok = result == {"FINISHED"} and len(new) == 1 if args.expect_worker else "did not finish" in err
+        checks.add("image_job", ok,
                    {"result": sorted(result) if result else None, "error": err, "seconds": took})
 
         if args.expect_worker:  # a job that outlives the background timeout is cancelled, and says so

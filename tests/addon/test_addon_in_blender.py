@@ -2,9 +2,8 @@
 
 Each Blender session runs ``smoke.py`` in a child process (Blender is never imported
 into pytest) and writes a JSON report of named checks; the tests below assert them.
-The engine runs jobs for real (bundled prior, CPU, a few steps). It cannot run refine
-jobs yet (``unsupported_kind``): the refine test asserts the clear failure report and
-that the original object is untouched; once the engine refines, it asserts the new object.
+The engine runs jobs for real (bundled prior, CPU, a few steps): text, image and refine
+jobs each bring a new object; the original of a refine is never touched.
 """
 from __future__ import annotations
 
@@ -146,11 +145,9 @@ def test_generate_makes_a_textured_object_named_from_the_prompt(bpy_checks):
 def test_refine_selected_never_modifies_the_original(bpy_checks):
     _ok(bpy_checks, "refine_keeps_original")
     detail = _ok(bpy_checks, "refine")
-    if detail["result"] == ["FINISHED"]:
-        (obj,) = detail["objects"]
-        assert obj["name"] == "Cube refined" and obj["faces"] > 0 and obj["principled"]
-    else:  # the engine cannot refine yet: the artist is told why, nothing half-made is left behind
-        assert "unsupported_kind" in detail["error"] and detail["objects"] == []
+    assert detail["result"] == ["FINISHED"], detail
+    (obj,) = detail["objects"]
+    assert obj["name"] == "Cube refined" and obj["faces"] > 0 and obj["principled"]
 
 
 def test_engine_error_becomes_an_operator_report(bpy_checks):

@@ -5,7 +5,6 @@ import math
 
 import numpy as np
 import pytest
-import torch
 import trimesh
 
 from engine_server.export import load_glb

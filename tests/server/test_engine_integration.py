@@ -19,7 +19,7 @@ import pytest
 from engine_server.client import EngineClient
 from engine_server.export import load_glb
 
-from .conftest import HEARTBEAT_S, png_bytes
+from .conftest import HEARTBEAT_S
 
 pytestmark = pytest.mark.skipif(os.name != "posix", reason="POSIX signals and /proc")
 
@@ -157,15 +157,51 @@ def test_diverging_optimisation_fails_as_non_finite(engine):
     assert summary["error_code"] == "non_finite"
 
 
-def test_a_kind_without_a_pipeline_fails_naming_it(engine):
-    from engine_server import runner
+def _object_on_background_png(size: int = 32) -> bytes:
+    """A red square on the bundled prior's cyan background: what a flat reference render looks like."""
+    import io
+
+    from PIL import Image as PILImage
+
+    pixels = np.zeros((size, size, 3), np.uint8)
+    pixels[:] = (0, 191, 191)
+    pixels[size // 4: 3 * size // 4, size // 4: 3 * size // 4] = (200, 30, 30)
+    buf = io.BytesIO()
+    PILImage.fromarray(pixels).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def test_image_job_reconstructs_the_reference_into_a_glb(engine, tmp_path):
+    client = engine["client"]
+    job = client.submit("image", "", seed=1, image=_object_on_background_png(), options=TINY)
+    events = collect(client, job)
+    assert events[-1].type == "done", [(e.type, e.fields) for e in events if e.type == "failed"]
+    stages = [e["stage"] for e in events if e.type == "progress"]
+    assert stages.index("views") < stages.index("coarse") < stages.index("export")
+    result = client.result(job)
+    out = tmp_path / "image.glb"
+    out.write_bytes(result.glb)
+    assert len(load_glb(out).faces) > 0 and result.meta["kind"] == "image"
+
+
+def test_texture_refine_job_keeps_the_topology_and_the_frame(engine, tmp_path):
+    import trimesh
 
     client = engine["client"]
-    job = client.submit("image", "", image=png_bytes(32, 32))
-    end = collect(client, job)[-1]
-    if "image" in runner.KIND_RUNNERS:
-        pytest.skip("the image pipeline is wired in")
-    assert end.type == "failed" and end["code"] == "unsupported_kind" and "'image'" in end["message"]
+    box = trimesh.creation.box((2.0, 2.0, 2.0))
+    world = np.eye(4)
+    world[:3, 3] = (3.0, 0.0, 1.0)  # the object sits away from the origin in the scene
+    mesh = {"vertices": box.vertices.astype(np.float32), "faces": box.faces.astype(np.int32), "matrix_world": world}
+    job = client.submit("refine", "a green cube", seed=2, mesh=mesh, mode="texture",
+                        options={"refine_steps": 3, "texture_size": 64})
+    events = collect(client, job)
+    assert events[-1].type == "done", [(e.type, e.fields) for e in events if e.type == "failed"]
+    result = client.result(job)
+    vertices = result.arrays["vertices"].numpy()
+    faces = result.arrays["faces"].numpy()
+    assert len(faces) == len(box.faces)
+    # texture mode: the input's own local positions come back (only UV-seam duplicates added)
+    assert {tuple(v) for v in np.round(vertices, 5)} == {tuple(v) for v in np.round(box.vertices, 5)}
 
 
 def _overcommit_refuses_huge() -> bool:

@@ -128,7 +128,7 @@ def evaluate(weights: str | Path | BundledPrior, cfg: EvalConfig | None = None, 
     gen = torch.Generator().manual_seed(cfg.seed)
 
     # text-conditioned: caption i uses held-out cameras i*k .. i*k+k-1 (mod 16)
-    text_jobs, text_gt_idx = [], []
+    text_jobs = []
     for i, cap in enumerate(caps):
         for k in range(cfg.views_per_caption):
             h = (i * cfg.views_per_caption + k) % n_held
