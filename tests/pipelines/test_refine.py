@@ -91,7 +91,7 @@ def test_geometry_refine_towards_a_sphere(prior, tmp_path):
 
     v, f = blender_cube()
     request = RefineMeshRequest(prompt="a sphere", vertices=v, faces=f, mode="full",
-                                overrides={"steps": 50, "tet_resolution": 24, "texture_size": 64})
+                                overrides={"steps": 80, "tet_resolution": 24, "texture_size": 64})
     pipeline = RefineMesh(request, prior=prior)
     result = pipeline.run(tmp_path / "sphere.glb")
 

@@ -195,7 +195,9 @@ def test_stalled_client_gets_latest_value_and_server_memory_stays_flat(make_serv
     time.sleep(0.3)
     peer = next(iter(server._peers.values()))
     assert len(peer.latest) <= 2 and len(peer.reliable) <= 3  # bounded, however slow the client
-    assert server.stats["coalesced"] > 100, server.stats  # its pipe was full: its slots were overwritten
+    # Most of the 2n posts never went on the wire: later values replaced them, in the server's mailbox
+    # or in the stalled peer's slots (which of the two depends on thread timing).
+    assert server.stats["sent"] < n // 2, server.stats
 
     received = []
     while (msg := raw.recv(timeout=3.0)) is not None:
