@@ -4,7 +4,8 @@ from __future__ import annotations
 import torch
 
 from engine_server.models.bundled import procedural as P
-from engine_server.models.bundled.evaluate import classify_color, foreground_mask, silhouette_iou
+from engine_server.models.bundled.evaluate import classify_color, foreground_mask
+from engine_server.multiview import mask_iou
 from engine_server.models.bundled.prior import BundledPrior
 from engine_server.models.bundled.vocab import Caption
 
@@ -28,7 +29,7 @@ def test_sds_moves_a_free_image_toward_a_red_disc():
     def score(img):
         img = img.detach()
         m = foreground_mask(img)
-        return float(silhouette_iou(m, gt_mask[None])[0]), red_fraction(img[0], gt_mask), classify_color(img[0], m[0])
+        return float(mask_iou(m, gt_mask[None])[0]), red_fraction(img[0], gt_mask), classify_color(img[0], m[0])
 
     before = score(image)
     acp = prior.alphas_cumprod

@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from engine_server.models.bundled import procedural as P
-from engine_server.models.bundled.evaluate import classify_color, foreground_mask, silhouette_iou
+from engine_server.models.bundled.evaluate import classify_color, foreground_mask
+from engine_server.multiview import mask_iou
 from engine_server.models.bundled.prior import DEFAULT_WEIGHTS_DIR, BundledPrior, Reference, UnknownPromptError
 from engine_server.models.bundled.vocab import Caption
 
@@ -58,7 +59,7 @@ def test_text_samples_at_held_out_cameras_show_the_prompted_object(prior):
     cams = P.orbit_cameras(held.azimuth[idx], held.elevation[idx], P.DEFAULT_DISTANCE, P.DEFAULT_FOV)
     imgs = prior.sample("a yellow cube", cams.c2w, steps=15, generator=torch.Generator().manual_seed(0))
     gt = P.render_caption(Caption("yellow", "cube"), cams)["rgb"]
-    iou = silhouette_iou(foreground_mask(imgs), foreground_mask(gt))
+    iou = mask_iou(foreground_mask(imgs), foreground_mask(gt))
     assert float(iou.mean()) > 0.6
     masks = foreground_mask(imgs)
     assert [classify_color(imgs[i], masks[i]) for i in range(3)].count("yellow") >= 2
@@ -73,5 +74,5 @@ def test_image_conditioned_novel_view_follows_the_reference(prior):
         gt = P.render_caption(Caption("blue", shape), target)["rgb"]
         img = prior.sample(None, target.c2w, reference=Reference(ref, ref_cam.c2w[0]), steps=15,
                            generator=torch.Generator().manual_seed(0))
-        scores[shape] = float(silhouette_iou(foreground_mask(img), foreground_mask(gt))[0])
+        scores[shape] = float(mask_iou(foreground_mask(img), foreground_mask(gt))[0])
     assert min(scores.values()) > 0.5, scores

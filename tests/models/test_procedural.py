@@ -5,7 +5,8 @@ import torch
 
 from engine_server.cameras import azimuth_elevation
 from engine_server.models.bundled import procedural as P
-from engine_server.models.bundled.evaluate import classify_color, foreground_mask, silhouette_iou
+from engine_server.models.bundled.evaluate import classify_color, foreground_mask
+from engine_server.multiview import mask_iou
 from engine_server.models.bundled.vocab import COLOR_NAMES, SHAPES, Caption
 
 
@@ -67,7 +68,7 @@ def test_metrics_are_exact_on_ground_truth():
         for color in COLOR_NAMES:
             rgb = P.compose(r.shade, r.mask, P.albedo_of(color).expand(len(gt), 3))
             pred = foreground_mask(rgb)
-            assert silhouette_iou(pred, gt).min() > min_iou, (shape, color)
+            assert mask_iou(pred, gt).min() > min_iou, (shape, color)
             assert all(classify_color(rgb[i], pred[i]) == color for i in range(len(gt))), (shape, color)
     empty = torch.zeros(2, 32, 32, dtype=torch.bool)
-    assert torch.equal(silhouette_iou(empty, empty), torch.ones(2))
+    assert torch.equal(mask_iou(empty, empty), torch.ones(2))

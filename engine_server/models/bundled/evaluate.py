@@ -24,6 +24,7 @@ import torch
 from engine_server.models.bundled import procedural as P
 from engine_server.models.bundled.prior import BundledPrior, Reference
 from engine_server.models.bundled.vocab import COLOR_NAMES, COLORS, SHAPES, all_captions
+from engine_server.multiview.rig import background_mask, mask_iou
 
 logger = logging.getLogger(__name__)
 
@@ -57,9 +58,8 @@ class EvalConfig:
 
 # ---------------------------------------------------------------- metrics
 def foreground_mask(rgb: torch.Tensor, background=P.BACKGROUND_RGB, threshold: float = MASK_THRESHOLD) -> torch.Tensor:
-    """(N, 3, H, W) in [0, 1] -> (N, H, W) bool: pixels that differ from the background colour."""
-    bg = torch.tensor(background, dtype=rgb.dtype, device=rgb.device).view(1, 3, 1, 1)
-    return (rgb - bg).abs().amax(dim=1) > threshold
+    """(N, 3, H, W) in [0, 1] -> (N, H, W) bool: pixels that differ from the prior's background colour."""
+    return background_mask(rgb, background, threshold)
 
 
 def _proto_hues() -> dict[str, float]:
@@ -81,13 +81,6 @@ def classify_color(rgb: torch.Tensor, mask: torch.Tensor) -> str | None:
         return "white"
     hues = _proto_hues()
     return min(hues, key=lambda c: min(abs(h - hues[c]), 1 - abs(h - hues[c])))
-
-
-def silhouette_iou(pred: torch.Tensor, gt: torch.Tensor) -> torch.Tensor:
-    """(N, H, W) bool x2 -> (N,) IoU (1 where both are empty)."""
-    inter = (pred & gt).flatten(1).sum(1).float()
-    union = (pred | gt).flatten(1).sum(1).float()
-    return torch.where(union > 0, inter / union.clamp(min=1), torch.ones_like(union))
 
 
 def background_error(rgb: torch.Tensor, gt_mask: torch.Tensor) -> float:
@@ -162,7 +155,7 @@ def evaluate(weights: str | Path | BundledPrior, cfg: EvalConfig | None = None, 
         gt_img = torch.stack([g[0] for g in gts])
         gt_mask = torch.stack([g[1] for g in gts])
         pred_mask = foreground_mask(imgs)
-        iou = silhouette_iou(pred_mask, gt_mask)
+        iou = mask_iou(pred_mask, gt_mask)
         colors = [classify_color(imgs[i], pred_mask[i]) for i in range(len(jobs))]
         correct = torch.tensor([c == j["cap"].color for c, j in zip(colors, jobs)], dtype=torch.float32)
         return {"iou": iou, "correct": correct, "colors": colors, "gt_img": gt_img, "gt_mask": gt_mask,
