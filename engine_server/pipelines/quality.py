@@ -19,6 +19,16 @@ import numpy as np
 logger = logging.getLogger(__name__)
 
 
+def sphericity(vertices: np.ndarray, faces: np.ndarray) -> float:
+    """pi^(1/3) (6 V)^(2/3) / A: 1 for a sphere, about 0.806 for a cube (closed meshes)."""
+    from engine_server.geometry import mesh_stats
+
+    stats = mesh_stats(vertices, faces)
+    if stats.area <= 0:
+        return 0.0
+    return float(math.pi ** (1.0 / 3.0) * (6.0 * abs(stats.signed_volume)) ** (2.0 / 3.0) / stats.area)
+
+
 def shape_measures(vertices: np.ndarray, faces: np.ndarray) -> dict[str, float]:
     """vertices (V, 3), faces (F, 3) -> sphericity, fill, taper, extent_ratio, watertight, components."""
     import trimesh
@@ -28,7 +38,6 @@ def shape_measures(vertices: np.ndarray, faces: np.ndarray) -> dict[str, float]:
     main = max(parts, key=lambda m: m.area) if len(parts) else mesh
     volume, area = abs(float(main.volume)), float(main.area)
     extent = main.extents
-    sphericity = math.pi ** (1 / 3) * (6 * volume) ** (2 / 3) / max(area, 1e-12)
     fill = volume / max(float(np.prod(extent)), 1e-12)
     z = main.vertices[:, 2]
     lo, hi = float(z.min()), float(z.max())
@@ -45,7 +54,7 @@ def shape_measures(vertices: np.ndarray, faces: np.ndarray) -> dict[str, float]:
     _, counts = np.unique(edges, axis=0, return_counts=True)
     open_fraction = float((counts == 1).sum()) / max(len(counts), 1)
     return {
-        "sphericity": sphericity,
+        "sphericity": sphericity(main.vertices, main.faces),
         "fill": fill,
         "taper": taper,
         "roundness": roundness,

@@ -33,7 +33,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import logging
-import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -201,16 +200,6 @@ class TextureField(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         u = ((x.float() / self.half_size) * 0.5 + 0.5).clamp(0.0, 1.0)
         return torch.sigmoid(self.net(self.encoder(u)))
-
-
-def sphericity(vertices: np.ndarray, faces: np.ndarray) -> float:
-    """pi^(1/3) (6 V)^(2/3) / A: 1 for a sphere, about 0.806 for a cube (closed meshes)."""
-    from engine_server.geometry import mesh_stats
-
-    stats = mesh_stats(vertices, faces)
-    if stats.area <= 0:
-        return 0.0
-    return float(math.pi ** (1.0 / 3.0) * (6.0 * abs(stats.signed_volume)) ** (2.0 / 3.0) / stats.area)
 
 
 def check_input_mesh(vertices, faces, uvs=None) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:

@@ -15,8 +15,8 @@ from engine_server.pipelines.refine import (
     RefineMesh,
     RefineMeshRequest,
     check_input_mesh,
-    sphericity,
 )
+from engine_server.pipelines.quality import sphericity
 
 
 @pytest.fixture(scope="module")
