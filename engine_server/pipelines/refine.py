@@ -17,8 +17,8 @@ Two users:
 Each step renders ``views_per_step`` random views (the prior's camera ranges, see
 :class:`~engine_server.pipelines.text_to_3d.CameraSampler`) with the portable
 differentiable rasterizer (``kernels.rasterize``): per-pixel surface points are looked up
-in the texture field, shaded with the lights the bundled prior was trained with
-(ambient + key + fill Lambertian), composited over the prior's background and
+in the texture field, shaded with the prior's own lights (``prior.lighting``: for the
+bundled prior its training lights, ambient + key + fill Lambertian), composited over the prior's background and
 antialiased (silhouette gradients reach the DMTet). The guidance's surrogate loss plus
 weighted DMTet regularisers is minimised with Adam.
 
@@ -75,22 +75,6 @@ class RegularizerWeights:
 
 
 @dataclass
-class Lighting:
-    """Lights the renders are shaded with (world directions; the bundled prior's training lights)."""
-
-    ambient: float = 0.38
-    """Ambient term."""
-    key: float = 0.55
-    """Strength of the key light."""
-    key_dir: tuple[float, float, float] = (0.45, -0.6, 0.66)
-    """Direction towards the key light."""
-    fill: float = 0.2
-    """Strength of the fill light."""
-    fill_dir: tuple[float, float, float] = (-0.5, 0.7, 0.3)
-    """Direction towards the fill light."""
-
-
-@dataclass
 class RefineConfig:
     """Everything one refinement run uses; :meth:`from_preset` fills it from a named preset."""
 
@@ -119,8 +103,6 @@ class RefineConfig:
     """Adam learning rate of the DMTet raw (tanh-bounded) vertex offsets."""
     regularizers: RegularizerWeights = field(default_factory=RegularizerWeights)
     """DMTet regulariser weights (full mode)."""
-    lighting: Lighting = field(default_factory=Lighting)
-    """Shading of the renders."""
     guidance_scale: float | None = None
     """Classifier-free guidance scale; None: the prior's ``recommended_guidance_scale``, else 3 (tuned on the bundled prior)."""
     timesteps: TimestepSchedule = field(default_factory=lambda: TimestepSchedule(start=(0.5, 0.8), end=(0.2, 0.5)))
@@ -303,9 +285,14 @@ class MeshRefiner:
         self.resolution = int(self.config.resolution or int(getattr(prior, "resolution", 64)))
         self.gen = torch.Generator().manual_seed(self.seed)
         self.cameras = CameraSampler(getattr(prior, "camera_ranges", None) or {}, None, self.gen)
-        light = self.config.lighting
-        self.lights = [(light.key, F.normalize(torch.tensor(light.key_dir, dtype=torch.float32), dim=0)),
-                       (light.fill, F.normalize(torch.tensor(light.fill_dir, dtype=torch.float32), dim=0))]
+        # The prior's own world-fixed lights; priors that declare none get the bundled model's studio lights.
+        lighting = getattr(prior, "lighting", None)
+        if not lighting:
+            from engine_server.models.bundled.procedural import studio_lighting
+
+            lighting = studio_lighting()
+        self.ambient = float(lighting["ambient"])
+        self.lights = [(float(k), F.normalize(torch.tensor(d, dtype=torch.float32), dim=0)) for k, d in lighting["lights"]]
         self._initial_texture_field = texture_field
         self.step = 0
         self.dmtet = None
@@ -317,7 +304,7 @@ class MeshRefiner:
     # ---------------------------------------------------------------- rendering
     def shade(self, normals: torch.Tensor) -> torch.Tensor:
         """Lambertian shading factor (...,) of unit world normals (..., 3), at most 1."""
-        s = torch.full_like(normals[..., 0], self.config.lighting.ambient)
+        s = torch.full_like(normals[..., 0], self.ambient)
         for strength, direction in self.lights:
             s = s + strength * (normals @ direction.to(normals)).clamp(min=0.0)
         return s.clamp(max=1.0)

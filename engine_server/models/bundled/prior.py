@@ -90,10 +90,9 @@ class BundledPrior:
     @property
     def lighting(self) -> dict:
         """The world-fixed lights of the training renders: {"ambient": a, "lights": [(strength, (x, y, z)), ...]}."""
-        from engine_server.models.bundled import procedural
+        from engine_server.models.bundled.procedural import studio_lighting
 
-        return {"ambient": procedural.AMBIENT,
-                "lights": [(procedural.KEY, procedural.KEY_LIGHT), (procedural.FILL, procedural.FILL_LIGHT)]}
+        return studio_lighting()
 
     @property
     def camera_ranges(self) -> dict:

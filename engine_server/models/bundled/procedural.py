@@ -52,6 +52,12 @@ KEY_LIGHT = (0.45, -0.6, 0.66)
 FILL_LIGHT = (-0.5, 0.7, 0.3)
 AMBIENT, KEY, FILL = 0.38, 0.55, 0.2
 
+
+def studio_lighting() -> dict:
+    """The training renders' world-fixed lights: {"ambient": a, "lights": [(strength, (x, y, z)), ...]}."""
+    return {"ambient": AMBIENT, "lights": [(KEY, KEY_LIGHT), (FILL, FILL_LIGHT)]}
+
+
 SDF = Callable[[torch.Tensor], torch.Tensor]  # points (..., 3) -> distances (...)
 
 
