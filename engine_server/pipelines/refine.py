@@ -516,7 +516,10 @@ class MeshRefiner:
             self.progress(ProgressEvent("texture", 1, 1))
             return RefineOutput(out_v, uv_mesh.faces, uv_mesh.uvs, texture, uv_mesh.vmapping, losses)
 
-        v_new, f_new = self.dmtet.extract_mesh(clean=True)
+        from engine_server.geometry import clean_mesh
+        from engine_server.pipelines.text_to_3d import MIN_PIECE_FRACTION
+
+        v_new, f_new = clean_mesh(*self.dmtet.extract_mesh(clean=False), min_component_fraction=MIN_PIECE_FRACTION)
         if len(f_new) == 0:
             raise RuntimeError("refinement left no surface")
         uv_mesh = unwrap(v_new, f_new, UnwrapConfig(texture_size=cfg.texture_size))

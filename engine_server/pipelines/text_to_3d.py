@@ -43,6 +43,9 @@ from engine_server.pipelines.presets import Preset, get_preset
 
 logger = logging.getLogger(__name__)
 
+MIN_PIECE_FRACTION = 0.05
+"""Extracted surfaces keep only pieces with at least this share of the area (floaters and bubbles go)."""
+
 
 @dataclass
 class TextTo3DRequest:
@@ -398,7 +401,7 @@ class TextTo3D:
         v, f = marching_tets(verts, tets, sdf)
         if len(f) == 0:
             raise RuntimeError("the field is empty: no surface at the density threshold (try more steps)")
-        v, f = clean_mesh(v.cpu().numpy(), f.cpu().numpy(), min_component_fraction=0.05)
+        v, f = clean_mesh(v.cpu().numpy(), f.cpu().numpy(), min_component_fraction=MIN_PIECE_FRACTION)
         self.progress(ProgressEvent("extract", 1, 1, mesh=(v, f)))
         return v, f
 
