@@ -240,7 +240,6 @@ def train(cfg: TrainConfig, resume: bool = True, progress: bool = True, data: Sh
     last_save = step
 
     def save():
-        nonlocal seconds
         state = {"model": model.state_dict(), "opt": opt.state_dict(), "ema": ema.state_dict(), "gen": gen.get_state(),
                  "step": step, "losses": losses, "seconds": seconds + time.time() - t_start,
                  "train_config": _cfg_json(cfg), "device": str(device)}
