@@ -75,7 +75,7 @@ class JobView:
     job_id: str
     """The engine's job id."""
     kind: str = "text"
-    """text | image | refine."""
+    """text | image | refine | multiview."""
     name: str = "Generated"
     """Name for the result object (from the prompt)."""
     state: str = "queued"

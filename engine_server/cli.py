@@ -140,17 +140,17 @@ def usage_from(exc: Exception) -> UsageError:
     return UsageError((text.splitlines()[0] if len(text) > 400 else text) or type(exc).__name__)
 
 
-def output_glb(path: str, steps: int | None = None):
-    """``--out`` checked (a .glb in an existing folder) as a Path; ``--steps`` checked when given."""
+def output_glb(path: str, steps: int | None = None, flag: str = "--out", steps_flag: str = "--steps"):
+    """``flag`` checked (a .glb in an existing folder) as a Path; ``steps_flag`` checked when given."""
     from pathlib import Path
 
     out = Path(path)
     if out.suffix.lower() != ".glb":
-        raise UsageError(f"--out must be a .glb file, got {path!r}")
+        raise UsageError(f"{flag} must be a .glb file, got {path!r}")
     if not out.parent.exists():
         raise UsageError(f"output folder {str(out.parent)!r} does not exist")
     if steps is not None and steps < 1:
-        raise UsageError(f"--steps must be >= 1, got {steps}")
+        raise UsageError(f"{steps_flag} must be >= 1, got {steps}")
     return out
 
 

@@ -117,7 +117,7 @@ class Job:
     request_id: str
     """The client's idempotency key: one job per request id."""
     kind: str
-    """text | image | refine."""
+    """text | image | refine | multiview."""
     state: str
     """queued | running | done | failed | cancelled."""
     label: str

@@ -43,7 +43,7 @@ PROTOCOL_VERSION = 1
 SUPPORTED_VERSIONS = (1,)
 """Versions this module accepts."""
 
-KINDS = ("text", "image", "refine")
+KINDS = ("text", "image", "refine", "multiview")
 """Job kinds of a ``submit``."""
 REFINE_MODES = ("full", "texture")
 """What a refine job may change: geometry and texture, or only the texture."""
@@ -769,6 +769,8 @@ def _check_submit(f: _Fields, limits: Limits) -> dict:
         raise ProtocolError("invalid", "a text job needs a non-empty prompt", "prompt")
     if kind == "image" and image is None:
         raise ProtocolError("invalid", "an image job needs a reference image", "image")
+    if kind == "multiview" and image is None and not out["prompt"].strip():
+        raise ProtocolError("invalid", "a multiview job needs a prompt or a reference image", "prompt")
     if kind == "refine":
         if mesh is None:
             raise ProtocolError("invalid", "a refine job needs a mesh", "mesh")

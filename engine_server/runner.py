@@ -31,6 +31,8 @@ logger = logging.getLogger(__name__)
 
 RUN_OPTIONS = ("model", "guidance", "guidance_scale")
 """Option names that are run settings, not preset overrides."""
+VIEW_OPTIONS = ("views", "multiview_strategy", "multiview_steps")
+"""Run settings of the kinds that generate views (image, multiview): how many, how they agree, DDIM steps."""
 
 
 @dataclass
@@ -116,10 +118,10 @@ def job_seed(request: dict[str, Any], job_dir: Path) -> int:
         return 0
 
 
-def split_options(request: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(run settings, preset overrides) from the request's flat ``options``."""
+def split_options(request: dict[str, Any], run_keys: tuple[str, ...] = RUN_OPTIONS) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(run settings, preset overrides) from the request's flat ``options``; ``run_keys`` name the run settings."""
     options = dict(request.get("options") or {})
-    run = {k: options.pop(k) for k in RUN_OPTIONS if k in options}
+    run = {k: options.pop(k) for k in run_keys if k in options}
     if "guidance" in run and run["guidance"] not in ("sds", "vsd"):
         raise JobFailure("invalid_option", f"options.guidance must be 'sds' or 'vsd', got {run['guidance']!r}")
     if "guidance_scale" in run and not isinstance(run["guidance_scale"], (int, float)):
@@ -232,27 +234,62 @@ def run_text(ctx: RunContext, request: dict[str, Any], job_dir: Path, events: Ev
     return run_pipeline(factory, request, job_dir, events, cancelled, checkpoint, meta)
 
 
+def _view_settings(run: dict[str, Any]) -> dict[str, Any]:
+    """ImageTo3DRequest fields (views, fit) from the VIEW_OPTIONS of a request."""
+    from engine_server.multiview import STRATEGIES
+    from engine_server.pipelines.image_to_3d import ImageFitConfig
+
+    out: dict[str, Any] = {}
+    views = run.get("views")
+    if views is not None:
+        if isinstance(views, bool) or not isinstance(views, int) or not 2 <= views <= 16:
+            raise JobFailure("invalid_option", f"options.views must be an integer from 2 to 16, got {views!r}")
+        out["views"] = views
+    strategy = run.get("multiview_strategy", "anchor")
+    if strategy not in STRATEGIES:
+        raise JobFailure("invalid_option", f"options.multiview_strategy must be one of {', '.join(STRATEGIES)}, "
+                                           f"got {strategy!r}")
+    steps = run.get("multiview_steps", ImageFitConfig.multiview_steps)
+    if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= 1000:
+        raise JobFailure("invalid_option", f"options.multiview_steps must be an integer from 1 to 1000, got {steps!r}")
+    out["fit"] = ImageFitConfig(multiview_strategy=strategy, multiview_steps=steps)
+    return out
+
+
 def run_image(ctx: RunContext, request: dict[str, Any], job_dir: Path, events: EventSink,
               cancelled: Callable[[], bool], checkpoint: CheckpointStore) -> Result:
-    """An ``image`` job: ImageTo3D with the reference image (PNG), optional prompt hint, rig, options."""
+    """An ``image`` or ``multiview`` job: ImageTo3D with the reference image (PNG) or, without one, a
+    reference view drawn from the prompt; generated views, rig and options. The result carries the
+    generated views too: ``views`` (N, R, R, 3) uint8, ``view_c2w`` (N, 4, 4), ``view_fov_y_deg`` (N,)."""
     from engine_server.pipelines.image_to_3d import ImageTo3D, ImageTo3DRequest
 
-    run, overrides = split_options(request)
+    run, overrides = split_options(request, RUN_OPTIONS + VIEW_OPTIONS)
     model = run.get("model") or ctx.config.model
     prior = ctx.prior(model)
     seed = job_seed(request, job_dir)
     extra = {"guidance_scale": run["guidance_scale"]} if "guidance_scale" in run else {}
+    image = request.get("image")
     req = ImageTo3DRequest(
-        image=bytes(request["image"].data), prompt=request.get("prompt") or "",
+        image=bytes(image.data) if image is not None else None, prompt=request.get("prompt") or "",
         negative_prompt=request.get("negative_prompt") or "", seed=seed, preset=request.get("preset") or "draft",
-        model=model, guidance=run.get("guidance", "sds"), overrides=overrides, rig=rig_cameras(request), **extra)
+        model=model, guidance=run.get("guidance", "sds"), overrides=overrides, rig=rig_cameras(request),
+        **_view_settings(run), **extra)
+    pipelines = []
 
     def factory(**kw):
-        return ImageTo3D(req, device=ctx.device, prior=prior, **kw)
+        pipelines.append(ImageTo3D(req, device=ctx.device, prior=prior, **kw))
+        return pipelines[-1]
 
-    meta = {"kind": "image", "prompt": req.prompt, "seed": seed, "preset": req.preset, "model": model,
+    meta = {"kind": request["kind"], "prompt": req.prompt, "seed": seed, "preset": req.preset, "model": model,
             "guidance": req.guidance, "options": overrides, "device": ctx.device}
-    return run_pipeline(factory, request, job_dir, events, cancelled, checkpoint, meta)
+    result = run_pipeline(factory, request, job_dir, events, cancelled, checkpoint, meta)
+    views = pipelines[-1].views
+    result.arrays.update(
+        views=np.ascontiguousarray((views.images.permute(0, 2, 3, 1).clamp(0, 1) * 255).round().byte().numpy()),
+        view_c2w=views.c2w.numpy().astype(np.float32), view_fov_y_deg=views.fovs.numpy().astype(np.float32))
+    result.meta["views"] = {"count": len(views.images), "strategy": views.strategy,
+                            "agreement": [round(float(a), 4) for a in views.agreement]}
+    return result
 
 
 def run_refine(ctx: RunContext, request: dict[str, Any], job_dir: Path, events: EventSink,
@@ -285,6 +322,7 @@ KindRunner = Callable[[RunContext, dict, Path, EventSink, Callable[[], bool], Ch
 KIND_RUNNERS: dict[str, KindRunner] = {
     "text": run_text,
     "image": run_image,
+    "multiview": run_image,
     "refine": run_refine,
 }
 """Job kind -> its runner; a kind missing here fails with ``unsupported_kind``."""

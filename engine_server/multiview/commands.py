@@ -22,6 +22,9 @@ def add_multiview_parser(sub) -> None:
     p.add_argument("--seed", type=int, default=0, help="random seed")
     p.add_argument("--model", default="bundled", metavar="PATH_OR_ID", help="prior: bundled, a folder or a hub id")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
+    p.add_argument("--glb", metavar="FILE.glb", default=None,
+                   help="also reconstruct the object from the views (field fit + distillation) into this GLB")
+    p.add_argument("--fit-steps", type=int, default=None, metavar="N", help="coarse steps of the reconstruction")
     p.set_defaults(func=cmd_multiview)
 
 
@@ -29,8 +32,56 @@ def cmd_multiview(args: argparse.Namespace) -> int:
     import numpy as np
     from PIL import Image
 
+    from engine_server.cli import UsageError
+
+    if args.prompt is None and args.image is None:
+        raise UsageError("give a PROMPT or --image REF.png")
+    if args.views < 2:
+        raise UsageError(f"--views must be >= 2, got {args.views}")
+    out = Path(args.out)
+    if args.glb is not None:
+        result = _reconstruct(args)
+    else:
+        result = _views_only(args)
+    out.mkdir(parents=True, exist_ok=True)
+    cams = []
+    for i, (img, m) in enumerate(zip(result.images, result.masks)):
+        Image.fromarray((img.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)).save(out / f"view_{i:02d}.png")
+        Image.fromarray(m.numpy().astype(np.uint8) * 255).save(out / f"mask_{i:02d}.png")
+        cams.append({"image": f"view_{i:02d}.png", "mask": f"mask_{i:02d}.png", "c2w": result.c2w[i].tolist(),
+                     "fov_y_deg": float(result.fovs[i]), "agreement": float(result.agreement[i])})
+    (out / "cameras.json").write_text(json.dumps({"strategy": result.strategy, "views": cams}, indent=2))
+    print(f"wrote {len(cams)} views to {out} (silhouette agreement mean {float(result.agreement.mean()):.3f})")
+    return 0
+
+
+def _reconstruct(args: argparse.Namespace):
+    """``multiview --glb``: the image-to-3D pipeline (reference drawn from the prompt without --image); its views."""
+    from engine_server.cli import StageBars, output_glb, pick_device, usage_from
+    from engine_server.guidance import PriorLoadError
+    from engine_server.pipelines.image_to_3d import ImageFitConfig, ImageTo3D, ImageTo3DRequest
+
+    glb = output_glb(args.glb, args.fit_steps, flag="--glb", steps_flag="--fit-steps")
+    request = ImageTo3DRequest(image=args.image, prompt=args.prompt or "", seed=args.seed, model=args.model,
+                               views=args.views,
+                               overrides={"coarse_steps": args.fit_steps} if args.fit_steps else {},
+                               fit=ImageFitConfig(multiview_strategy=args.strategy, multiview_steps=args.steps))
+    progress = StageBars()
+    try:
+        pipeline = ImageTo3D(request, device=pick_device(args.device), progress=progress)
+        mesh = pipeline.run(glb)
+    except (ValueError, PriorLoadError) as exc:
+        raise usage_from(exc) from None
+    finally:
+        progress.close()
+    print(f"wrote {glb} ({len(mesh.faces)} faces) in {pipeline.timings['total_s']:.1f} s")
+    return pipeline.views
+
+
+def _views_only(args: argparse.Namespace):
+    """The views alone: ``generate_views`` on the default rig."""
     from engine_server.cameras import look_at, orbit_position
-    from engine_server.cli import UsageError, pick_device, usage_from
+    from engine_server.cli import pick_device, usage_from
     from engine_server.guidance import PriorLoadError, load_prior
     from engine_server.multiview import (
         DEFAULT_ELEVATION,
@@ -40,11 +91,6 @@ def cmd_multiview(args: argparse.Namespace) -> int:
         generate_views,
     )
 
-    if args.prompt is None and args.image is None:
-        raise UsageError("give a PROMPT or --image REF.png")
-    if args.views < 2:
-        raise UsageError(f"--views must be >= 2, got {args.views}")
-    out = Path(args.out)
     try:
         prior = load_prior(args.model, device=pick_device(args.device))
         res = int(getattr(prior, "resolution", 32))
@@ -61,19 +107,9 @@ def cmd_multiview(args: argparse.Namespace) -> int:
             reference = ViewReference(img, look_at(orbit_position(0.0, DEFAULT_ELEVATION, dist)), fov)
         rig = default_rig(args.views, dist, fov, res)
         cfg = MultiViewConfig(strategy=args.strategy, steps=args.steps, seed=args.seed)
-        result = generate_views(prior, rig, prompt=args.prompt, reference=reference, config=cfg)
+        return generate_views(prior, rig, prompt=args.prompt, reference=reference, config=cfg)
     except (ValueError, PriorLoadError) as exc:
         raise usage_from(exc) from None
-    out.mkdir(parents=True, exist_ok=True)
-    cams = []
-    for i, (img, m) in enumerate(zip(result.images, result.masks)):
-        Image.fromarray((img.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)).save(out / f"view_{i:02d}.png")
-        Image.fromarray(m.numpy().astype(np.uint8) * 255).save(out / f"mask_{i:02d}.png")
-        cams.append({"image": f"view_{i:02d}.png", "mask": f"mask_{i:02d}.png", "c2w": result.c2w[i].tolist(),
-                     "fov_y_deg": float(result.fovs[i]), "agreement": float(result.agreement[i])})
-    (out / "cameras.json").write_text(json.dumps({"strategy": result.strategy, "views": cams}, indent=2))
-    print(f"wrote {len(cams)} views to {out} (silhouette agreement mean {float(result.agreement.mean()):.3f})")
-    return 0
 
 
 def cmd_generate_image(args: argparse.Namespace) -> int:

@@ -15,6 +15,10 @@ comes from the strategy (``MultiViewConfig.strategy``):
   already known (the anchor / reference first), so neighbours agree; slower (one sampling per view).
 - ``"independent"``: every view from the prompt / reference alone (the baseline agreement is measured against).
 
+A multi-view prior (``views_per_sample`` > 1, MVDream-style) samples the rig jointly instead, whatever
+the strategy: groups of that many views are denoised together, its cross-view attention making them
+agree (the last group padded with repeats of its last camera); the result's strategy is ``"joint"``.
+
 Returned masks come from the prior's plain background colour; ``agreement`` is the per-view
 IoU of each silhouette with the visual hull of all of them (:func:`silhouette_agreement`).
 """
@@ -25,6 +29,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Callable
 
+import numpy as np
 import torch
 
 from engine_server.cameras import Camera, azimuth_elevation
@@ -91,6 +96,11 @@ class MultiViewResult:
     """The sampling strategy used."""
     extras: dict = field(default_factory=dict)
     """Anything else worth logging (timings)."""
+
+    def strip(self) -> np.ndarray:
+        """The views side by side, (R, N * R, 3) uint8: a preview of the whole set."""
+        row = torch.cat(list(self.images.float().cpu()), dim=2)
+        return (row.permute(1, 2, 0).clamp(0, 1) * 255).round().byte().numpy()
 
     @property
     def cameras(self) -> list[Camera]:
@@ -198,7 +208,9 @@ def generate_views(
         raise ValueError("this prior is a novel-view (image-conditioned) model: pass a reference image")
     if reference is not None and getattr(prior, "kind", "multiview") == "text":
         raise ValueError("this prior is text-only: it cannot generate novel views of a reference image")
-    # TODO(multiview): priors with views_per_sample > 1 (MVDream) could sample the rig jointly.
+    group = int(getattr(prior, "views_per_sample", 1) or 1)
+    if group > 1 and reference is not None:
+        raise ValueError("this multi-view prior draws views from a prompt only: it cannot take a reference image")
     sampler = DDIMSampler(prior, config.steps, config.guidance_scale)
     gen = torch.Generator().manual_seed(config.seed)
     if config.shared_noise:
@@ -209,7 +221,8 @@ def generate_views(
     images: list[torch.Tensor | None] = [None] * n
 
     def draw(idx: list[int], ref: ViewReference | None) -> None:
-        out = sampler.sample(_conditioning(prompt, ref), c2w[idx], noise[idx])
+        batch = idx + idx[-1:] * (-len(idx) % group)  # a multi-view prior denoises whole groups
+        out = sampler.sample(_conditioning(prompt, ref), c2w[batch], noise[batch])
         for k, i in enumerate(idx):
             images[i] = out[k].cpu()
         if progress is not None:
@@ -217,7 +230,11 @@ def generate_views(
 
     anchor = reference
     todo = list(range(n))
-    if config.strategy == "independent":
+    strategy = "joint" if group > 1 else config.strategy
+    if strategy == "joint":
+        for start in range(0, n, group):
+            draw(todo[start:start + group], None)
+    elif strategy == "independent":
         draw(todo, reference)
     else:
         if anchor is None:  # text: the first camera's view anchors the others
@@ -251,7 +268,7 @@ def generate_views(
             all_fovs = torch.cat([fovs, torch.tensor([float(reference.fov_y_deg)])])
     agreement = silhouette_agreement(all_masks, all_c2w, all_fovs)[:n]
     az, el = azimuth_elevation(c2w)
-    logger.info("generated %d views (%s) in %.1f s; silhouette agreement %s", n, config.strategy,
+    logger.info("generated %d views (%s) in %.1f s; silhouette agreement %s", n, strategy,
                 time.perf_counter() - t0, ", ".join(f"{v:.2f}" for v in agreement.tolist()))
-    return MultiViewResult(imgs, c2w, fovs, masks, agreement, config.strategy,
+    return MultiViewResult(imgs, c2w, fovs, masks, agreement, strategy,
                            {"seconds": time.perf_counter() - t0, "azimuth": az.tolist(), "elevation": el.tolist()})

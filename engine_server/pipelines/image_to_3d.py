@@ -223,10 +223,11 @@ class ImageFitConfig:
 class ImageTo3DRequest:
     """One image-to-3D job (the fields TextTo3D reads keep their names and meanings)."""
 
-    image: str | Path | bytes | np.ndarray
-    """Reference image: a file path, encoded PNG / JPEG bytes, or an (H, W, 3|4) array."""
+    image: str | Path | bytes | np.ndarray | None = None
+    """Reference image: a file path, encoded PNG / JPEG bytes, or an (H, W, 3|4) array; None: the
+    prior draws the reference view from the prompt (text -> views -> 3D, the ``multiview`` job)."""
     prompt: str = ""
-    """Optional text hint for the prior (e.g. "a red cube"); empty: the image alone."""
+    """Text hint for the prior (e.g. "a red cube"); empty: the image alone. Required without an image."""
     negative_prompt: str = ""
     """What to avoid (classifier-free guidance's unconditional branch, text priors)."""
     seed: int = 0
@@ -272,8 +273,12 @@ class ImageTo3D(TextTo3D):
     ) -> None:
         from engine_server.guidance import load_prior
 
-        rgba = read_image(request.image)  # bad images fail here, before any model loads
-        mask, self.mask_source = foreground_mask(rgba)
+        rgba = None
+        if request.image is not None:
+            rgba = read_image(request.image)  # bad images fail here, before any model loads
+            mask, self.mask_source = foreground_mask(rgba)
+        elif not request.prompt.strip():
+            raise ValueError("image-to-3D needs a reference image, or a prompt to draw the reference view from")
         if prior is None:
             prior = load_prior(request.model, device=torch.device(device))
         if getattr(prior, "kind", "image") == "text":
@@ -289,8 +294,12 @@ class ImageTo3D(TextTo3D):
             dist = float(ranges.get("default_distance", 2.5))
             self.reference_fov = float(request.reference_fov or ranges.get("default_fov", 42.0))
             self.reference_c2w = look_at(orbit_position(0.0, DEFAULT_ELEVATION, dist))
-        self.reference_image, self.reference_mask = prepare_reference(
-            rgba, mask, self.background_rgb, res, recenter=request.recenter and not request.rig)
+        if rgba is not None:
+            self.reference_image, self.reference_mask = prepare_reference(
+                rgba, mask, self.background_rgb, res, recenter=request.recenter and not request.rig)
+        else:
+            self.mask_source = "generated"
+            self.reference_image, self.reference_mask = self._draw_reference(prior, request, checkpoint_dir)
         self.views: MultiViewResult | None = None
         self.field_mesh: tuple[np.ndarray, np.ndarray] | None = None
         """(vertices (V, 3) in the field's frame, i.e. the cameras' frame, faces (F, 3)) after extraction."""
@@ -301,6 +310,28 @@ class ImageTo3D(TextTo3D):
         self.background = FixedBackground(self.background_rgb).to(self.device)
         self.cameras = CameraSampler(ranges, None, self.gen)
         self.fit = request.fit
+
+    def _draw_reference(self, prior, request: ImageTo3DRequest,
+                        checkpoint_dir: str | Path | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The reference view drawn from the prompt at the reference camera: image (3, R, R), mask (R, R).
+
+        Kept beside the checkpoints, so a resumed job reconstructs the same object.
+        """
+        path = Path(checkpoint_dir) / "reference.pt" if checkpoint_dir else None
+        if path is not None and path.exists():
+            state = torch.load(path, map_location="cpu", weights_only=False)
+            return state["image"], state["mask"]
+        f = request.fit
+        cfg = MultiViewConfig(strategy="independent", steps=f.multiview_steps,
+                              guidance_scale=f.multiview_guidance_scale, seed=request.seed)
+        drawn = generate_views(prior, self.reference_c2w[None], prompt=request.prompt, config=cfg,
+                               fovs=[self.reference_fov])
+        image, mask = drawn.images[0], drawn.masks[0]
+        if int(mask.sum()) < 4:
+            raise ValueError(f"the prior drew no object for {request.prompt!r} (try another seed)")
+        if path is not None:
+            save_torch(path, {"image": image, "mask": mask})
+        return image, mask
 
     # TextTo3D.__init__ assigns a prompt-only Conditioning; this pipeline adds the reference view to it.
     @property
@@ -347,7 +378,8 @@ class ImageTo3D(TextTo3D):
 
             def report(done: int, total: int) -> None:
                 self._check_cancel()
-                self.progress(ProgressEvent("views", done, total))
+                if done < total:  # the last event carries the views themselves (below)
+                    self.progress(ProgressEvent("views", done, total))
 
             self.views = generate_views(self.prior, cams, prompt=self.request.prompt or None, reference=ref,
                                         config=cfg, progress=report)
@@ -355,6 +387,8 @@ class ImageTo3D(TextTo3D):
                 v = self.views
                 save_torch(path, {"images": v.images, "c2w": v.c2w, "fovs": v.fovs, "masks": v.masks,
                                   "agreement": v.agreement, "strategy": v.strategy, "extras": v.extras})
+        n = len(self.views.images)
+        self.progress(ProgressEvent("views", n, n, preview=self.views.strip()))
         return self.views
 
     # ---------------------------------------------------------------- coarse objective
@@ -407,7 +441,7 @@ class ImageTo3D(TextTo3D):
         result = super().run(out_path)
         views = self.views
         extra = {
-            "kind": "image",
+            "kind": "image" if self.request.image is not None else "multiview",
             "reference": {"mask_source": self.mask_source, "c2w": self.reference_c2w.tolist(),
                           "fov_y_deg": self.reference_fov,
                           "source": str(self.request.image) if isinstance(self.request.image, (str, Path)) else None},

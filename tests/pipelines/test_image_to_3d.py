@@ -210,3 +210,65 @@ def test_alpha_mask_and_colour_key_agree_on_a_synthetic_image():
     rgba[10:30, 12:28, 3] = 1.0
     by_alpha, how = foreground_mask(rgba)
     assert how == "alpha" and np.array_equal(by_alpha, by_colour)
+
+
+TEXT_ONLY = dict(prompt="a blue sphere", seed=4, views=3, fit=ImageFitConfig(views_per_step=1, multiview_steps=4))
+TINY = {**SMALL, "coarse_steps": 8, "checkpoint_every": 3, "preview_every": 1000}
+
+
+def _text_only(prior, ckpt: Path, cancel_at: int | None = None) -> tuple[ImageTo3D, list]:
+    events = []
+
+    def cancelled() -> bool:
+        coarse = [e.step for e in events if e.stage == "coarse"]
+        return cancel_at is not None and bool(coarse) and coarse[-1] >= cancel_at
+
+    return ImageTo3D(ImageTo3DRequest(overrides=dict(TINY), **TEXT_ONLY), progress=events.append,
+                     cancelled=cancelled, prior=prior, checkpoint_dir=ckpt), events
+
+
+def test_without_an_image_the_reference_is_drawn_from_the_prompt_and_a_cancelled_run_resumes(prior, tmp_path):
+    """The multiview route (text -> views -> 3D): cancel mid-fit, resume from the checkpoint, same mesh."""
+    from engine_server.pipelines.events import Cancelled
+
+    torch.set_num_threads(2)
+    whole, events = _text_only(prior, tmp_path / "whole")
+    result = whole.run(tmp_path / "whole.glb")
+    assert whole.mask_source == "generated" and (tmp_path / "whole" / "reference.pt").is_file()
+    # The drawn reference shows the prompt: blue, on the prior's cyan background.
+    ref = whole.reference_image[:, whole.reference_mask]
+    assert ref.shape[1] > 20 and float(ref[2].median()) > float(ref[0].median()) + 0.3
+    strip = next(e.preview for e in events if e.stage == "views" and e.preview is not None)
+    assert strip.shape == (32, 3 * 32, 3)
+    assert json.loads(result.glb_path.with_suffix(".json").read_text())["kind"] == "multiview"
+
+    first, _ = _text_only(prior, tmp_path / "split", cancel_at=4)
+    with pytest.raises(Cancelled):
+        first.run(tmp_path / "split.glb")
+    second, events = _text_only(prior, tmp_path / "split")
+    resumed = second.run(tmp_path / "split.glb")
+    coarse = [e.step for e in events if e.stage == "coarse"]
+    assert coarse[0] == 4, coarse  # continued after the step-3 checkpoint, not from scratch
+    assert torch.equal(second.reference_image, whole.reference_image)
+    assert torch.equal(second.views.images, whole.views.images)
+    assert np.array_equal(resumed.faces, result.faces) and np.allclose(resumed.vertices, result.vertices, atol=1e-6)
+
+
+def test_without_an_image_or_a_prompt_there_is_nothing_to_draw(prior):
+    with pytest.raises(ValueError, match="reference image, or a prompt"):
+        ImageTo3D(ImageTo3DRequest(prompt="  "), prior=prior)
+
+
+def test_multiview_cli_reconstructs_a_glb_from_the_views(tmp_path, capsys):
+    from engine_server.cli import main
+
+    rc = main(["multiview", "a red cube", "--out", str(tmp_path / "mv"), "--views", "3", "--steps", "4",
+               "--strategy", "independent", "--glb", str(tmp_path / "cube.glb"), "--fit-steps", "6"])
+    assert rc == 0, capsys.readouterr().err
+    meta = json.loads((tmp_path / "mv" / "cameras.json").read_text())
+    assert len(meta["views"]) == 3 and meta["strategy"] == "independent"
+    from engine_server.export import load_glb
+
+    assert len(load_glb(tmp_path / "cube.glb").faces) > 0
+    assert main(["multiview", "a red cube", "--out", str(tmp_path / "x"), "--glb", str(tmp_path / "x.obj")]) == 2
+    assert "--glb must be a .glb file" in capsys.readouterr().err

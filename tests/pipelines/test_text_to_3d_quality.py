@@ -91,9 +91,18 @@ def test_cone_narrows_upwards(runs):
     assert m["cone"]["taper"] < min(m[s]["taper"] for s in ("cube", "cylinder", "sphere")) - 0.05, _summary(runs)
 
 
-@pytest.mark.xfail(reason="open (issue 7): at draft step counts SDS from the 32x32 prior rounds the cube off, so "
-                          "neither its fill (0.61 vs the cylinder's 0.65 with the step-6000 weights) nor its "
-                          "mid-height section (roundness 0.88 vs 0.85) separates it from the cylinder yet",
+def test_cylinder_is_taller_than_wide_and_the_cube_is_not(runs):
+    m = {shape: runs[shape][1] for shape in PROMPTS}
+    # Smallest over largest bounding-box side: cube and sphere 1.0, the bundled vocabulary's cylinder 0.8
+    # (diameter 0.8 of its height). With the sphericity test above this tells all three apart.
+    assert m["cube"]["extent_ratio"] > 0.88, _summary(runs)
+    assert m["cylinder"]["extent_ratio"] < m["cube"]["extent_ratio"] - 0.1, _summary(runs)
+
+
+@pytest.mark.xfail(reason="known limit of the bundled prior: its own samples of a cube are rounded and as wide "
+                          "from every azimuth (27 px where the true cube is 20-26 px), so the distilled cube's "
+                          "corners are rounded: fill 0.61 (seeds 0, 1) vs the cylinder's 0.65 / 0.61, mid-height "
+                          "roundness 0.88 / 0.89 vs 0.85 / 0.92",
                    strict=False)
 def test_cube_is_boxier_than_the_cylinder(runs):
     m = {shape: runs[shape][1] for shape in PROMPTS}

@@ -184,6 +184,42 @@ def test_image_job_reconstructs_the_reference_into_a_glb(engine, tmp_path):
     assert len(load_glb(out).faces) > 0 and result.meta["kind"] == "image"
 
 
+def test_multiview_job_returns_agreeing_views_and_their_reconstruction(engine, tmp_path):
+    client = engine["client"]
+    job = client.submit("multiview", "a blue sphere", seed=3,
+                        options={**TINY, "views": 3, "multiview_strategy": "sequential", "multiview_steps": 4})
+    events = collect(client, job)
+    assert events[-1].type == "done", [(e.type, e.fields) for e in events if e.type == "failed"]
+    # The generated views arrive as one preview strip in the views stage, before the fit starts.
+    strip = next(e for e in events if e.type == "preview" and e["stage"] == "views")
+    assert (strip["image"].width, strip["image"].height) == (3 * 32, 32)
+    result = client.result(job)
+    views, c2w = result.arrays["views"].numpy(), result.arrays["view_c2w"].numpy()
+    assert views.shape == (3, 32, 32, 3) and views.dtype == np.uint8 and c2w.shape == (3, 4, 4)
+    assert result.arrays["view_fov_y_deg"].numpy().shape == (3,)
+    meta = result.meta
+    assert meta["kind"] == "multiview" and meta["views"]["strategy"] == "sequential"
+    assert len(meta["views"]["agreement"]) == 3
+    # Blue on the cyan background: the views show the prompt.
+    fg = views.reshape(-1, 3)[np.abs(views.reshape(-1, 3).astype(int) - [0, 191, 191]).max(1) > 40]
+    assert len(fg) > 30 and np.median(fg[:, 2]) > np.median(fg[:, 0]) + 60
+    out = tmp_path / "multiview.glb"
+    out.write_bytes(result.glb)
+    assert len(load_glb(out).faces) > 0
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"views": 1}, "options.views"), ({"multiview_strategy": "joint"}, "multiview_strategy"),
+    ({"multiview_steps": 0}, "multiview_steps"),
+])
+def test_multiview_job_with_a_bad_view_option_fails_naming_it(engine, options, message):
+    client = engine["client"]
+    job = client.submit("multiview", "a red cube", seed=0, options={**TINY, **options})
+    events = collect(client, job)
+    assert events[-1].type == "failed" and events[-1]["code"] == "invalid_option", events[-1].fields
+    assert message in events[-1]["message"]
+
+
 def test_texture_refine_job_keeps_the_topology_and_the_frame(engine, tmp_path):
     import trimesh
 

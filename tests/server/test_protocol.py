@@ -212,6 +212,7 @@ TRI = ([[0, 0, 0], [1, 0, 0], [0, 1, 0]], [[0, 1, 2]])
     (_submit(rig="cam"), [], "invalid", "rig"),
     (_submit(kind="image"), [], "invalid", "image"),
     (_submit(kind="refine"), [], "invalid", "mesh"),
+    (_submit(kind="multiview", prompt="  "), [], "invalid", "prompt"),
     (_submit(image={"blob": 0, "format": "png"}), [b"not a png at all, no no no no no no"], "invalid", "image"),
     (_submit(image={"blob": 0, "format": "png"}), [_ihdr_png(200, 2)], "too_large", "image"),
     (_submit(image={"blob": 0, "format": "png"}), [_ihdr_png(40, 40)], "too_large", "image"),
