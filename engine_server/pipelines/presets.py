@@ -23,6 +23,11 @@ class Preset:
     """Views rendered and scored per step."""
     render_resolution: int | None
     """Render size in pixels during distillation; None uses the prior's native resolution."""
+    progressive_start: int | None = None
+    """Render size at the first coarse step, growing linearly to the full size by ``progressive_until`` of
+    the steps (coarse shape first, at a fraction of the rays); None: the full size throughout."""
+    progressive_until: float = 0.5
+    """Fraction of the coarse steps after which distillation renders at the full size."""
     hashgrid: HashGridConfig = field(default_factory=HashGridConfig)
     """Hash-grid encoding of the field."""
     samples_per_ray: int = 64
@@ -75,6 +80,10 @@ class Preset:
                              f"with a positive sum, got {self.shading_mix}")
         if not 0.0 <= self.shading_warmup <= 1.0:
             raise ValueError(f"shading_warmup must be in [0, 1], got {self.shading_warmup}")
+        if self.progressive_start is not None and self.progressive_start < 8:
+            raise ValueError(f"progressive_start must be >= 8 pixels or None, got {self.progressive_start}")
+        if not 0.0 < self.progressive_until <= 1.0:
+            raise ValueError(f"progressive_until must be in (0, 1], got {self.progressive_until}")
         if self.refine_steps < 0:
             raise ValueError(f"preset option refine_steps must be >= 0, got {self.refine_steps}")
         if not 16 <= self.texture_size <= 8192:
@@ -87,6 +96,7 @@ PRESETS: dict[str, Preset] = {
         coarse_steps=200,
         views_per_step=4,
         render_resolution=None,
+        progressive_start=16,  # 7% off a draft on 2 CPU cores, the same shape (measured on cube and cylinder)
         hashgrid=HashGridConfig(n_levels=8, n_features=2, log2_table_size=15, base_resolution=16, max_resolution=256),
         samples_per_ray=64,
         occupancy_resolution=32,
@@ -100,6 +110,7 @@ PRESETS: dict[str, Preset] = {
         coarse_steps=2500,
         views_per_step=4,
         render_resolution=None,
+        progressive_start=64,  # a no-op for priors at 64 px or less (the bundled one draws 32)
         hashgrid=HashGridConfig(n_levels=16, n_features=2, log2_table_size=19, base_resolution=16, max_resolution=2048),
         samples_per_ray=128,
         occupancy_resolution=64,
@@ -114,6 +125,7 @@ PRESETS: dict[str, Preset] = {
         coarse_steps=6000,
         views_per_step=8,
         render_resolution=None,
+        progressive_start=128,
         hashgrid=HashGridConfig(n_levels=16, n_features=2, log2_table_size=20, base_resolution=16, max_resolution=4096),
         samples_per_ray=192,
         occupancy_resolution=128,

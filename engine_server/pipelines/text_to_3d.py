@@ -7,7 +7,8 @@ Stages, each reporting through one progress callback:
            steps is lit by deferred shading of the composited normals, with the prior's
            own world-fixed lights when it declares them (``prior.lighting``), so the
            albedo is the object's colour and the shading carries its shape; opacity
-           sparsity and an optional orientation penalty on lit steps;
+           sparsity and an optional orientation penalty on lit steps; the render size grows
+           from ``preset.progressive_start`` to the full size over the first steps;
   extract  marching tetrahedra on the field's density at a threshold found from
            the density statistics (Otsu's method on log-density), then cleanup;
   texture  xatlas unwrap + albedo baked from the field, seams dilated;
@@ -241,8 +242,9 @@ class TextTo3D:
         shading: str = "albedo",
         light_dirs: torch.Tensor | None = None,
         compute_normals: bool = False,
+        resolution: int | None = None,
     ) -> dict:
-        """Render B views c2w (B, 4, 4), fovs (B,) at the working resolution R.
+        """Render B views c2w (B, 4, 4), fovs (B,) at ``resolution`` R (None: the working resolution).
 
         shading: "albedo" | "lambertian" | "textureless"; light_dirs: (B, 3) unit directions
         towards the light per view (None: headlight). Returns image (B, 3, R, R), rays_d (B*R*R, 3)
@@ -250,7 +252,7 @@ class TextTo3D:
         """
         from engine_server.cameras import camera_rays
 
-        res = self.resolution
+        res = int(resolution or self.resolution)
         origins, dirs = [], []
         for pose, fov in zip(c2w, fovs):
             o, d = camera_rays(pose.to(self.device), float(fov), res, res)
@@ -276,6 +278,14 @@ class TextTo3D:
         with torch.no_grad():
             img = self.render_views(pose, fov, jitter=False)["image"][0]
         return (img.permute(1, 2, 0).clamp(0, 1) * 255).round().byte().cpu().numpy()
+
+    def step_resolution(self) -> int:
+        """This coarse step's render size: the preset's progressive ramp, else the working resolution."""
+        p, full = self.preset, self.resolution
+        if p.progressive_start is None or p.progressive_start >= full:
+            return full
+        t = min(self.step / max(p.progressive_until * p.coarse_steps, 1.0), 1.0)
+        return int(round(p.progressive_start + t * (full - p.progressive_start)))
 
     def _sample_shading(self) -> str:
         """This step's shading (DreamFusion's augmentation): "albedo", "lambertian" or "textureless"."""
@@ -309,7 +319,7 @@ class TextTo3D:
         Per pixel: albedo (or white, "textureless") times ambient + sum_k s_k max(0, n . l_k),
         with n the pixel's composited normal, over the background.
         """
-        b, res = len(c2w), self.resolution
+        b, res = len(c2w), out["image"].shape[-1]
         opacity = out["opacity"][:, None]
         fg = out["rgb"] - (1.0 - opacity) * out["background"]  # (N, 3) = sum_i w_i albedo_i
         if shading == "textureless":
@@ -350,12 +360,13 @@ class TextTo3D:
         lit = shading != "albedo"
         # The orientation penalty rides on lit steps, whose normals are computed anyway.
         orient = p.orientation_weight > 0 and lit
-        out = self.render_views(c2w, fovs, jitter=True, compute_normals=orient or lit)
+        out = self.render_views(c2w, fovs, jitter=True, compute_normals=orient or lit,
+                                resolution=self.step_resolution())
         image = self._shade(out, c2w, shading) if lit else out["image"]
         g = self.guidance(image, c2w.to(self.device), self.cond, self.step, p.coarse_steps)
         # Opacity sparsity keeps empty space empty (DreamFusion's opacity penalty).
         opacity = out["opacity"].clamp(1e-5, 1 - 1e-5)
-        sparsity = opacity.mean() * opacity.numel() / len(c2w)
+        sparsity = opacity.mean() * self.resolution**2  # per view, counted at the full size
         loss = g.loss + p.sparsity_weight * sparsity * len(c2w)
         logs = {"sds": float(g.loss.detach()), "sparsity": float(sparsity.detach()), "shading": shading}
         if orient:

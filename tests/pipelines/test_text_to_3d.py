@@ -138,6 +138,27 @@ def test_lit_steps_shade_with_the_priors_lights(tiny_run):
     assert not torch.allclose(lit[0][:, hit], out["image"][0][:, hit], atol=1e-3)
 
 
+def test_progressive_resolution_renders_small_first_and_full_size_from_its_end(tmp_path):
+    torch.set_num_threads(1)
+    pipe = TextTo3D(TextTo3DRequest(prompt="a red cube", seed=1, overrides={
+        **TINY, "coarse_steps": 6, "progressive_start": 16, "progressive_until": 0.5, "shading_mix": (1, 0, 0)}))
+    sizes = []
+    render = pipe.render_views
+
+    def spy(*args, **kw):  # records the training renders' size (previews are always full size)
+        out = render(*args, **kw)
+        if kw.get("jitter"):
+            sizes.append(out["image"].shape[-1])
+        return out
+
+    pipe.render_views = spy
+    pipe.coarse()
+    # Linear from 16 to the prior's 32 pixels over the first 3 of 6 steps, then full size.
+    assert pipe.resolution == 32 and sizes == [16, 21, 27, 32, 32, 32], sizes
+    with pytest.raises(ValueError, match="progressive_start"):
+        TextTo3D(TextTo3DRequest(prompt="a red cube", overrides={**TINY, "progressive_start": 4}))
+
+
 def test_bad_shading_mix_is_refused():
     with pytest.raises(ValueError, match="shading_mix"):
         TextTo3D(TextTo3DRequest(prompt="a red cube", overrides={**TINY, "shading_mix": (0.0, 0.0, 0.0)}))
