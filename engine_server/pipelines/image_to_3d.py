@@ -6,6 +6,8 @@ everything else (checkpoints, events, cancel, extraction, texture, export) is in
   views    the reference image (alpha channel, or background removal by colour on a plain
            background) is composited on the prior's background; N views are generated around
            it with the image-conditioned (novel-view) prior (:mod:`engine_server.multiview`);
+           without an image the prior first draws the reference view from the prompt
+           (text -> views -> 3D: the ``multiview`` job);
   coarse   the hash-grid field is fitted to the reference view (photometric + mask losses,
            weight ``ref_weight``) and to the generated views (weight ``view_weight``); after
            ``distill_start`` of the run, score distillation from the novel-view prior conditioned
