@@ -42,7 +42,7 @@ class TrainConfig:
     seed: int = 0
     """Seed of the model init, the data sampling and the noise."""
     steps: int = 6000
-    """Total optimisation steps (about 70 min on 2 idle CPU cores at 1.45 it/s; the shipped weights took 2.9 h on a shared machine)."""
+    """Total optimisation steps (about 70 min on 2 idle CPU cores at 1.45 it/s; the shipped weights add 2500 steps resumed at --lr 3e-4, see MODEL_CARD.md)."""
     batch_size: int = 32
     """Images per step."""
     lr: float = 1e-3
