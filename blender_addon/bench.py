@@ -18,26 +18,14 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 _CHILD = r"""
-import io, json, statistics, sys, time
+import json, statistics, sys, time
 sys.path.insert(0, {root!r})
-import numpy as np
 import bpy
-from PIL import Image
 from blender_addon import importer
+from engine_server.server import bench_result  # the object the server bench sends
 
-n_faces, tex, repeat = {faces}, {texture}, {repeat}
-side = int(np.ceil(np.sqrt(n_faces / 2)))
-g = np.linspace(-0.5, 0.5, side + 1, dtype=np.float32)
-xx, yy = np.meshgrid(g, g, indexing="ij")
-vertices = np.stack([xx.ravel(), yy.ravel(), 0.1 * np.sin(6 * xx.ravel())], 1).astype(np.float32)
-i, j = np.meshgrid(np.arange(side), np.arange(side), indexing="ij")
-a = (i * (side + 1) + j).ravel()
-faces = np.concatenate([np.stack([a, a + side + 1, a + 1], 1), np.stack([a + 1, a + side + 1, a + side + 2], 1)])
-faces = faces[:n_faces].astype(np.int32)
-uvs = (vertices[:, :2] + 0.5).astype(np.float32)
-buf = io.BytesIO()
-Image.fromarray(np.random.default_rng(0).integers(0, 256, (tex, tex, 3), dtype=np.uint8)).save(buf, "PNG", compress_level=1)
-png = buf.getvalue()
+vertices, faces, uvs, png = bench_result({faces}, {texture})
+repeat = {repeat}
 bpy.ops.wm.read_factory_settings(use_empty=True)
 
 def timed(fn):

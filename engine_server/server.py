@@ -618,6 +618,30 @@ def serve(config: ServerConfig, executor: Executor | None = None, ready: Callabl
     return 0
 
 
+def bench_result(n_faces: int, texture: int):
+    """A synthetic engine result for benchmarks: a wavy grid of ``n_faces`` triangles with per-vertex UVs and a
+    ``texture``-pixel random-noise PNG (incompressible) -> vertices (V, 3) float32, faces (F, 3) int32, uvs (V, 2)
+    float32, PNG bytes. The add-on's import benchmark times the same object."""
+    import io
+
+    import numpy as np
+    from PIL import Image as PILImage
+
+    side = int(np.ceil(np.sqrt(n_faces / 2)))
+    g = np.linspace(-0.5, 0.5, side + 1, dtype=np.float32)
+    xx, yy = np.meshgrid(g, g, indexing="ij")
+    vertices = np.stack([xx.ravel(), yy.ravel(), 0.1 * np.sin(6 * xx.ravel())], 1).astype(np.float32)
+    i, j = np.meshgrid(np.arange(side), np.arange(side), indexing="ij")
+    a = (i * (side + 1) + j).ravel()
+    faces = np.concatenate([np.stack([a, a + side + 1, a + 1], 1), np.stack([a + 1, a + side + 1, a + side + 2], 1)])
+    faces = faces[:n_faces].astype(np.int32)
+    uvs = (vertices[:, :2] + 0.5).astype(np.float32)
+    buf = io.BytesIO()
+    noise = np.random.default_rng(0).integers(0, 256, (texture, texture, 3), dtype=np.uint8)
+    PILImage.fromarray(noise).save(buf, "PNG", compress_level=1)
+    return vertices, faces, uvs, buf.getvalue()
+
+
 def bench(args) -> dict:
     """``engine-server bench server``: ping round trip, event throughput, delivery of a 100k-face textured mesh.
 
@@ -625,12 +649,8 @@ def bench(args) -> dict:
     signing on. Options read from ``args``: repeat, pings (1000), seconds of event
     streaming (2.0), faces (100000), texture (1024).
     """
-    import io
     import statistics
     import tempfile
-
-    import numpy as np
-    from PIL import Image as PILImage
 
     from engine_server.client import EngineClient
 
@@ -676,19 +696,8 @@ def bench(args) -> dict:
                          "p99_ms": float("nan"), "rate_per_s": (posted + 1) / (t_last - start)})
             rows.append({"measure": "progress events delivered (latest wins)", "n": received,
                          "median_ms": (end - t_last) * 1e3, "p99_ms": float("nan"), "rate_per_s": received / (end - start)})
-            side = int(np.ceil(np.sqrt(n_faces / 2)))
-            g = np.linspace(-0.5, 0.5, side + 1, dtype=np.float32)
-            xx, yy = np.meshgrid(g, g, indexing="ij")
-            vertices = np.stack([xx.ravel(), yy.ravel(), 0.1 * np.sin(6 * xx.ravel())], 1).astype(np.float32)
-            i, j = np.meshgrid(np.arange(side), np.arange(side), indexing="ij")
-            a = (i * (side + 1) + j).ravel()
-            faces = np.concatenate([np.stack([a, a + side + 1, a + 1], 1), np.stack([a + 1, a + side + 1, a + side + 2], 1)])
-            faces = faces[:n_faces].astype(np.int32)
-            uvs = (vertices[:, :2] + 0.5).astype(np.float32)
-            buf = io.BytesIO()
-            noise = np.random.default_rng(0).integers(0, 256, (tex, tex, 3), dtype=np.uint8)
-            PILImage.fromarray(noise).save(buf, "PNG", compress_level=1)
-            texture = protocol.Image.from_png(buf.getvalue())
+            vertices, faces, uvs, png = bench_result(n_faces, tex)
+            texture = protocol.Image.from_png(png)
             size = vertices.nbytes + faces.nbytes + uvs.nbytes + len(texture.data)
             times = []
             for r in range(repeat):
