@@ -211,15 +211,20 @@ def run_pipeline(pipeline_factory: Callable[..., Any], request: dict[str, Any], 
     return Result(glb=glb, arrays={"vertices": vertices, "faces": faces, "uvs": uvs, "texture": texture}, meta=meta)
 
 
+def _prepare(ctx: RunContext, request: dict[str, Any], job_dir: Path,
+             run_keys: tuple[str, ...] = RUN_OPTIONS) -> tuple[dict[str, Any], dict[str, Any], str, Any, int]:
+    """What every kind starts with: (run settings, preset overrides, model name, its loaded prior, seed)."""
+    run, overrides = split_options(request, run_keys)
+    model = run.get("model") or ctx.config.model
+    return run, overrides, model, ctx.prior(model), job_seed(request, job_dir)
+
+
 def run_text(ctx: RunContext, request: dict[str, Any], job_dir: Path, events: EventSink,
              cancelled: Callable[[], bool], checkpoint: CheckpointStore) -> Result:
     """A ``text`` job: TextTo3D with the request's prompt, seed, preset, options and rig."""
     from engine_server.pipelines.text_to_3d import TextTo3D, TextTo3DRequest
 
-    run, overrides = split_options(request)
-    model = run.get("model") or ctx.config.model
-    prior = ctx.prior(model)
-    seed = job_seed(request, job_dir)
+    run, overrides, model, prior, seed = _prepare(ctx, request, job_dir)
     req = TextTo3DRequest(
         prompt=request["prompt"], negative_prompt=request.get("negative_prompt") or "", seed=seed,
         preset=request.get("preset") or "draft", model=model, guidance=run.get("guidance", "sds"),
@@ -263,10 +268,7 @@ def run_image(ctx: RunContext, request: dict[str, Any], job_dir: Path, events: E
     generated views too: ``views`` (N, R, R, 3) uint8, ``view_c2w`` (N, 4, 4), ``view_fov_y_deg`` (N,)."""
     from engine_server.pipelines.image_to_3d import ImageTo3D, ImageTo3DRequest
 
-    run, overrides = split_options(request, RUN_OPTIONS + VIEW_OPTIONS)
-    model = run.get("model") or ctx.config.model
-    prior = ctx.prior(model)
-    seed = job_seed(request, job_dir)
+    run, overrides, model, prior, seed = _prepare(ctx, request, job_dir, RUN_OPTIONS + VIEW_OPTIONS)
     extra = {"guidance_scale": run["guidance_scale"]} if "guidance_scale" in run else {}
     image = request.get("image")
     req = ImageTo3DRequest(
@@ -297,10 +299,7 @@ def run_refine(ctx: RunContext, request: dict[str, Any], job_dir: Path, events: 
     """A ``refine`` job: RefineMesh on the request's mesh (its matrix_world as the world matrix), mode, options."""
     from engine_server.pipelines.refine import RefineMesh, RefineMeshRequest
 
-    run, overrides = split_options(request)
-    model = run.get("model") or ctx.config.model
-    prior = ctx.prior(model)
-    seed = job_seed(request, job_dir)
+    _, overrides, model, prior, seed = _prepare(ctx, request, job_dir)  # refine has no run settings beyond the model
     mesh = request["mesh"]
     matrix = mesh.get("matrix_world")
     req = RefineMeshRequest(
