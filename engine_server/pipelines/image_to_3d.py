@@ -39,7 +39,7 @@ from engine_server.multiview import (
 )
 from engine_server.pipelines.checkpoint import save_torch
 from engine_server.pipelines.events import ProgressCallback, ProgressEvent
-from engine_server.pipelines.text_to_3d import CameraSampler, TextTo3D, TextTo3DResult
+from engine_server.pipelines.text_to_3d import CameraSampler, TextTo3D, TextTo3DRequest, TextTo3DResult
 
 logger = logging.getLogger(__name__)
 
@@ -222,30 +222,18 @@ class ImageFitConfig:
 
 
 @dataclass
-class ImageTo3DRequest:
-    """One image-to-3D job (the fields TextTo3D reads keep their names and meanings)."""
+class ImageTo3DRequest(TextTo3DRequest):
+    """One image-to-3D job: a text-to-3D request (the fields TextTo3D reads) plus the reference and its views."""
 
-    image: str | Path | bytes | np.ndarray | None = None
-    """Reference image: a file path, encoded PNG / JPEG bytes, or an (H, W, 3|4) array; None: the
-    prior draws the reference view from the prompt (text -> views -> 3D, the ``multiview`` job)."""
     prompt: str = ""
     """Text hint for the prior (e.g. "a red cube"); empty: the image alone. Required without an image."""
-    negative_prompt: str = ""
-    """What to avoid (classifier-free guidance's unconditional branch, text priors)."""
-    seed: int = 0
-    """Seed of every random choice."""
-    preset: str = "draft"
-    """Preset name (draft | standard | high)."""
-    model: str = "bundled"
-    """Prior: "bundled", a local diffusers folder (Zero123 family) or a hub id."""
-    guidance: str = "sds"
-    """Distillation mode: "sds" (VSD needs a prior with a UNet)."""
-    overrides: dict = field(default_factory=dict)
-    """Preset values to override, e.g. {"coarse_steps": 100}."""
     rig: list[Camera] | None = None
     """Cameras: the first is the reference image's camera, the others where views are generated."""
     guidance_scale: float | None = 3.0
     """Classifier-free guidance scale of the distillation; None uses the prior's recommended value."""
+    image: str | Path | bytes | np.ndarray | None = None
+    """Reference image: a file path, encoded PNG / JPEG bytes, or an (H, W, 3|4) array; None: the
+    prior draws the reference view from the prompt (text -> views -> 3D, the ``multiview`` job)."""
     views: int = 7
     """Views in the default rig (a ring plus an overhead view) when the rig gives no other cameras."""
     reference_fov: float | None = None
