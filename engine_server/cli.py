@@ -191,10 +191,28 @@ class StageBars:
             bar.close()
 
 
+def run_in_process(build, out, previews=None):
+    """Build a pipeline with progress bars (``build(progress=...)``) and run it into ``out`` -> (pipeline, result).
+
+    A bad input (image, mesh, prompt words, preset values) or a missing model becomes one UsageError line.
+    """
+    from engine_server.guidance import PriorLoadError
+
+    progress = StageBars(previews)
+    try:
+        pipeline = build(progress=progress)
+        result = pipeline.run(out)
+    except (ValueError, PriorLoadError) as exc:
+        raise usage_from(exc) from None
+    finally:
+        progress.close()
+    return pipeline, result
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
+    from functools import partial
     from pathlib import Path
 
-    from engine_server.guidance import PriorLoadError
     from engine_server.pipelines.text_to_3d import TextTo3D, TextTo3DRequest
 
     if getattr(args, "image", None):
@@ -208,14 +226,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
         prompt=args.prompt, seed=args.seed, preset=args.preset, model=args.model, guidance=args.guidance,
         overrides={"coarse_steps": args.steps} if args.steps else {},
     )
-    progress = StageBars(Path(args.previews) if args.previews else None)
-    try:
-        pipeline = TextTo3D(request, device=pick_device(args.device), progress=progress)
-        result = pipeline.run(out)
-    except (ValueError, PriorLoadError) as exc:  # unknown prompt words, bad preset values, missing model
-        raise usage_from(exc) from None
-    finally:
-        progress.close()
+    pipeline, result = run_in_process(partial(TextTo3D, request, device=pick_device(args.device)), out,
+                                      Path(args.previews) if args.previews else None)
     total = pipeline.timings["total_s"]
     print(f"wrote {out} ({len(result.faces)} faces, texture {result.texture.shape[0]}px) in {total:.1f} s")
     return 0

@@ -287,7 +287,7 @@ def run_image(ctx: RunContext, request: dict[str, Any], job_dir: Path, events: E
     result = run_pipeline(factory, request, job_dir, events, cancelled, checkpoint, meta)
     views = pipelines[-1].views
     result.arrays.update(
-        views=np.ascontiguousarray((views.images.permute(0, 2, 3, 1).clamp(0, 1) * 255).round().byte().numpy()),
+        views=np.ascontiguousarray(views.images_uint8()),
         view_c2w=views.c2w.numpy().astype(np.float32), view_fov_y_deg=views.fovs.numpy().astype(np.float32))
     result.meta["views"] = {"count": len(views.images), "strategy": views.strategy,
                             "agreement": [round(float(a), 4) for a in views.agreement]}

@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+from functools import partial
 from pathlib import Path
 
 logger = logging.getLogger(__name__)
@@ -45,8 +46,8 @@ def cmd_multiview(args: argparse.Namespace) -> int:
         result = _views_only(args)
     out.mkdir(parents=True, exist_ok=True)
     cams = []
-    for i, (img, m) in enumerate(zip(result.images, result.masks)):
-        Image.fromarray((img.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)).save(out / f"view_{i:02d}.png")
+    for i, (img, m) in enumerate(zip(result.images_uint8(), result.masks)):
+        Image.fromarray(img).save(out / f"view_{i:02d}.png")
         Image.fromarray(m.numpy().astype(np.uint8) * 255).save(out / f"mask_{i:02d}.png")
         cams.append({"image": f"view_{i:02d}.png", "mask": f"mask_{i:02d}.png", "c2w": result.c2w[i].tolist(),
                      "fov_y_deg": float(result.fovs[i]), "agreement": float(result.agreement[i])})
@@ -57,8 +58,7 @@ def cmd_multiview(args: argparse.Namespace) -> int:
 
 def _reconstruct(args: argparse.Namespace):
     """``multiview --glb``: the image-to-3D pipeline (reference drawn from the prompt without --image); its views."""
-    from engine_server.cli import StageBars, output_glb, pick_device, usage_from
-    from engine_server.guidance import PriorLoadError
+    from engine_server.cli import output_glb, pick_device, run_in_process
     from engine_server.pipelines.image_to_3d import ImageFitConfig, ImageTo3D, ImageTo3DRequest
 
     glb = output_glb(args.glb, args.fit_steps, flag="--glb", steps_flag="--fit-steps")
@@ -66,14 +66,7 @@ def _reconstruct(args: argparse.Namespace):
                                views=args.views,
                                overrides={"coarse_steps": args.fit_steps} if args.fit_steps else {},
                                fit=ImageFitConfig(multiview_strategy=args.strategy, multiview_steps=args.steps))
-    progress = StageBars()
-    try:
-        pipeline = ImageTo3D(request, device=pick_device(args.device), progress=progress)
-        mesh = pipeline.run(glb)
-    except (ValueError, PriorLoadError) as exc:
-        raise usage_from(exc) from None
-    finally:
-        progress.close()
+    pipeline, mesh = run_in_process(partial(ImageTo3D, request, device=pick_device(args.device)), glb)
     print(f"wrote {glb} ({len(mesh.faces)} faces) in {pipeline.timings['total_s']:.1f} s")
     return pipeline.views
 
@@ -114,21 +107,14 @@ def _views_only(args: argparse.Namespace):
 
 def cmd_generate_image(args: argparse.Namespace) -> int:
     """``engine-server generate --image REF.png --out X.glb [PROMPT]``: image to 3D, in-process."""
-    from engine_server.cli import StageBars, output_glb, pick_device, usage_from
-    from engine_server.guidance import PriorLoadError
+    from engine_server.cli import output_glb, pick_device, run_in_process
     from engine_server.pipelines.image_to_3d import ImageTo3D, ImageTo3DRequest
 
     out = output_glb(args.out, args.steps)
     request = ImageTo3DRequest(image=args.image, prompt=args.prompt or "", seed=args.seed, preset=args.preset,
                                model=args.model, guidance=args.guidance,
                                overrides={"coarse_steps": args.steps} if args.steps else {})
-    progress = StageBars(Path(args.previews) if getattr(args, "previews", None) else None)
-    try:
-        pipeline = ImageTo3D(request, device=pick_device(args.device), progress=progress)
-        result = pipeline.run(out)
-    except (ValueError, PriorLoadError) as exc:  # bad image (BadImageError), unknown words, missing model
-        raise usage_from(exc) from None
-    finally:
-        progress.close()
+    pipeline, result = run_in_process(partial(ImageTo3D, request, device=pick_device(args.device)), out,
+                                      Path(args.previews) if getattr(args, "previews", None) else None)
     print(f"wrote {out} ({len(result.faces)} faces) in {pipeline.timings['total_s']:.1f} s")
     return 0

@@ -97,10 +97,13 @@ class MultiViewResult:
     extras: dict = field(default_factory=dict)
     """Anything else worth logging (timings)."""
 
+    def images_uint8(self) -> np.ndarray:
+        """The views as (N, R, R, 3) uint8 (image files, wire arrays)."""
+        return (self.images.float().cpu().permute(0, 2, 3, 1).clamp(0, 1) * 255).round().byte().numpy()
+
     def strip(self) -> np.ndarray:
         """The views side by side, (R, N * R, 3) uint8: a preview of the whole set."""
-        row = torch.cat(list(self.images.float().cpu()), dim=2)
-        return (row.permute(1, 2, 0).clamp(0, 1) * 255).round().byte().numpy()
+        return np.concatenate(list(self.images_uint8()), axis=1)
 
     @property
     def cameras(self) -> list[Camera]:

@@ -55,24 +55,20 @@ def _load_mesh(path: Path):
 
 
 def cmd_refine(args: argparse.Namespace) -> int:
-    from engine_server.cli import StageBars, output_glb, pick_device, usage_from
-    from engine_server.guidance import PriorLoadError
+    from engine_server.cli import output_glb, pick_device, run_in_process
     from engine_server.pipelines.refine import RefineMesh, RefineMeshRequest
 
     out = output_glb(args.out, args.steps)
-    progress = StageBars()
-    try:
+
+    def build(progress):  # a broken mesh file fails here, as one line like every other bad input
         vertices, faces, uvs = _load_mesh(Path(args.mesh))
         request = RefineMeshRequest(
             prompt=args.prompt, vertices=vertices, faces=faces, uvs=uvs, mode=args.mode, seed=args.seed,
             preset=args.preset, model=args.model, overrides={"steps": args.steps} if args.steps else {},
         )
-        pipeline = RefineMesh(request, device=pick_device(args.device), progress=progress)
-        result = pipeline.run(out)
-    except (ValueError, PriorLoadError) as exc:  # broken mesh, unknown prompt words, bad options, missing model
-        raise usage_from(exc) from None
-    finally:
-        progress.close()
+        return RefineMesh(request, device=pick_device(args.device), progress=progress)
+
+    pipeline, result = run_in_process(build, out)
     print(f"wrote {out} ({len(result.faces)} faces, texture {result.texture.shape[0]}px, mode {args.mode}) "
           f"in {pipeline.timings['total_s']:.1f} s")
     return 0
