@@ -4,10 +4,9 @@
     python build_addon.py --no-wheels      # offline and fast: pyzmq must already be importable in Blender
     python build_addon.py --wheel-dir DIR  # use the pyzmq wheels already in DIR
 
-The engine's client and protocol (``engine_server/client.py`` and the modules it
-imports from ``engine_server``: ``protocol.py``, ``auth.py``) are copied into the zip
-as the subpackage ``engine_client`` with their ``engine_server`` imports made
-relative, so the add-on and the engine share one source and never drift.
+The engine's wire package (``engine_server/wire/``: auth, protocol, client) is copied
+into the zip as the subpackage ``engine_client`` with its ``engine_server.wire``
+imports made relative, so the add-on and the engine share one source and never drift.
 
 Wheels: ``pip download --only-binary=:all: --python-version 3.11 pyzmq`` for each of
 Blender's platforms (linux-x64, windows-x64, macos-arm64, macos-x64; pyzmq ships one
@@ -30,7 +29,8 @@ logger = logging.getLogger(__name__)
 
 ROOT = Path(__file__).resolve().parent
 ADDON_DIR = ROOT / "blender_addon"
-ENGINE_DIR = ROOT / "engine_server"
+WIRE_DIR = ROOT / "engine_server" / "wire"
+"""The torch-free, bpy-free package the add-on carries."""
 CLIENT_PACKAGE = "engine_client"
 """Name of the subpackage holding the copied engine modules inside the add-on."""
 PYTHON_VERSION = "3.11"
@@ -49,7 +49,7 @@ WHEEL_PLATFORMS: dict[str, tuple[str, ...]] = {
     "macos-x64": ("x86_64", "universal2", "intel"),
 }
 """Blender platform -> substrings of a wheel's platform tag that serve it."""
-_IMPORT_RE = re.compile(r"^(\s*)from engine_server(\.(\w+))? import ", re.M)
+_IMPORT_RE = re.compile(r"^(\s*)from engine_server\.wire(\.\w+)? import ", re.M)
 
 
 class BuildError(Exception):
@@ -78,31 +78,18 @@ def read_manifest(path: Path = ADDON_DIR / "blender_manifest.toml") -> dict:
         return tomllib.load(f)
 
 
-def engine_sources(start: str = "client") -> dict[str, str]:
-    """The engine modules the client needs (``name -> source``), imports rewritten relative to ``engine_client``."""
+def engine_sources() -> dict[str, str]:
+    """Every module of ``engine_server/wire`` (``name -> source``), imports rewritten relative to ``engine_client``."""
     out: dict[str, str] = {}
-    todo = [start]
-    while todo:
-        name = todo.pop()
-        if name in out:
-            continue
-        path = ENGINE_DIR / f"{name}.py"
-        if not path.exists():
-            raise BuildError(f"the engine client imports engine_server.{name}, which is not a module file ({path})")
+    for path in sorted(WIRE_DIR.glob("*.py")):
         text = path.read_text(encoding="utf-8")
-        for match in _IMPORT_RE.finditer(text):
-            if match.group(3):
-                todo.append(match.group(3))
-            else:  # from engine_server import a, b
-                line = text[match.end(): text.index("\n", match.end())]
-                todo.extend(n.strip().split(" as ")[0] for n in line.split(",") if n.strip())
-        rewritten = _IMPORT_RE.sub(lambda m: f"{m.group(1)}from .{m.group(3) or ''} import ", text)
+        rewritten = _IMPORT_RE.sub(lambda m: f"{m.group(1)}from .{(m.group(2) or '')[1:]} import ", text)
         if re.search(r"^\s*(import engine_server|from engine_server)", rewritten, re.M):
-            raise BuildError(f"engine_server/{name}.py keeps an absolute engine_server import the build cannot rewrite")
+            raise BuildError(f"{path} imports engine_server outside the wire package; the add-on cannot carry it")
         if re.search(r"^\s*(import|from)\s+(torch|bpy)\b", rewritten, re.M):
-            raise BuildError(f"engine_server/{name}.py imports torch or bpy; the add-on cannot carry it")
-        out[name] = (f"# Copied from engine_server/{name}.py by build_addon.py: edit the original, not this copy.\n"
-                     + rewritten)
+            raise BuildError(f"{path} imports torch or bpy; the add-on cannot carry it")
+        out[path.stem] = (f"# Copied from engine_server/wire/{path.name} by build_addon.py: edit the original, "
+                          f"not this copy.\n" + rewritten)
     return out
 
 
@@ -197,8 +184,6 @@ def build(out_dir: Path = ROOT / "dist", *, wheels: str | Path = "download", pla
 
 
 def _write_engine(zf: zipfile.ZipFile, prefix: str, engine: dict[str, str]) -> None:
-    zf.writestr(f"{prefix}{CLIENT_PACKAGE}/__init__.py",
-                '"""The engine\'s client, protocol and auth modules, copied in by build_addon.py."""\n')
     for name, text in sorted(engine.items()):
         zf.writestr(f"{prefix}{CLIENT_PACKAGE}/{name}.py", text)
 

@@ -22,7 +22,7 @@ import json, statistics, sys, time
 sys.path.insert(0, {root!r})
 import bpy
 from blender_addon import importer
-from engine_server.server import bench_result  # the object the server bench sends
+from engine_server.service.bench import bench_result  # the object the server bench sends
 
 vertices, faces, uvs, png = bench_result({faces}, {texture})
 repeat = {repeat}

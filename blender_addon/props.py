@@ -26,7 +26,7 @@ class Generate3DPreferences(bpy.types.AddonPreferences):
     auto_start: BoolProperty(name="Start Engine Automatically", default=False,
                              description="Start a local engine with the command below when none answers")
     engine_command: StringProperty(name="Engine Command", default="engine-server serve",
-                                   description="Command line that starts a local engine (e.g. /path/to/python -m engine_server.cli serve)")
+                                   description="Command line that starts a local engine (e.g. /path/to/python -m engine_server serve)")
     timeout_s: FloatProperty(name="Request Timeout (s)", default=5.0, min=0.5, max=120.0,
                              description="Longest wait for one reply from the engine")
     job_timeout_s: FloatProperty(name="Background Job Timeout (s)", default=900.0, min=1.0, max=86400.0,

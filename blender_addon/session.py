@@ -1,7 +1,7 @@
 """The add-on's connection to the engine, free of ``bpy``: jobs, their latest state, a local engine process.
 
 Everything here runs on Blender's main thread; there is no network thread. The
-engine client (``engine_server/client.py``, copied into the add-on by
+engine client (``engine_server/wire/client.py``, copied into the add-on by
 ``build_addon.py`` as ``engine_client``) never blocks in :meth:`Session.drain`
 (``poll_events(0)``), and every request it makes has a timeout. The session owns its
 own ZeroMQ context, so :meth:`Session.close` (sockets closed with linger 0, then the
@@ -44,8 +44,8 @@ def client_modules() -> tuple[Any, Any]:
         if exc.name not in (f"{package}.engine_client", f"{package}.engine_client.client"):
             raise
         try:
-            client = importlib.import_module("engine_server.client")
-            protocol = importlib.import_module("engine_server.protocol")
+            client = importlib.import_module("engine_server.wire.client")
+            protocol = importlib.import_module("engine_server.wire.protocol")
         except ModuleNotFoundError as exc2:
             if exc2.name == "zmq":
                 raise SessionError("pyzmq is not available to Blender's Python") from None

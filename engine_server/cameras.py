@@ -91,3 +91,36 @@ def camera_rays(c2w: torch.Tensor, fov_y_deg: float, width: int, height: int) ->
     dirs = dirs / dirs.norm(dim=-1, keepdim=True)
     origins = c2w[..., None, None, :3, 3].expand_as(dirs)
     return origins, dirs
+
+
+class CameraSampler:
+    """Random training views: orbits around the object, or jittered copies of rig cameras."""
+
+    def __init__(self, ranges: dict, rig: list[Camera] | None, generator: torch.Generator) -> None:
+        self.distance = tuple(ranges.get("distance", (2.2, 2.8)))
+        self.fov = tuple(ranges.get("fov", (38.0, 46.0)))
+        self.elevation = tuple(ranges.get("elevation", (-10.0, 60.0)))
+        self.rig = rig
+        self.gen = generator
+
+    def _uniform(self, lo: float, hi: float) -> float:
+        return lo + (hi - lo) * float(torch.rand((), generator=self.gen))
+
+    def sample(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(n, 4, 4) camera-to-world and (n,) vertical FOVs in degrees."""
+        poses, fovs = [], []
+        for _ in range(n):
+            if self.rig:
+                cam = self.rig[int(torch.randint(len(self.rig), (), generator=self.gen))]
+                eye = cam.c2w[:3, 3].float()
+                dist = float(eye.norm().clamp_min(1e-3))
+                # Stay near the rig camera's direction, at the prior's distance, looking at the object.
+                direction = eye / dist + 0.15 * torch.randn(3, generator=self.gen)
+                eye = direction / direction.norm() * self._uniform(*self.distance)
+                poses.append(look_at(eye))
+            else:
+                az = self._uniform(0.0, 360.0)
+                el = self._uniform(*self.elevation)
+                poses.append(look_at(orbit_position(az, el, self._uniform(*self.distance))))
+            fovs.append(self._uniform(*self.fov))
+        return torch.stack(poses), torch.tensor(fovs)

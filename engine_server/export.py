@@ -359,3 +359,34 @@ def load_glb(path: str | os.PathLike[str]) -> LoadedGLB:
                 image = image.convert("RGBA" if "A" in image.getbands() else "RGB")
             texture = np.asarray(image, dtype=np.uint8).copy()
     return LoadedGLB(vertices=vertices, faces=faces, uvs=uvs, texture=texture)
+
+
+def read_mesh_file(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """(vertices, faces, uvs or None) of a mesh file, engine coordinates; ValueError naming the file when unusable.
+
+    GLB / glTF go through :func:`load_glb` (UVs kept); anything else trimesh reads (OBJ, PLY, STL) without UVs.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"no such mesh file: {path}")
+    if path.suffix.lower() in (".glb", ".gltf"):
+        try:
+            loaded = load_glb(path)
+        except (ValueError, OSError, KeyError, IndexError) as exc:
+            raise ValueError(f"cannot read {path} as a glTF mesh: {exc}") from None
+        return loaded.vertices, loaded.faces, loaded.uvs
+    import trimesh
+
+    try:
+        mesh = trimesh.load(path, force="mesh", process=False)
+    except (ValueError, OSError, KeyError, IndexError) as exc:
+        raise ValueError(f"cannot read {path} as a mesh: {exc}") from None
+    if not isinstance(mesh, trimesh.Trimesh) or len(mesh.faces) == 0:
+        raise ValueError(f"{path} holds no triangle mesh")
+    return np.asarray(mesh.vertices), np.asarray(mesh.faces), None
+
+
+def object_name(prompt: str, prefix: str = "") -> str:
+    """A GLB node name from the prompt: its words without articles, joined by underscores."""
+    words = [w for w in prompt.lower().replace(",", " ").split() if w not in {"a", "an", "the"}]
+    return (prefix + "_".join(words))[:60] if words else (prefix.rstrip("_") or "generated")

@@ -71,6 +71,10 @@ def mesh_stats(vertices: ArrayLike, faces: ArrayLike) -> MeshStats:
     )
 
 
+MIN_PIECE_FRACTION = 0.05
+"""Extracted surfaces keep only pieces with at least this share of the area (floaters and bubbles go)."""
+
+
 def clean_mesh(
     vertices: ArrayLike,
     faces: ArrayLike,

@@ -5,7 +5,7 @@
     result = generate_views(prior, rig, prompt="a red cube")            # or reference=ViewReference(...)
     result.images (N, 3, R, R), result.c2w (N, 4, 4), result.masks (N, R, R), result.agreement (N,)
 
-Names are imported lazily, so ``engine_server.multiview.commands`` (the CLI) loads without torch.
+Names are imported lazily, so ``engine_server.cli.make`` (the CLI) loads without torch.
 """
 from __future__ import annotations
 

@@ -14,7 +14,7 @@ import torch
 
 def save_torch(path: Path, state: dict) -> None:
     """``torch.save`` to ``path`` atomically (temp file, fsync, rename)."""
-    from engine_server.jobs import atomic_write
+    from engine_server.service.jobs import atomic_write
 
     buf = io.BytesIO()
     torch.save(state, buf)

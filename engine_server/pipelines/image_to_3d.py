@@ -28,7 +28,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from engine_server.cameras import Camera, azimuth_elevation, look_at, orbit_position
+from engine_server.cameras import Camera, CameraSampler, azimuth_elevation, look_at, orbit_position
 from engine_server.multiview import (
     DEFAULT_ELEVATION,
     MultiViewConfig,
@@ -39,7 +39,7 @@ from engine_server.multiview import (
 )
 from engine_server.pipelines.checkpoint import save_torch
 from engine_server.pipelines.events import ProgressCallback, ProgressEvent
-from engine_server.pipelines.text_to_3d import CameraSampler, TextTo3D, TextTo3DRequest, TextTo3DResult
+from engine_server.pipelines.text_to_3d import TextTo3D, TextTo3DRequest, TextTo3DResult
 
 logger = logging.getLogger(__name__)
 

@@ -137,6 +137,9 @@ PRESETS: dict[str, Preset] = {
     ),
 }
 
+DEFAULT_PRESET = "draft"
+"""The preset a request gets when it names none: the one that runs on a CPU."""
+
 
 def get_preset(name: str, **overrides) -> Preset:
     """A named preset with overrides applied; a clear error for unknown names."""

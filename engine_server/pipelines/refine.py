@@ -15,7 +15,7 @@ Two users:
                vertex positions; vertices are only duplicated along UV seams).
 
 Each step renders ``views_per_step`` random views (the prior's camera ranges, see
-:class:`~engine_server.pipelines.text_to_3d.CameraSampler`) with the portable
+:class:`~engine_server.cameras.CameraSampler`) with the portable
 differentiable rasterizer (``kernels.rasterize``): per-pixel surface points are looked up
 in the texture field, shaded with the prior's own lights (``prior.lighting``: for the
 bundled prior its training lights, ambient + key + fill Lambertian), composited over the prior's background and
@@ -43,7 +43,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine_server.cameras import look_at, orbit_position
+from engine_server.cameras import CameraSampler, look_at, orbit_position
 from engine_server.guidance.config import TimestepSchedule
 from engine_server.pipelines.checkpoint import restore_rngs, save_checkpoint
 from engine_server.pipelines.events import Cancelled, ProgressCallback, ProgressEvent, StageTimer
@@ -262,7 +262,6 @@ class MeshRefiner:
         texture_field: nn.Module | None = None,
     ) -> None:
         from engine_server.guidance import GuidanceConfig, build_guidance
-        from engine_server.pipelines.text_to_3d import CameraSampler
 
         self.config = config or RefineConfig()
         self.device = torch.device(device)
@@ -516,8 +515,7 @@ class MeshRefiner:
             self.progress(ProgressEvent("texture", 1, 1))
             return RefineOutput(out_v, uv_mesh.faces, uv_mesh.uvs, texture, uv_mesh.vmapping, losses)
 
-        from engine_server.geometry import clean_mesh
-        from engine_server.pipelines.text_to_3d import MIN_PIECE_FRACTION
+        from engine_server.geometry import MIN_PIECE_FRACTION, clean_mesh
 
         v_new, f_new = clean_mesh(*self.dmtet.extract_mesh(clean=False), min_component_fraction=MIN_PIECE_FRACTION)
         if len(f_new) == 0:
@@ -616,8 +614,7 @@ class RefineMesh:
         self.timings: dict[str, float] = {}
 
     def run(self, out_path: str | Path) -> RefineMeshResult:
-        from engine_server.export import export_glb
-        from engine_server.pipelines.text_to_3d import object_name
+        from engine_server.export import export_glb, object_name
 
         out_path = Path(out_path)
         t0 = time.perf_counter()

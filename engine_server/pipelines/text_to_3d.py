@@ -27,7 +27,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from engine_server.cameras import Camera, look_at, orbit_position
+from engine_server.cameras import Camera, CameraSampler, look_at, orbit_position
 from engine_server.field import (
     FieldConfig,
     FixedBackground,
@@ -43,10 +43,6 @@ from engine_server.pipelines.events import Cancelled, ProgressCallback, Progress
 from engine_server.pipelines.presets import Preset, get_preset
 
 logger = logging.getLogger(__name__)
-
-MIN_PIECE_FRACTION = 0.05
-"""Extracted surfaces keep only pieces with at least this share of the area (floaters and bubbles go)."""
-
 
 @dataclass
 class TextTo3DRequest:
@@ -105,39 +101,6 @@ def otsu_threshold(values: torch.Tensor, bins: int = 256) -> float:
     best = torch.nonzero(between >= between.max() * (1 - 1e-9)).flatten()
     k_lo, k_hi = int(best.min()), int(best.max())
     return float(0.5 * (centers[k_lo] + centers[k_hi + 1]))
-
-
-class CameraSampler:
-    """Random training views: orbits around the object, or jittered copies of rig cameras."""
-
-    def __init__(self, ranges: dict, rig: list[Camera] | None, generator: torch.Generator) -> None:
-        self.distance = tuple(ranges.get("distance", (2.2, 2.8)))
-        self.fov = tuple(ranges.get("fov", (38.0, 46.0)))
-        self.elevation = tuple(ranges.get("elevation", (-10.0, 60.0)))
-        self.rig = rig
-        self.gen = generator
-
-    def _uniform(self, lo: float, hi: float) -> float:
-        return lo + (hi - lo) * float(torch.rand((), generator=self.gen))
-
-    def sample(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(n, 4, 4) camera-to-world and (n,) vertical FOVs in degrees."""
-        poses, fovs = [], []
-        for _ in range(n):
-            if self.rig:
-                cam = self.rig[int(torch.randint(len(self.rig), (), generator=self.gen))]
-                eye = cam.c2w[:3, 3].float()
-                dist = float(eye.norm().clamp_min(1e-3))
-                # Stay near the rig camera's direction, at the prior's distance, looking at the object.
-                direction = eye / dist + 0.15 * torch.randn(3, generator=self.gen)
-                eye = direction / direction.norm() * self._uniform(*self.distance)
-                poses.append(look_at(eye))
-            else:
-                az = self._uniform(0.0, 360.0)
-                el = self._uniform(*self.elevation)
-                poses.append(look_at(orbit_position(az, el, self._uniform(*self.distance))))
-            fovs.append(self._uniform(*self.fov))
-        return torch.stack(poses), torch.tensor(fovs)
 
 
 class TextTo3D:
@@ -400,7 +363,7 @@ class TextTo3D:
 
     @torch.no_grad()
     def extract(self) -> tuple[np.ndarray, np.ndarray]:
-        from engine_server.geometry import clean_mesh, marching_tets, tet_grid
+        from engine_server.geometry import MIN_PIECE_FRACTION, clean_mesh, marching_tets, tet_grid
 
         res = self.preset.tet_resolution
         verts, tets = tet_grid(res, device=self.device)
@@ -447,7 +410,7 @@ class TextTo3D:
         return out.vertices * scale + centre, out.faces, out.uvs, out.texture
 
     def run(self, out_path: str | Path) -> TextTo3DResult:
-        from engine_server.export import export_glb
+        from engine_server.export import export_glb, object_name
 
         out_path = Path(out_path)
         t0 = time.perf_counter()
@@ -504,9 +467,3 @@ class _FieldAlbedo(torch.nn.Module):
 
     def forward(self, points: torch.Tensor) -> torch.Tensor:
         return self.field(points * self.scale + self.centre)["albedo"]
-
-
-def object_name(prompt: str, prefix: str = "") -> str:
-    """A GLB node name from the prompt: its words without articles, joined by underscores."""
-    words = [w for w in prompt.lower().replace(",", " ").split() if w not in {"a", "an", "the"}]
-    return (prefix + "_".join(words))[:60] if words else (prefix.rstrip("_") or "generated")

@@ -13,17 +13,25 @@ Backends (`backend_status()` says which can run here and why not):
 """
 from __future__ import annotations
 
-from kernels.hashgrid.backends import BackendStatus, BackendUnavailableError, backend_names, backend_status
-from kernels.hashgrid.config import HashGridConfig
-from kernels.hashgrid.module import HashGridEncoder
-from kernels.hashgrid.reference import hash_encode_torch
+from importlib import import_module
 
-__all__ = [
-    "BackendStatus",
-    "BackendUnavailableError",
-    "HashGridConfig",
-    "HashGridEncoder",
-    "backend_names",
-    "backend_status",
-    "hash_encode_torch",
-]
+from kernels.hashgrid.config import HashGridConfig  # torch-free: presets and the CLI read it without torch
+
+_LAZY = {
+    "BackendStatus": "backends",
+    "BackendUnavailableError": "backends",
+    "backend_names": "backends",
+    "backend_status": "backends",
+    "HashGridEncoder": "module",
+    "hash_encode_torch": "reference",
+}
+"""Names whose modules import torch: loaded on first use, so ``import kernels.hashgrid`` stays light."""
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        return getattr(import_module(f"kernels.hashgrid.{_LAZY[name]}"), name)
+    raise AttributeError(f"module 'kernels.hashgrid' has no attribute {name!r}")
+
+
+__all__ = ["HashGridConfig", *_LAZY]

@@ -33,7 +33,7 @@ def engine(tmp_path_factory):
     key = tmp / "key"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "ENGINE_SERVER_HOME": str(tmp / "home")}
     log = open(tmp / "server.log", "w")
-    proc = subprocess.Popen([sys.executable, "-m", "engine_server.server", "--bind", "tcp://127.0.0.1:*",
+    proc = subprocess.Popen([sys.executable, "-m", "engine_server", "serve", "--bind", "tcp://127.0.0.1:*",
                              "--data", str(tmp / "data"), "--key-file", str(key)],
                             stdout=subprocess.PIPE, stderr=log, env=env, cwd=ROOT, text=True)
     endpoint = None

@@ -50,7 +50,7 @@ def bpy_checks(addon_build, engine, tmp_path_factory) -> dict:
     with socket.socket() as sock:  # a free port for the engine the add-on starts itself
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    autostart = (f"{sys.executable} -m engine_server.server --protocol-only --bind {{endpoint}} "
+    autostart = (f"{sys.executable} -m engine_server serve --protocol-only --bind {{endpoint}} "
                  f"--data {tmp / 'autostart-data'} --key-file {engine[1]}")
     return _run([sys.executable, str(SMOKE), *_smoke_args(addon_build.extension_zip, engine, report),
                  "--expect-wheel", "--autostart-command", autostart,

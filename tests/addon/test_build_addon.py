@@ -14,16 +14,18 @@ from .conftest import ROOT
 import build_addon  # noqa: E402  (conftest put the repo root on sys.path)
 
 
-def test_engine_client_is_the_engines_source_with_relative_imports(addon_build):
+def test_engine_client_is_the_engines_wire_package_with_relative_imports(addon_build):
+    wire = sorted(p.stem for p in (ROOT / "engine_server" / "wire").glob("*.py"))
     with zipfile.ZipFile(addon_build.extension_zip) as zf:
-        for name in ("client", "protocol", "auth"):
+        for name in wire:
             copied = zf.read(f"engine_client/{name}.py").decode()
-            original = (ROOT / "engine_server" / f"{name}.py").read_text()
+            original = (ROOT / "engine_server" / "wire" / f"{name}.py").read_text()
             body = copied.split("\n", 1)[1]  # after the "copied from" header line
-            assert re.sub(r"^(\s*)from \.(\w*) import", r"\1from engine_server.\2 import", body, flags=re.M) \
-                .replace("from engine_server. import", "from engine_server import") == original
+            restored = re.sub(r"^(\s*)from \.(\w+) import", r"\1from engine_server.wire.\2 import", body, flags=re.M)
+            assert re.sub(r"^(\s*)from \. import", r"\1from engine_server.wire import", restored, flags=re.M) == original
             assert not re.search(r"^\s*(from|import) engine_server", copied, re.M)
-    assert addon_build.engine_modules == ["auth", "client", "protocol"]
+    assert addon_build.engine_modules == wire
+    assert {"auth", "client", "protocol"} <= set(wire)
 
 
 def test_manifest_declares_network_and_lists_the_bundled_wheels(addon_build):

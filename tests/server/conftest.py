@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 import zmq
 
-from engine_server import protocol
-from engine_server.auth import ReplayGuard, Signer, load_or_create_key
-from engine_server.client import EngineClient
-from engine_server.server import EngineServer, ServerConfig
+from engine_server.wire import protocol
+from engine_server.wire.auth import ReplayGuard, Signer, load_or_create_key
+from engine_server.wire.client import EngineClient
+from engine_server.service.server import EngineServer, ServerConfig
 
 HEARTBEAT_S = 0.5
 

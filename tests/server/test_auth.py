@@ -6,7 +6,7 @@ import stat
 
 import pytest
 
-from engine_server.auth import (
+from engine_server.wire.auth import (
     KeyFileError, ReplayGuard, Signer, default_key_path, load_key, load_or_create_key, user_data_dir,
 )
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from engine_server.client import EngineClient
+from engine_server.wire.client import EngineClient
 from engine_server.export import load_glb
 
 from .conftest import HEARTBEAT_S
@@ -36,7 +36,7 @@ def start_engine(data: Path, key_file: Path, log: Path, bind: str = "tcp://127.0
     env = dict(os.environ, OMP_NUM_THREADS="1")
     with open(log, "ab") as err:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "engine_server.server", "--bind", bind, "--data", str(data), "--key-file",
+            [sys.executable, "-m", "engine_server", "serve", "--bind", bind, "--data", str(data), "--key-file",
              str(key_file), "--heartbeat", str(HEARTBEAT_S), "--device", "cpu", "--threads", "1"],
             stdout=subprocess.PIPE, stderr=err, text=True, env=env)
     line = proc.stdout.readline()
@@ -313,7 +313,7 @@ def test_jobs_command_lists_shows_fetches_and_deletes_from_the_store(engine, tmp
     job = done[0]["job_id"]
 
     def cli(*args):
-        return subprocess.run([sys.executable, "-m", "engine_server.cli", "jobs", "--data", str(data), *args],
+        return subprocess.run([sys.executable, "-m", "engine_server", "jobs", "--data", str(data), *args],
                               capture_output=True, text=True, timeout=60)
 
     r = cli("list")

@@ -13,10 +13,10 @@ import time
 import numpy as np
 import pytest
 
-from engine_server.jobs import (
+from engine_server.service.jobs import (
     Busy, CheckpointStore, JobConflict, JobNotFound, JobStore, Result, StoreLocked, atomic_write, request_hash,
 )
-from engine_server.protocol import Array, Image
+from engine_server.wire.protocol import Array, Image
 
 from .conftest import glb_bytes, png_bytes
 
@@ -219,7 +219,7 @@ def test_kill_9_during_submits_and_checkpoints_loses_nothing_returned(tmp_path):
     """Every job id a killed process was handed exists afterwards; the checkpoint is the last committed one."""
     proc = _spawn(f"""
         import sys
-        from engine_server.jobs import JobStore, CheckpointStore
+        from engine_server.service.jobs import JobStore, CheckpointStore
         s = JobStore({str(tmp_path / 'd')!r}, max_queued=10**6)
         ck = CheckpointStore({str(tmp_path / 'ck')!r})
         i = 0

@@ -14,9 +14,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from engine_server import protocol
-from engine_server.auth import ReplayGuard, Signer
-from engine_server.protocol import Array, Blob, Image, Limits, ProtocolError, decode, encode, make
+from engine_server.wire import protocol
+from engine_server.wire.auth import ReplayGuard, Signer
+from engine_server.wire.protocol import Array, Blob, Image, Limits, ProtocolError, decode, encode, make
 
 from .conftest import glb_bytes, png_bytes
 
@@ -381,8 +381,8 @@ def _run(code: str) -> subprocess.CompletedProcess:
 
 
 def test_protocol_and_client_import_no_torch_bpy_numpy():
-    r = _run("import sys, engine_server.protocol, engine_server.auth, engine_server.client, engine_server.jobs, "
-             "engine_server.server\n"
+    r = _run("import sys, engine_server.wire.protocol, engine_server.wire.auth, engine_server.wire.client, engine_server.service.jobs, "
+             "engine_server.service.server\n"
              "bad = [m for m in ('torch', 'bpy', 'numpy') if m in sys.modules]\n"
              "assert not bad, bad\nprint('ok')")
     assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr
@@ -390,7 +390,7 @@ def test_protocol_and_client_import_no_torch_bpy_numpy():
 
 def test_protocol_works_without_numpy():
     r = _run("import sys; sys.modules['numpy'] = None\n"
-             "from engine_server import protocol as P\nfrom engine_server.auth import Signer, ReplayGuard\n"
+             "from engine_server.wire import protocol as P\nfrom engine_server.wire.auth import Signer, ReplayGuard\n"
              "s = Signer(b'k' * 32)\n"
              "v = P.Array.from_values('float32', (3, 3), [0, 0, 0, 1, 0, 0, 0, 1, 0])\n"
              "f = P.Array.from_values('int32', (1, 3), [0, 1, 2])\n"

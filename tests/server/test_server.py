@@ -9,10 +9,11 @@ import numpy as np
 import pytest
 import zmq
 
-from engine_server import protocol
-from engine_server.client import EngineClient, EngineTimeout, RequestError, ServerBusy
-from engine_server.jobs import Result
-from engine_server.server import ConfigError, EngineServer, ServerConfig, is_local_endpoint
+from engine_server.wire import protocol
+from engine_server.wire.client import EngineClient, EngineTimeout, RequestError, ServerBusy
+from engine_server.service.jobs import Result
+from engine_server.service.server import ConfigError, EngineServer, ServerConfig
+from engine_server.wire.protocol import is_loopback as is_local_endpoint
 
 from .conftest import glb_bytes, png_bytes
 
@@ -345,7 +346,7 @@ def test_no_auth_mode_on_loopback(make_server, make_client):
 def test_bench_runs_small():
     import argparse
 
-    from engine_server.server import bench
+    from engine_server.service.bench import run as bench
 
     result = bench(argparse.Namespace(repeat=1, json=None, pings=20, seconds=0.2, faces=2000, texture=64))
     rows = {" ".join(r["measure"].split()[:3]): r for r in result["rows"]}

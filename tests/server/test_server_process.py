@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from engine_server.client import EngineClient
+from engine_server.wire.client import EngineClient
 
 from .conftest import HEARTBEAT_S
 
@@ -19,7 +19,7 @@ pytestmark = pytest.mark.skipif(os.name != "posix", reason="POSIX signals")
 
 def start_server(data, key_file, bind="tcp://127.0.0.1:*", *extra) -> tuple[subprocess.Popen, str]:
     proc = subprocess.Popen(
-        [sys.executable, "-m", "engine_server.server", "--bind", bind, "--data", str(data), "--key-file", str(key_file),
+        [sys.executable, "-m", "engine_server", "serve", "--bind", bind, "--data", str(data), "--key-file", str(key_file),
          "--heartbeat", str(HEARTBEAT_S), "--protocol-only", *extra],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     line = proc.stdout.readline()
@@ -103,7 +103,7 @@ def test_kill_9_and_restart_keeps_jobs_and_subscriptions(tmp_path, processes):
 
 
 def test_public_bind_without_auth_exits_with_a_reason(tmp_path):
-    r = subprocess.run([sys.executable, "-m", "engine_server.server", "--bind", "tcp://0.0.0.0:0", "--no-auth",
+    r = subprocess.run([sys.executable, "-m", "engine_server", "serve", "--bind", "tcp://0.0.0.0:0", "--no-auth",
                         "--data", str(tmp_path / "d"), "--key-file", str(tmp_path / "k")],
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and "without authentication" in r.stderr

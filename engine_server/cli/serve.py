@@ -1,9 +1,4 @@
-"""CLI commands of the engine server: ``serve`` and ``jobs [list | show ID | result ID --out FILE | delete ID]``.
-
-The lead's ``engine_server/cli.py`` registers them with::
-
-    from engine_server import server_commands
-    server_commands.add_parsers(sub)
+"""The service verbs: ``serve`` and ``jobs [list | show ID | result ID --out FILE | delete ID]``.
 
 ``serve`` runs the ZeroMQ server with the real worker (``--protocol-only`` for none).
 ``jobs`` reads the job store folder directly (SQLite in WAL mode, opened without taking
@@ -14,21 +9,70 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
-from engine_server.jobs import JobConflict, JobNotFound, JobStore
+from engine_server.cli.common import UsageError, output_glb
+from engine_server.wire.protocol import DEFAULT_ENDPOINT
+
+
+def add_parsers(sub) -> None:
+    """Register ``serve`` and ``jobs``."""
+    add_serve_parser(sub)
+    add_jobs_parser(sub)
 
 
 def add_serve_parser(sub) -> argparse.ArgumentParser:
     """``serve``: run the engine server."""
-    from engine_server.server import add_serve_arguments
-
     p = sub.add_parser("serve", help="run the engine server (ZeroMQ, loopback by default) with a local worker")
-    add_serve_arguments(p)
+    p.add_argument("--bind", default=DEFAULT_ENDPOINT, metavar="ADDR",
+                   help=f"ZeroMQ endpoint to listen on (default {DEFAULT_ENDPOINT}; port * picks a free one)")
+    p.add_argument("--data", type=Path, default=None, metavar="DIR", help="job store folder (default: per-user data dir)")
+    p.add_argument("--key-file", type=Path, default=None, metavar="FILE",
+                   help="HMAC key file, created 0600 on first start (default: per-user data dir)")
+    p.add_argument("--no-auth", action="store_true", help="no signatures (loopback only)")
+    p.add_argument("--model", default="bundled", metavar="PATH_OR_ID",
+                   help="default prior: bundled, a local diffusers folder or a hub id")
+    p.add_argument("--extra-model", action="append", default=[], metavar="PATH_OR_ID",
+                   help="another prior a request may pick with options.model (repeatable)")
+    p.add_argument("--device", action="append", default=None, metavar="DEV",
+                   help="auto, cpu or cuda[:N]; repeat for one worker per device (default auto)")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads per worker (0: default)")
+    p.add_argument("--heartbeat", type=float, default=1.0, help="heartbeat interval in seconds")
+    p.add_argument("--max-queued", type=int, default=16, help="most waiting jobs before submits get busy")
+    p.add_argument("--cancel-grace", type=float, default=0.4,
+                   help="seconds a cancelled job may take to stop before its worker is terminated")
+    p.add_argument("--protocol-only", action="store_true",
+                   help="no worker: accept and store jobs without running them (tests, debugging)")
     p.set_defaults(func=cmd_serve)
     return p
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    """Start a server; prints 'listening on ENDPOINT' when ready."""
+    from engine_server.service.jobs import StoreLocked
+    from engine_server.service.server import ConfigError, ServerConfig, serve
+    from engine_server.wire.auth import KeyFileError
+
+    if args.heartbeat <= 0 or args.max_queued < 1 or args.cancel_grace < 0:
+        raise UsageError("--heartbeat must be > 0, --max-queued >= 1, --cancel-grace >= 0")
+    devices = args.device or ["auto"]
+    config = ServerConfig(bind=args.bind, data_dir=args.data, key_file=args.key_file, auth=not args.no_auth,
+                          heartbeat_s=args.heartbeat, max_queued=args.max_queued,
+                          models=[args.model, *[m for m in args.extra_model if m != args.model]],
+                          device=", ".join(devices))
+    worker = None
+    if not args.protocol_only:
+        from engine_server.service.runner import RunnerConfig
+        from engine_server.service.worker import WorkerConfig
+
+        worker = WorkerConfig(runner=RunnerConfig(model=args.model, models=list(config.models), threads=args.threads),
+                              devices=devices, cancel_grace_s=args.cancel_grace,
+                              log_level="DEBUG" if args.verbose else "INFO")
+    try:
+        return serve(config, ready=lambda ep: print(f"listening on {ep}", flush=True), worker=worker)
+    except (ConfigError, StoreLocked, KeyFileError, OSError) as exc:
+        raise UsageError(str(exc)) from None
 
 
 def add_jobs_parser(sub) -> argparse.ArgumentParser:
@@ -51,25 +95,9 @@ def add_jobs_parser(sub) -> argparse.ArgumentParser:
     return p
 
 
-def add_parsers(sub) -> None:
-    """Register ``serve`` and ``jobs`` on the CLI's subparsers."""
-    add_serve_parser(sub)
-    add_jobs_parser(sub)
-
-
-def _fail(command: str, message: str) -> int:
-    print(f"engine-server {command}: error: {message}", file=sys.stderr)
-    return 2
-
-
-def cmd_serve(args: argparse.Namespace) -> int:
-    from engine_server.server import run_serve
-
-    return run_serve(args)
-
-
-def _open_store(data: Path | None) -> JobStore:
-    from engine_server.auth import user_data_dir
+def _open_store(data: Path | None):
+    from engine_server.service.jobs import JobStore
+    from engine_server.wire.auth import user_data_dir
 
     root = Path(data).expanduser() if data else user_data_dir() / "data"
     if not (root / "jobs.sqlite3").is_file():
@@ -82,11 +110,13 @@ def _when(t: float | None) -> str:
 
 
 def cmd_jobs(args: argparse.Namespace) -> int:
+    from engine_server.service.jobs import JobConflict, JobNotFound
+
     action = args.jobs_command
     try:
         store = _open_store(args.data)
     except (FileNotFoundError, OSError) as exc:
-        return _fail("jobs", str(exc))
+        raise UsageError(str(exc))
     try:
         if action == "list":
             jobs = store.list(args.state, max(1, args.limit))
@@ -115,11 +145,7 @@ def cmd_jobs(args: argparse.Namespace) -> int:
             print(json.dumps(doc, indent=1, default=str))
             return 0
         if action == "result":
-            out = Path(args.out)
-            if out.suffix.lower() != ".glb":
-                return _fail("jobs", f"--out must be a .glb file, got {args.out!r}")
-            if not out.parent.exists():
-                return _fail("jobs", f"output folder {str(out.parent)!r} does not exist")
+            out = output_glb(args.out)
             result = store.read_result(args.job_id)
             out.write_bytes(result.glb)
             print(f"wrote {out} ({len(result.glb)} bytes)")
@@ -128,28 +154,10 @@ def cmd_jobs(args: argparse.Namespace) -> int:
             store.delete(args.job_id)
             print(f"deleted {args.job_id}")
             return 0
-        return _fail("jobs", f"unknown action {action!r}")
+        raise UsageError(f"unknown action {action!r}")
     except (JobNotFound, JobConflict) as exc:
-        return _fail("jobs", str(exc))
+        raise UsageError(str(exc))
     except OSError as exc:
-        return _fail("jobs", str(exc))
+        raise UsageError(str(exc))
     finally:
         store.close()
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``python -m engine_server.server_commands serve|jobs ...`` (the same as the ``engine-server`` commands)."""
-    import logging
-
-    parser = argparse.ArgumentParser(prog="engine-server")
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    add_parsers(sub)
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(levelname)s %(name)s: %(message)s")
-    return args.func(args)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -23,13 +23,12 @@ from typing import Any
 
 import zmq
 
-from engine_server import protocol
-from engine_server.auth import ReplayGuard, Signer, default_key_path, load_key
-from engine_server.protocol import Array, Image, Limits, Message, ProtocolError
+from engine_server.wire import protocol
+from engine_server.wire.auth import ReplayGuard, Signer, default_key_path, load_key
+from engine_server.wire.protocol import DEFAULT_ENDPOINT, Array, Image, Limits, Message, ProtocolError
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_ENDPOINT = "tcp://127.0.0.1:5557"
 """Where a local engine listens unless told otherwise."""
 
 

@@ -1,4 +1,4 @@
-"""The real engine as a :class:`~engine_server.jobs.JobRunner`: a job's request -> pipeline -> Result.
+"""The real engine as a :class:`~engine_server.service.jobs.JobRunner`: a job's request -> pipeline -> Result.
 
 :class:`EngineRunner` is what the worker's child process calls once per job attempt. It
 keeps the loaded priors between jobs (the child stays warm) and dispatches on the job's
@@ -25,7 +25,8 @@ from typing import Any
 
 import numpy as np
 
-from engine_server.jobs import Cancelled, CheckpointStore, EventSink, JobFailure, Result
+from engine_server.devices import resolve_device
+from engine_server.service.jobs import Cancelled, CheckpointStore, EventSink, JobFailure, Result
 
 logger = logging.getLogger(__name__)
 
@@ -47,15 +48,6 @@ class RunnerConfig:
     """Other models a request may name in ``options.model`` (the default is always allowed)."""
     threads: int = 0
     """torch CPU threads in the worker (0: torch's default)."""
-
-
-def resolve_device(name: str) -> str:
-    """``auto`` -> cuda when available, else cpu; anything else unchanged."""
-    if name != "auto":
-        return name
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 class RunContext:

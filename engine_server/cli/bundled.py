@@ -1,22 +1,9 @@
-"""CLI commands of the bundled prior: ``train-bundled``, ``eval-bundled`` (and ``export-bundled``).
-
-The lead's ``engine_server/cli.py`` registers them with::
-
-    from engine_server.models.bundled import commands as bundled_commands
-    bundled_commands.add_parsers(sub)
-
-Each parser sets ``func`` to a ``cmd_*(args) -> int``. The module also runs on
-its own: ``python -m engine_server.models.bundled.commands train-bundled ...``.
-"""
+"""The bundled prior's verbs: ``train-bundled``, ``eval-bundled`` and ``export-bundled``."""
 from __future__ import annotations
 
 import argparse
 import json
-import logging
-import sys
 from pathlib import Path
-
-logger = logging.getLogger(__name__)
 
 DEFAULT_RUN_DIR = "runs/bundled"
 
@@ -133,16 +120,3 @@ def cmd_export(args: argparse.Namespace) -> int:
         print(f"wrote {card}")
     return 0
 
-
-def main(argv: list[str] | None = None) -> int:
-    """Stand-alone entry point (the same commands as the engine-server CLI)."""
-    parser = argparse.ArgumentParser(prog="python -m engine_server.models.bundled.commands")
-    sub = parser.add_subparsers(dest="command", required=True)
-    add_parsers(sub)
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    return args.func(args)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from engine_server.protocol import (
+from engine_server.wire.protocol import (
     JOB_STATES, TERMINAL_STATES, Array, Blob, ProtocolError, from_wire, to_wire,
 )
 

@@ -21,7 +21,6 @@ authentication refuses to start. Frames above the size limit are refused by the 
 """
 from __future__ import annotations
 
-import ipaddress
 import logging
 import secrets
 import signal
@@ -37,15 +36,15 @@ from typing import Any, Protocol
 
 import zmq
 
-from engine_server import __version__, protocol
-from engine_server.auth import SIGNATURE_SCHEME, ReplayGuard, Signer, default_key_path, load_or_create_key, user_data_dir
-from engine_server.jobs import Busy, Job, JobConflict, JobNotFound, JobStore, atomic_write
-from engine_server.protocol import Limits, Message, ProtocolError
+from engine_server import __version__
+from engine_server.wire import protocol
+from engine_server.wire.auth import SIGNATURE_SCHEME, ReplayGuard, Signer, default_key_path, load_or_create_key, user_data_dir
+from engine_server.service.executor import Executor, WorkerEvent
+from engine_server.service.jobs import Busy, Job, JobConflict, JobNotFound, JobStore, atomic_write
+from engine_server.wire.protocol import Limits, Message, ProtocolError
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_BIND = "tcp://127.0.0.1:5557"
-"""Loopback only, unless told otherwise."""
 RELIABLE = ("done", "failed", "cancelled")
 """Events every subscriber receives, in order, however slow it is."""
 
@@ -58,7 +57,7 @@ class ConfigError(Exception):
 class ServerConfig:
     """How the server listens, authenticates and bounds its work."""
 
-    bind: str = DEFAULT_BIND
+    bind: str = protocol.DEFAULT_ENDPOINT
     """ZeroMQ endpoint to bind (``tcp://127.0.0.1:*`` picks a free port)."""
     data_dir: Path | None = None
     """Job store folder (default: <user data dir>/data)."""
@@ -94,59 +93,6 @@ class ServerConfig:
     """Preset names accepted in ``submit``."""
     device: str = "cpu"
     """Device description announced in ``welcome``."""
-
-
-@dataclass
-class WorkerEvent:
-    """Something an executor reports about a job: a protocol event plus its fields.
-
-    ``type``: progress | preview | mesh (fields as the protocol message: stage, step,
-    total, loss, eta_s / image / vertices, faces, uvs, texture, final) or the end:
-    done (the result is already stored with ``JobStore.write_result``), failed (code,
-    message), cancelled.
-    """
-
-    job_id: str
-    """The job."""
-    type: str
-    """Event type (protocol.EVENT_TYPES)."""
-    fields: dict[str, Any] = field(default_factory=dict)
-    """Event fields, blobs as protocol Array / Image or numpy arrays."""
-
-
-class Executor(Protocol):
-    """What the server needs from the worker side (local child processes now, a cluster later)."""
-
-    def capacity(self) -> int:
-        """How many more jobs could start now (0 while every device is busy)."""
-
-    def start(self, job: Job) -> None:
-        """Begin running a job the server has just marked running; returns at once."""
-
-    def cancel(self, job_id: str) -> None:
-        """End a running job within a second (its ``cancelled`` event follows); returns at once."""
-
-    def poll(self) -> list[WorkerEvent]:
-        """Events since the last call, without blocking."""
-
-    def close(self) -> None:
-        """Stop every job (they resume from their checkpoints at the next start)."""
-
-
-def is_local_endpoint(endpoint: str) -> bool:
-    """Whether a bind endpoint is reachable only from this machine (loopback tcp, ipc, inproc)."""
-    scheme, _, rest = endpoint.partition("://")
-    if scheme in ("ipc", "inproc"):
-        return True
-    if scheme != "tcp":
-        return False
-    host = rest.rsplit(":", 1)[0].strip("[]")
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False  # "*", an interface name or a host name: may be public
 
 
 def _coalescable(event_type: str, fields: dict[str, Any]) -> bool:
@@ -217,7 +163,7 @@ class EngineServer:
     def __init__(self, config: ServerConfig, store: JobStore | None = None, executor: Executor | None = None,
                  context: zmq.Context | None = None):
         self.config = config
-        if not config.auth and not is_local_endpoint(config.bind):
+        if not config.auth and not protocol.is_loopback(config.bind):
             raise ConfigError(f"refusing to bind {config.bind} without authentication: "
                               "use a loopback address or keep authentication on")
         key = load_or_create_key(config.key_file or default_key_path()) if config.auth else None
@@ -274,7 +220,7 @@ class EngineServer:
             raise ConfigError(f"cannot bind {c.bind}: {exc}") from exc
         self._socket = sock
         self.endpoint = sock.getsockopt_string(zmq.LAST_ENDPOINT)
-        if self.signer.enabled and not is_local_endpoint(self.endpoint):
+        if self.signer.enabled and not protocol.is_loopback(self.endpoint):
             logger.warning("listening on a non-loopback address: messages are signed, not encrypted")
         atomic_write(self.store.root / "endpoint", (self.endpoint + "\n").encode())
         logger.info("listening on %s (auth %s, data %s)", self.endpoint, "on" if self.signer.enabled else "OFF",
@@ -596,7 +542,7 @@ def serve(config: ServerConfig, executor: Executor | None = None, ready: Callabl
           *, worker: Any = None) -> int:
     """Run a server until SIGINT / SIGTERM; ``ready`` is called with the bound endpoint. Returns an exit status.
 
-    ``worker``: a :class:`engine_server.worker.WorkerConfig` to run jobs in local child
+    ``worker``: a :class:`engine_server.service.worker.WorkerConfig` to run jobs in local child
     processes (started once the store is locked and the socket bound); with neither it
     nor ``executor`` the server only accepts and stores jobs (protocol-only).
     """
@@ -604,7 +550,7 @@ def serve(config: ServerConfig, executor: Executor | None = None, ready: Callabl
     try:
         endpoint = server.bind()
         if executor is None and worker is not None:
-            from engine_server.worker import LocalWorker
+            from engine_server.service.worker import LocalWorker  # its runner needs numpy; protocol-only servers do not
 
             server.executor = LocalWorker(server.store.root, worker)
         if ready is not None:
@@ -616,184 +562,3 @@ def serve(config: ServerConfig, executor: Executor | None = None, ready: Callabl
     finally:
         server.close()
     return 0
-
-
-def bench_result(n_faces: int, texture: int):
-    """A synthetic engine result for benchmarks: a wavy grid of ``n_faces`` triangles with per-vertex UVs and a
-    ``texture``-pixel random-noise PNG (incompressible) -> vertices (V, 3) float32, faces (F, 3) int32, uvs (V, 2)
-    float32, PNG bytes. The add-on's import benchmark times the same object."""
-    import io
-
-    import numpy as np
-    from PIL import Image as PILImage
-
-    side = int(np.ceil(np.sqrt(n_faces / 2)))
-    g = np.linspace(-0.5, 0.5, side + 1, dtype=np.float32)
-    xx, yy = np.meshgrid(g, g, indexing="ij")
-    vertices = np.stack([xx.ravel(), yy.ravel(), 0.1 * np.sin(6 * xx.ravel())], 1).astype(np.float32)
-    i, j = np.meshgrid(np.arange(side), np.arange(side), indexing="ij")
-    a = (i * (side + 1) + j).ravel()
-    faces = np.concatenate([np.stack([a, a + side + 1, a + 1], 1), np.stack([a + 1, a + side + 1, a + side + 2], 1)])
-    faces = faces[:n_faces].astype(np.int32)
-    uvs = (vertices[:, :2] + 0.5).astype(np.float32)
-    buf = io.BytesIO()
-    noise = np.random.default_rng(0).integers(0, 256, (texture, texture, 3), dtype=np.uint8)
-    PILImage.fromarray(noise).save(buf, "PNG", compress_level=1)
-    return vertices, faces, uvs, buf.getvalue()
-
-
-def bench(args) -> dict:
-    """``engine-server bench server``: ping round trip, event throughput, delivery of a 100k-face textured mesh.
-
-    A real server (in a thread of this process) and a real client on loopback, with
-    signing on. Options read from ``args``: repeat, pings (1000), seconds of event
-    streaming (2.0), faces (100000), texture (1024).
-    """
-    import statistics
-    import tempfile
-
-    from engine_server.client import EngineClient
-
-    repeat = max(1, int(getattr(args, "repeat", 5)))
-    n_pings = int(getattr(args, "pings", 1000))
-    seconds = float(getattr(args, "seconds", 2.0))
-    n_faces = int(getattr(args, "faces", 100_000))
-    tex = int(getattr(args, "texture", 1024))
-    rows: list[dict] = []
-    with tempfile.TemporaryDirectory() as tmp:
-        server = EngineServer(ServerConfig(bind="tcp://127.0.0.1:*", data_dir=Path(tmp) / "data",
-                                           key_file=Path(tmp) / "key"))
-        endpoint = server.bind()
-        thread = threading.Thread(target=server.serve_forever, daemon=True)
-        thread.start()
-        client = EngineClient(endpoint, Path(tmp) / "key", timeout=60.0)
-        try:
-            client.hello()
-            for _ in range(50):
-                client.ping()
-            rtt = sorted(client.ping() * 1e3 for _ in range(n_pings))
-            rows.append({"measure": "ping round trip", "n": n_pings, "median_ms": statistics.median(rtt),
-                         "p99_ms": rtt[min(len(rtt) - 1, int(0.99 * len(rtt)))], "rate_per_s": 1e3 / statistics.mean(rtt)})
-
-            job = client.submit("text", "bench", preset="draft")
-            server.store.claim_next()
-            posted = received = 0
-            start = time.perf_counter()
-            while time.perf_counter() - start < seconds:  # a producer faster than any client
-                for _ in range(50):
-                    server.post(job, "progress", stage="bench", step=posted, total=2**31, loss=0.1)
-                    posted += 1
-                received += sum(e.type == "progress" for e in client.poll_events(0.0))
-            last = posted - 1
-            server.post(job, "progress", stage="bench", step=posted, total=2**31, loss=0.1)
-            t_last = time.perf_counter()
-            while last < posted:
-                for event in client.poll_events(1.0):
-                    if event.type == "progress":
-                        received, last = received + 1, event["step"]
-            end = time.perf_counter()
-            rows.append({"measure": "progress events posted", "n": posted + 1, "median_ms": float("nan"),
-                         "p99_ms": float("nan"), "rate_per_s": (posted + 1) / (t_last - start)})
-            rows.append({"measure": "progress events delivered (latest wins)", "n": received,
-                         "median_ms": (end - t_last) * 1e3, "p99_ms": float("nan"), "rate_per_s": received / (end - start)})
-            vertices, faces, uvs, png = bench_result(n_faces, tex)
-            texture = protocol.Image.from_png(png)
-            size = vertices.nbytes + faces.nbytes + uvs.nbytes + len(texture.data)
-            times = []
-            for r in range(repeat):
-                start = time.perf_counter()
-                server.post(job, "mesh", stage="bench", step=r, final=True, vertices=vertices, faces=faces, uvs=uvs,
-                            texture=texture)
-                got = None
-                while got is None:
-                    got = next((e for e in client.poll_events(1.0) if e.type == "mesh" and e["step"] == r), None)
-                times.append((time.perf_counter() - start) * 1e3)
-                assert got["faces"].shape == (len(faces), 3) and got["texture"].width == tex
-            times.sort()
-            rows.append({"measure": f"mesh {len(faces)} faces + {tex}^2 PNG texture", "n": repeat,
-                         "median_ms": statistics.median(times), "p99_ms": times[-1],
-                         "rate_per_s": size / 2**20 / (statistics.median(times) / 1e3)})
-        finally:
-            client.close()
-            server.stop()
-            thread.join(10)
-            server.close()
-    return {
-        "title": "engine server on loopback (HMAC signing on, server and client in one process)",
-        "rows": rows,
-        "notes": [
-            "ping: full request/reply through the ROUTER loop, signed and verified both ways",
-            "progress: one thread posts as fast as it can and polls the client between bursts (the GIL is "
-            "shared with the server thread); the server keeps only the latest value per job, so 'delivered' is "
-            "the client's refresh rate; its median_ms is the time for the very last value to arrive",
-            f"mesh: {size / 2**20:.1f} MiB message (random-noise texture, PNG cannot compress it); "
-            "rate_per_s is MiB/s there; p99_ms is the max over repeats",
-        ],
-    }
-
-
-def add_serve_arguments(p) -> None:
-    """The options of ``serve`` (shared by ``engine-server serve`` and ``python -m engine_server.server``)."""
-    p.add_argument("--bind", default=DEFAULT_BIND, metavar="ADDR",
-                   help=f"ZeroMQ endpoint to listen on (default {DEFAULT_BIND}; port * picks a free one)")
-    p.add_argument("--data", type=Path, default=None, metavar="DIR", help="job store folder (default: per-user data dir)")
-    p.add_argument("--key-file", type=Path, default=None, metavar="FILE",
-                   help="HMAC key file, created 0600 on first start (default: per-user data dir)")
-    p.add_argument("--no-auth", action="store_true", help="no signatures (loopback only)")
-    p.add_argument("--model", default="bundled", metavar="PATH_OR_ID",
-                   help="default prior: bundled, a local diffusers folder or a hub id")
-    p.add_argument("--extra-model", action="append", default=[], metavar="PATH_OR_ID",
-                   help="another prior a request may pick with options.model (repeatable)")
-    p.add_argument("--device", action="append", default=None, metavar="DEV",
-                   help="auto, cpu or cuda[:N]; repeat for one worker per device (default auto)")
-    p.add_argument("--threads", type=int, default=0, help="torch CPU threads per worker (0: default)")
-    p.add_argument("--heartbeat", type=float, default=1.0, help="heartbeat interval in seconds")
-    p.add_argument("--max-queued", type=int, default=16, help="most waiting jobs before submits get busy")
-    p.add_argument("--cancel-grace", type=float, default=0.4,
-                   help="seconds a cancelled job may take to stop before its worker is terminated")
-    p.add_argument("--protocol-only", action="store_true",
-                   help="no worker: accept and store jobs without running them (tests, debugging)")
-
-
-def run_serve(args) -> int:
-    """Start a server from parsed ``add_serve_arguments`` options; prints 'listening on ENDPOINT' when ready."""
-    from engine_server.auth import KeyFileError
-    from engine_server.jobs import StoreLocked
-
-    if args.heartbeat <= 0 or args.max_queued < 1 or args.cancel_grace < 0:
-        print("engine-server serve: error: --heartbeat must be > 0, --max-queued >= 1, --cancel-grace >= 0",
-              file=sys.stderr)
-        return 2
-    devices = args.device or ["auto"]
-    config = ServerConfig(bind=args.bind, data_dir=args.data, key_file=args.key_file, auth=not args.no_auth,
-                          heartbeat_s=args.heartbeat, max_queued=args.max_queued,
-                          models=[args.model, *[m for m in args.extra_model if m != args.model]],
-                          device=", ".join(devices))
-    worker = None
-    if not args.protocol_only:
-        from engine_server.runner import RunnerConfig
-        from engine_server.worker import WorkerConfig
-
-        worker = WorkerConfig(runner=RunnerConfig(model=args.model, models=list(config.models), threads=args.threads),
-                              devices=devices, cancel_grace_s=args.cancel_grace,
-                              log_level="DEBUG" if getattr(args, "verbose", False) else "INFO")
-    try:
-        return serve(config, ready=lambda ep: print(f"listening on {ep}", flush=True), worker=worker)
-    except (ConfigError, StoreLocked, KeyFileError, OSError) as exc:
-        print(f"engine-server serve: error: {exc}", file=sys.stderr)
-        return 2
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``python -m engine_server.server``: the same as ``engine-server serve`` (``--protocol-only``: no worker)."""
-    import argparse
-
-    p = argparse.ArgumentParser(prog="python -m engine_server.server", description=__doc__.splitlines()[0])
-    add_serve_arguments(p)
-    args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    return run_serve(args)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,7 +1,7 @@
 """The supervised worker: jobs run in a child process, one job per device at a time.
 
-:class:`LocalWorker` is the server's :class:`~engine_server.server.Executor`. For each
-device it keeps one child process (``python -m engine_server.worker --child``) that
+:class:`LocalWorker` is the server's :class:`~engine_server.service.server.Executor`. For each
+device it keeps one child process (``python -m engine_server.service.worker --child``) that
 stays warm between jobs: the priors it loaded stay loaded. The server's loop talks to it
 without ever blocking on the work:
 
@@ -36,9 +36,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from engine_server import protocol
-from engine_server.jobs import Job
-from engine_server.runner import RunnerConfig
+from engine_server.wire import protocol
+from engine_server.service.executor import WorkerEvent
+from engine_server.service.jobs import Job
+from engine_server.service.runner import RunnerConfig
 
 logger = logging.getLogger(__name__)
 
@@ -158,7 +159,7 @@ class LocalWorker:
         if self.config.runner.threads > 0:
             env["OMP_NUM_THREADS"] = str(self.config.runner.threads)
         slot.proc = subprocess.Popen(
-            [sys.executable, "-m", "engine_server.worker", "--child", spec],
+            [sys.executable, "-m", "engine_server.service.worker", "--child", spec],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=None, env=env, start_new_session=True,
             close_fds=True)
         os.set_blocking(slot.proc.stdout.fileno(), False)
@@ -229,8 +230,6 @@ class LocalWorker:
 
     def poll(self) -> list:
         """Events since the last call (never blocks); also supervises the children."""
-        from engine_server.server import WorkerEvent
-
         now = time.monotonic()
         for slot in self._slots:
             if slot.proc is None:
@@ -282,8 +281,6 @@ class LocalWorker:
         return out
 
     def _child_exited(self, slot: _Slot) -> None:
-        from engine_server.server import WorkerEvent
-
         how = _describe_exit(slot.proc.returncode)
         job_id = slot.job_id
         if job_id is not None:
@@ -356,7 +353,7 @@ class _ChildSink:
                                "eta_s": eta_s if eta_s is None else max(0.0, float(eta_s)), "message": message})
 
     def preview(self, stage: str, step: int, png: bytes) -> None:
-        from engine_server.jobs import write_preview
+        from engine_server.service.jobs import write_preview
 
         write_preview(self.job_dir, step, png)
         self.emit("preview", {"stage": stage, "step": int(step), "image": protocol.Image.from_png(png)})
@@ -389,8 +386,8 @@ def _is_oom(exc: BaseException) -> bool:
 
 def child_main(spec: dict[str, Any]) -> int:
     """The child process: warm up, then run the jobs the parent sends, one at a time."""
-    from engine_server.jobs import Cancelled, CheckpointStore, JobFailure, load_request, write_result
-    from engine_server.runner import EngineRunner
+    from engine_server.service.jobs import Cancelled, CheckpointStore, JobFailure, load_request, write_result
+    from engine_server.service.runner import EngineRunner
 
     out = os.fdopen(os.dup(1), "wb", buffering=0)
     os.dup2(2, 1)  # stray prints go to stderr, never into the event stream
@@ -466,10 +463,10 @@ def child_main(spec: dict[str, Any]) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m engine_server.worker --child SPEC``: the worker child (started by LocalWorker)."""
+    """``python -m engine_server.service.worker --child SPEC``: the worker child (started by LocalWorker)."""
     argv = sys.argv[1:] if argv is None else argv
     if len(argv) != 2 or argv[0] != "--child":
-        print("usage: python -m engine_server.worker --child SPEC_JSON (started by the engine server)", file=sys.stderr)
+        print("usage: python -m engine_server.service.worker --child SPEC_JSON (started by the engine server)", file=sys.stderr)
         return 2
     return child_main(json.loads(argv[1]))
 

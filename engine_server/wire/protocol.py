@@ -7,7 +7,7 @@ A message is a ZeroMQ multipart message ``[header, signature, *blobs]``:
   reply answers; null for requests and job events), ``ts`` (sender's Unix time, s) and
   ``nonce`` (random hex, never reused), plus the typed fields of ``type``.
 - ``signature``: 64 hex digits of HMAC-SHA256 over the header and every blob
-  (see :mod:`engine_server.auth`); an empty frame when authentication is off.
+  (see :mod:`engine_server.wire.auth`); an empty frame when authentication is off.
 - ``blobs``: raw bytes, each referenced exactly once from the header by a JSON object
   with a ``"blob"`` key: ``{"blob": i, "dtype": "float32", "shape": [n, 3]}`` for a
   little-endian C-order array, ``{"blob": i, "format": "png"}`` for an image,
@@ -36,8 +36,10 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
-from engine_server.auth import ReplayGuard, Signer
+from engine_server.wire.auth import ReplayGuard, Signer
 
+DEFAULT_ENDPOINT = "tcp://127.0.0.1:5557"
+"""Where a local engine listens and clients connect by default (loopback only)."""
 PROTOCOL_VERSION = 1
 """The version this module speaks, sent as ``v`` in every header."""
 SUPPORTED_VERSIONS = (1,)
@@ -78,6 +80,24 @@ _NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]{0,63}")
 _NONCE_RE = re.compile(r"[0-9a-f]{16,64}")
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _ENVELOPE = ("v", "type", "id", "parent", "ts", "nonce")
+
+
+def is_loopback(endpoint: str) -> bool:
+    """Whether an endpoint is reachable only from this machine: ipc / inproc, or tcp to 127.0.0.0/8, ::1, localhost."""
+    import ipaddress
+
+    scheme, _, rest = endpoint.partition("://")
+    if scheme in ("ipc", "inproc"):
+        return True
+    if scheme != "tcp":
+        return False
+    host = rest.rsplit(":", 1)[0].strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # "*", an interface name or a host name: may be public
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,110 @@
+"""What every verb of the command line shares: the usage error, the job flags, progress bars, output checks.
+
+Imports stay light at module level (argparse, the torch-free preset table): ``engine-server
+--help`` must answer before torch is loaded.
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from engine_server.pipelines.presets import DEFAULT_PRESET, PRESETS
+
+
+class UsageError(Exception):
+    """A bad argument or input: printed as one line, exit status 2."""
+
+
+def add_job_flags(p: argparse.ArgumentParser, *, steps_help: str, preset: bool = True) -> None:
+    """The flags of every in-process job verb: --preset, --seed, --model, --device, --steps."""
+    if preset:
+        p.add_argument("--preset", default=DEFAULT_PRESET, choices=list(PRESETS), help="quality preset")
+    p.add_argument("--seed", type=int, default=0, help="random seed")
+    p.add_argument("--model", default="bundled", metavar="PATH_OR_ID", help="prior: bundled, a folder or a hub id")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
+    p.add_argument("--steps", type=int, default=None, help=steps_help)
+
+
+def usage_from(exc: Exception) -> UsageError:
+    """A one-line UsageError from a pipeline's ValueError / PriorLoadError (first line of long messages)."""
+    text = str(exc)
+    return UsageError((text.splitlines()[0] if len(text) > 400 else text) or type(exc).__name__)
+
+
+def output_glb(path: str, steps: int | None = None, flag: str = "--out", steps_flag: str = "--steps") -> Path:
+    """``flag`` checked (a .glb in an existing folder) as a Path; ``steps_flag`` checked when given."""
+    out = Path(path)
+    if out.suffix.lower() != ".glb":
+        raise UsageError(f"{flag} must be a .glb file, got {path!r}")
+    if not out.parent.exists():
+        raise UsageError(f"output folder {str(out.parent)!r} does not exist")
+    if steps is not None and steps < 1:
+        raise UsageError(f"{steps_flag} must be >= 1, got {steps}")
+    return out
+
+
+class StageBars:
+    """A pipeline progress callback: one tqdm bar per stage, optional preview PNGs into a folder."""
+
+    def __init__(self, previews: Path | None = None) -> None:
+        self.bars: dict = {}
+        self.previews = previews
+        if previews is not None:
+            previews.mkdir(parents=True, exist_ok=True)
+
+    def __call__(self, event) -> None:
+        from tqdm import tqdm
+
+        bar = self.bars.get(event.stage)
+        if bar is None:
+            self.close()  # the previous stage is over
+            bar = self.bars[event.stage] = tqdm(total=event.total, desc=event.stage, unit="step", leave=True)
+        bar.n = event.step
+        if event.loss is not None:
+            bar.set_postfix(loss=f"{event.loss:.4g}", refresh=False)
+        bar.refresh()
+        if self.previews is not None and event.preview is not None:
+            from PIL import Image
+
+            Image.fromarray(event.preview).save(self.previews / f"{event.stage}-{event.step:05d}.png")
+
+    def close(self) -> None:
+        for bar in self.bars.values():
+            bar.close()
+
+
+def run_in_process(build, out: Path, previews: Path | None = None):
+    """Build a pipeline with progress bars (``build(progress=...)``) and run it into ``out`` -> (pipeline, result).
+
+    A bad input (image, mesh, prompt words, preset values) or a missing model becomes one UsageError line.
+    """
+    from engine_server.guidance import PriorLoadError
+
+    progress = StageBars(previews)
+    try:
+        pipeline = build(progress=progress)
+        result = pipeline.run(out)
+    except (ValueError, PriorLoadError) as exc:
+        raise usage_from(exc) from None
+    finally:
+        progress.close()
+    return pipeline, result
+
+
+def format_table(rows: list[dict]) -> str:
+    """Rows of dicts as an aligned text table (columns from the first row)."""
+    if not rows:
+        return "(no rows)"
+    cols = list(rows[0])
+
+    def cell(v) -> str:
+        if isinstance(v, float):
+            return f"{v:.4g}" if abs(v) < 1e4 else f"{v:,.0f}"
+        return str(v)
+
+    cells = [[cell(r.get(c, "")) for c in cols] for r in rows]
+    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(cols)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(cols, widths))]
+    lines.append("  ".join("-" * w for w in widths))
+    lines += ["  ".join(v.ljust(w) for v, w in zip(row, widths)) for row in cells]
+    return "\n".join(lines)
