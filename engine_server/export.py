@@ -34,13 +34,14 @@ from __future__ import annotations
 import json
 import logging
 import os
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
+
+from engine_server.wire.files import atomic_write
 
 if TYPE_CHECKING:  # torch tensors are accepted, but this module does not need torch to run
     import torch
@@ -204,19 +205,6 @@ def _postprocess_tree(tree: dict, name: str) -> None:
         mesh.pop("extras", None)
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def export_glb(
     path: str | os.PathLike[str],
     vertices: np.ndarray | torch.Tensor,
@@ -285,14 +273,14 @@ def export_glb(
     data = trimesh.exchange.gltf.export_glb(
         scene, include_normals=True, tree_postprocessor=lambda tree: _postprocess_tree(tree, name)
     )
-    _atomic_write(out, data)
+    atomic_write(out, data)
     elapsed = time.perf_counter() - start
     if sidecar_text is not None:
         # the GLB's size is known only now; patch it in
         meta = json.loads(sidecar_text)
         meta["mesh"]["glb_bytes"] = len(data)
         meta["mesh"]["export_seconds"] = round(elapsed, 4)
-        _atomic_write(sidecar_path(out), (json.dumps(meta, indent=2, sort_keys=False) + "\n").encode("utf-8"))
+        atomic_write(sidecar_path(out), (json.dumps(meta, indent=2, sort_keys=False) + "\n").encode("utf-8"))
     logger.info("export: %s (%d vertices, %d faces, %dx%d texture, %d bytes) in %.2f s",
                 out, len(v), len(f), tex.shape[1], tex.shape[0], len(data), elapsed)
     return out

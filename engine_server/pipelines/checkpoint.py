@@ -11,11 +11,11 @@ from pathlib import Path
 
 import torch
 
+from engine_server.wire.files import atomic_write
+
 
 def save_torch(path: Path, state: dict) -> None:
     """``torch.save`` to ``path`` atomically (temp file, fsync, rename)."""
-    from engine_server.service.jobs import atomic_write
-
     buf = io.BytesIO()
     torch.save(state, buf)
     path.parent.mkdir(parents=True, exist_ok=True)

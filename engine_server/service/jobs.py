@@ -39,6 +39,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+from engine_server.wire.files import atomic_write, fsync_dir, fsync_file
 from engine_server.wire.protocol import (
     JOB_STATES, TERMINAL_STATES, Array, Blob, ProtocolError, from_wire, to_wire,
 )
@@ -182,42 +183,6 @@ class JobResult:
     """Facts about the run."""
 
 
-# ----------------------------------------------------------------------------- atomic files
-
-
-def fsync_dir(path: Path) -> None:
-    """Make a rename or creation inside ``path`` durable (a no-op where folders cannot be opened, e.g. Windows)."""
-    if os.name != "posix":
-        return
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_file(path: Path) -> None:
-    with open(path, "rb+") as f:
-        os.fsync(f.fileno())
-
-
-def atomic_write(path: str | os.PathLike, data: bytes | memoryview) -> Path:
-    """Write ``data`` to ``path`` so a reader sees the old file or the whole new one: temp, fsync, rename, fsync dir."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{secrets.token_hex(4)}")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    fsync_dir(path.parent)
-    return path
-
-
 def _write_json(path: Path, obj: Any) -> Path:
     return atomic_write(path, json.dumps(obj, indent=1, allow_nan=False).encode("utf-8"))
 
@@ -315,7 +280,7 @@ class CheckpointWriter:
             raise FileNotFoundError(f"checkpoint files never written: {missing}")
         names = {}
         for name, tmp in self._files.items():
-            _fsync_file(tmp)
+            fsync_file(tmp)
             final = tmp.with_name(tmp.name[1:-len(".tmp")])
             os.replace(tmp, final)
             names[name] = final.name

@@ -40,7 +40,8 @@ from engine_server import __version__
 from engine_server.wire import protocol
 from engine_server.wire.auth import SIGNATURE_SCHEME, ReplayGuard, Signer, default_key_path, load_or_create_key, user_data_dir
 from engine_server.service.executor import Executor, WorkerEvent
-from engine_server.service.jobs import Busy, Job, JobConflict, JobNotFound, JobStore, atomic_write
+from engine_server.service.jobs import Busy, Job, JobConflict, JobNotFound, JobStore
+from engine_server.wire.files import atomic_write
 from engine_server.wire.protocol import Limits, Message, ProtocolError
 
 logger = logging.getLogger(__name__)
