@@ -165,7 +165,7 @@ def cmd_refine(args: argparse.Namespace) -> int:
         vertices, faces, uvs = read_mesh_file(Path(args.mesh))
         request = RefineMeshRequest(
             prompt=args.prompt, vertices=vertices, faces=faces, uvs=uvs, mode=args.mode, seed=args.seed,
-            preset=args.preset, model=args.model, overrides=_steps(args, "steps"),
+            preset=args.preset, model=args.model, overrides=_steps(args, "refine_steps"),
         )
         return RefineMesh(request, device=resolve_device(args.device), progress=progress)
 
