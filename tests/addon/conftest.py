@@ -18,12 +18,19 @@ TINY_JOB = "coarse_steps=4 tet_resolution=24 texture_size=64 preview_every=2"
 """Preset overrides that make a text job take seconds on CPU with the bundled prior."""
 
 
+WHEEL_DIR = ROOT / "build" / "addon-wheels"
+"""The pyzmq wheels the README's set-up downloads once; the add-on tests build from them offline."""
+
+
 @pytest.fixture(scope="session")
 def addon_build(tmp_path_factory):
-    """The extension zip (pyzmq wheel for linux-x64 bundled, cached in build/addon-wheels) and the legacy zip."""
+    """The extension zip (the linux-x64 pyzmq wheel from build/addon-wheels bundled) and the legacy zip; no network."""
     import build_addon
 
-    return build_addon.build(tmp_path_factory.mktemp("dist"), wheels="download", platforms=["linux-x64"])
+    if not any(WHEEL_DIR.glob("pyzmq-*.whl")):
+        pytest.fail(f"no pyzmq wheel in {WHEEL_DIR}: run the README's set-up step `bash tests/tools/install.sh` "
+                    "(or `.venv/bin/python build_addon.py --platform linux-x64`) once, online")
+    return build_addon.build(tmp_path_factory.mktemp("dist"), wheels=WHEEL_DIR, platforms=["linux-x64"])
 
 
 @pytest.fixture(scope="session")
