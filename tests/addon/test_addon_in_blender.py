@@ -21,6 +21,8 @@ import pytest
 
 from .conftest import ROOT, TINY_JOB  # noqa: F401  (ROOT also puts the repo on sys.path)
 
+pytestmark = pytest.mark.slow  # each Blender session installs the add-on and runs real jobs (~30 s)
+
 SMOKE = Path(__file__).resolve().parent / "smoke.py"
 PROMPT = "a red cube"
 

@@ -21,7 +21,8 @@ from engine_server.export import load_glb
 
 from .conftest import HEARTBEAT_S
 
-pytestmark = pytest.mark.skipif(os.name != "posix", reason="POSIX signals and /proc")
+pytestmark = [pytest.mark.slow,  # a real worker runs real jobs: ~60 s for the module on 2 cores
+              pytest.mark.skipif(os.name != "posix", reason="POSIX signals and /proc")]
 
 TINY = {"coarse_steps": 4, "tet_resolution": 24, "texture_size": 64, "preview_every": 2}
 """A job that runs in a few seconds on a CPU."""

@@ -361,6 +361,7 @@ def test_random_frames_only_raise_protocol_errors(frames):
         assert e.code and e.message
 
 
+@pytest.mark.slow  # ~4 s on 2 busy cores
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(mtype=st.sampled_from(protocol.CLIENT_TYPES + ("nope",)), extra=st.dictionaries(_keys, _json, max_size=6),
        blobs=st.lists(st.binary(max_size=64), max_size=3), from_client=st.booleans())

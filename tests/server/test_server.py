@@ -299,6 +299,7 @@ def _fuzz_messages(rng: random.Random, signer, n: int):
         yield [head, signer.sign([head, *blobs]), *blobs], f"f{i}" if header["id"] == f"f{i}" else None
 
 
+@pytest.mark.slow  # ~3.5 s
 def test_fuzz_10000_malformed_messages_each_get_an_error(make_server, make_raw, make_client):
     server = make_server(limits=protocol.Limits(max_message_bytes=2**20))
     raw = make_raw(server.endpoint)

@@ -51,6 +51,7 @@ def poll_until(client: EngineClient, cond, timeout: float) -> float:
     return time.monotonic() - start
 
 
+@pytest.mark.slow  # waits out three heartbeats plus a server start: ~3 s
 def test_sigstopped_server_reported_unresponsive_within_three_heartbeats(tmp_path, processes):
     key_file = tmp_path / "key"
     proc, endpoint = start_server(tmp_path / "data", key_file)
