@@ -1,11 +1,16 @@
-"""Progress reporting shared by every pipeline: one callback, one event type."""
+"""Progress reporting shared by every pipeline: one callback, one event type, one ``Cancelled``.
+
+No numpy at import time: the service (a protocol-only server included) imports this module for
+:class:`Cancelled` and must stay free of numpy and torch.
+"""
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
-import numpy as np
+if TYPE_CHECKING:
+    import numpy as np
 
 
 @dataclass
@@ -32,7 +37,7 @@ ProgressCallback = Callable[[ProgressEvent], None]
 
 
 class Cancelled(Exception):
-    """The caller asked the pipeline to stop."""
+    """The caller asked the pipeline to stop; the worker ends the job as ``cancelled``."""
 
 
 class StageTimer:

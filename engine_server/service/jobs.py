@@ -105,10 +105,6 @@ class JobFailure(Exception):
         self.message = message
 
 
-class Cancelled(Exception):
-    """Raised by a runner once ``cancelled()`` turned true; the job ends as ``cancelled``."""
-
-
 @dataclass(frozen=True)
 class Job:
     """One row of the job table."""
@@ -399,7 +395,8 @@ class JobRunner(Protocol):
 
     ``events``: progress, previews and meshes (see EventSink).
 
-    ``cancelled()``: cheap; call it at least once per step and raise :class:`Cancelled`
+    ``cancelled()``: cheap; call it at least once per step and raise
+    :class:`engine_server.pipelines.events.Cancelled`
     when it is true. The worker kills a runner that has not returned a second after a
     cancel, so a runner must not rely on cleanup code running.
 

@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from engine_server.devices import resolve_device
-from engine_server.service.jobs import Cancelled, CheckpointStore, EventSink, JobFailure, Result
+from engine_server.service.jobs import CheckpointStore, EventSink, JobFailure, Result
 
 logger = logging.getLogger(__name__)
 
@@ -162,11 +162,9 @@ def run_pipeline(pipeline_factory: Callable[..., Any], request: dict[str, Any], 
     ``pipeline_factory(progress=, cancelled=, checkpoint_dir=)`` builds the pipeline (the caller
     binds the request, device and prior); its ``run(out_path)`` returns an object with
     ``glb_path, vertices, faces, uvs, texture, sidecar``. Maps a non-finite loss to
-    ``non_finite``, a bad option or prompt (ValueError) to ``invalid_request``, the
-    pipeline's own Cancelled to :class:`Cancelled`.
+    ``non_finite``, a bad option or prompt (ValueError) to ``invalid_request``; the pipeline's
+    Cancelled goes through to the worker.
     """
-    from engine_server.pipelines.events import Cancelled as PipelineCancelled
-
     work = Path(job_dir) / "work"
     work.mkdir(parents=True, exist_ok=True)
     bridge = _ProgressBridge(events)
@@ -174,8 +172,6 @@ def run_pipeline(pipeline_factory: Callable[..., Any], request: dict[str, Any], 
     try:
         pipeline = pipeline_factory(progress=bridge, cancelled=cancelled, checkpoint_dir=checkpoint.directory)
         out = pipeline.run(work / "model.glb")
-    except PipelineCancelled:
-        raise Cancelled() from None
     except FloatingPointError as exc:
         raise JobFailure("non_finite", f"{exc}; the optimisation diverged (try a lower learning_rate)") from None
     except ValueError as exc:  # an unknown prompt word, a bad preset option

@@ -36,10 +36,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from engine_server.wire import protocol
+from engine_server.pipelines.events import Cancelled
 from engine_server.service.executor import WorkerEvent
 from engine_server.service.jobs import Job
 from engine_server.service.runner import RunnerConfig
+from engine_server.wire import protocol
 
 logger = logging.getLogger(__name__)
 
@@ -386,7 +387,7 @@ def _is_oom(exc: BaseException) -> bool:
 
 def child_main(spec: dict[str, Any]) -> int:
     """The child process: warm up, then run the jobs the parent sends, one at a time."""
-    from engine_server.service.jobs import Cancelled, CheckpointStore, JobFailure, load_request, write_result
+    from engine_server.service.jobs import CheckpointStore, JobFailure, load_request, write_result
     from engine_server.service.runner import EngineRunner
 
     out = os.fdopen(os.dup(1), "wb", buffering=0)

@@ -383,7 +383,7 @@ def _run(code: str) -> subprocess.CompletedProcess:
 
 def test_protocol_and_client_import_no_torch_bpy_numpy():
     r = _run("import sys, engine_server.wire.protocol, engine_server.wire.auth, engine_server.wire.client, engine_server.service.jobs, "
-             "engine_server.service.server\n"
+             "engine_server.service.server, engine_server.pipelines.events\n"
              "bad = [m for m in ('torch', 'bpy', 'numpy') if m in sys.modules]\n"
              "assert not bad, bad\nprint('ok')")
     assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr
