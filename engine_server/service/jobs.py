@@ -6,19 +6,18 @@ Layout under the data folder::
     lock                         held by the one server that owns the store
     jobs/<job_id>/request.json   the validated request, blob references into request/
     jobs/<job_id>/request/       blob-<i>.bin: reference image, mesh arrays
-    jobs/<job_id>/checkpoints/   checkpoint.json (the manifest) + the files it names
+    jobs/<job_id>/checkpoints/   the pipeline's own checkpoint files (see :func:`checkpoint_dir`)
     jobs/<job_id>/previews/      preview-<step>.png
     jobs/<job_id>/result/        model.glb, arrays.json + <name>.bin, meta.json
 
 Durability rules: a job id is handed out only after its request files are fsynced and
 its row is committed (``synchronous=FULL``); every artifact is written atomically (temp
-file, fsync, rename, fsync of the folder); a checkpoint becomes visible only when its
-manifest is renamed into place, after the files it names are on disk. On a restart the
-owner (:meth:`JobStore.recover`) puts ``running`` jobs back in the queue to resume from
-their last checkpoint, and gives up on a job that keeps killing its worker.
+file, fsync, rename, fsync of the folder), the pipeline's checkpoints included
+(``engine_server.pipelines.checkpoint``). On a restart the owner (:meth:`JobStore.recover`)
+puts ``running`` jobs back in the queue to resume from their last checkpoint, and gives up
+on a job that keeps killing its worker.
 
-No torch import: the pipeline puts its torch state into checkpoint files itself
-(:meth:`CheckpointWriter.path` gives the path to ``torch.save`` to).
+No torch or numpy import: the pipeline writes its torch state into :func:`checkpoint_dir` itself.
 """
 from __future__ import annotations
 
@@ -39,7 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from engine_server.wire.files import atomic_write, fsync_dir, fsync_file
+from engine_server.wire.files import atomic_write, fsync_dir
 from engine_server.wire.protocol import (
     JOB_STATES, TERMINAL_STATES, Array, Blob, ProtocolError, from_wire, to_wire,
 )
@@ -208,154 +207,6 @@ def _read_arrays(folder: Path, index: Mapping[str, dict]) -> dict[str, Array]:
             for name, spec in index.items()}
 
 
-# ----------------------------------------------------------------------------- checkpoints
-
-
-@dataclass(frozen=True)
-class Checkpoint:
-    """A committed checkpoint: its step, metadata and files."""
-
-    step: int
-    """Optimisation step the state belongs to."""
-    meta: dict[str, Any]
-    """JSON metadata the runner saved with it (stage, preset, seed, ...)."""
-    files: dict[str, Path]
-    """Name -> file on disk."""
-    created: float
-    """Unix time of the commit."""
-
-    def path(self, name: str) -> Path:
-        """The file saved under ``name`` (to ``torch.load`` from)."""
-        try:
-            return self.files[name]
-        except KeyError:
-            raise KeyError(f"checkpoint at step {self.step} has no file {name!r}; it has {sorted(self.files)}") from None
-
-    def read(self, name: str) -> bytes:
-        """The bytes saved under ``name``."""
-        return self.path(name).read_bytes()
-
-
-class CheckpointWriter:
-    """Collects the files of one checkpoint; nothing is visible until :meth:`commit`.
-
-    Use as a context manager: it commits when the block ends normally and discards the
-    files when it raises::
-
-        with store.begin(step, {"stage": "coarse"}) as ckpt:
-            torch.save({"model": ..., "optimizer": ..., "rng": ...}, ckpt.path("state.pt"))
-    """
-
-    def __init__(self, store: CheckpointStore, step: int, meta: Mapping[str, Any] | None):
-        if type(step) is not int or step < 0:
-            raise ValueError(f"checkpoint step must be a non-negative int, got {step!r}")
-        self._store, self.step, self.meta = store, step, dict(meta or {})
-        self._token = secrets.token_hex(4)
-        self._files: dict[str, Path] = {}
-        self._done = False
-
-    def path(self, name: str) -> Path:
-        """A fresh path for the file ``name``: write it (e.g. ``torch.save``) before the commit."""
-        if self._done:
-            raise RuntimeError("checkpoint already committed or discarded")
-        final = f"{self.step:010d}-{self._token}.{_check_name(name)}"
-        self._files[name] = self._store.directory / f".{final}.tmp"
-        return self._files[name]
-
-    def write(self, name: str, data: bytes | memoryview) -> None:
-        """Add the file ``name`` with these bytes."""
-        with open(self.path(name), "wb") as f:
-            f.write(data)
-
-    def commit(self) -> Checkpoint:
-        """fsync every file, rename it into place, then publish the manifest (the commit point)."""
-        if self._done:
-            raise RuntimeError("checkpoint already committed or discarded")
-        missing = [n for n, p in self._files.items() if not p.exists()]
-        if missing:
-            raise FileNotFoundError(f"checkpoint files never written: {missing}")
-        names = {}
-        for name, tmp in self._files.items():
-            fsync_file(tmp)
-            final = tmp.with_name(tmp.name[1:-len(".tmp")])
-            os.replace(tmp, final)
-            names[name] = final.name
-        fsync_dir(self._store.directory)
-        created = time.time()
-        _write_json(self._store.manifest, {"step": self.step, "meta": self.meta, "files": names, "created": created})
-        self._done = True
-        self._store._prune(set(names.values()))
-        return Checkpoint(self.step, self.meta, {n: self._store.directory / f for n, f in names.items()}, created)
-
-    def discard(self) -> None:
-        """Drop the files written so far."""
-        self._done = True
-        for tmp in self._files.values():
-            tmp.unlink(missing_ok=True)
-
-    def __enter__(self) -> CheckpointWriter:
-        return self
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        if self._done:
-            return
-        if exc_type is None:
-            self.commit()
-        else:
-            self.discard()
-
-
-class CheckpointStore:
-    """A job's checkpoints: the latest committed one survives any crash; older ones are removed."""
-
-    def __init__(self, directory: str | os.PathLike):
-        self.directory = Path(directory)
-        self.directory.mkdir(parents=True, exist_ok=True)
-        self.manifest = self.directory / "checkpoint.json"
-
-    def begin(self, step: int, meta: Mapping[str, Any] | None = None) -> CheckpointWriter:
-        """Start a checkpoint at ``step`` (see CheckpointWriter)."""
-        return CheckpointWriter(self, step, meta)
-
-    def save(self, step: int, files: Mapping[str, bytes | memoryview], meta: Mapping[str, Any] | None = None) -> Checkpoint:
-        """Write and commit a checkpoint from in-memory bytes."""
-        writer = self.begin(step, meta)
-        try:
-            for name, data in files.items():
-                writer.write(name, data)
-        except BaseException:
-            writer.discard()
-            raise
-        return writer.commit()
-
-    def latest(self) -> Checkpoint | None:
-        """The last committed checkpoint, or None (a damaged manifest counts as none, with a warning)."""
-        try:
-            doc = json.loads(self.manifest.read_text(encoding="utf-8"))
-            files = {n: self.directory / f for n, f in doc["files"].items()}
-            if not all(p.is_file() for p in files.values()):
-                raise FileNotFoundError("a file named by the manifest is missing")
-            return Checkpoint(int(doc["step"]), dict(doc.get("meta", {})), files, float(doc.get("created", 0.0)))
-        except FileNotFoundError as exc:
-            if self.manifest.exists():
-                logger.warning("checkpoint in %s unusable: %s", self.directory, exc)
-            return None
-        except (ValueError, KeyError, TypeError, AttributeError) as exc:
-            logger.warning("checkpoint manifest %s unreadable (%s); starting over", self.manifest, exc)
-            return None
-
-    def clear(self) -> None:
-        """Remove every checkpoint."""
-        self.manifest.unlink(missing_ok=True)
-        self._prune(set())
-
-    def _prune(self, keep: set[str]) -> None:
-        """Remove files no manifest names (older checkpoints, temp files of crashed writers)."""
-        for p in self.directory.iterdir():
-            if p.name != self.manifest.name and p.name not in keep and p.is_file() and not p.name.startswith(".checkpoint.json"):
-                p.unlink(missing_ok=True)
-
-
 # ----------------------------------------------------------------------------- the runner interface
 
 
@@ -400,11 +251,9 @@ class JobRunner(Protocol):
     when it is true. The worker kills a runner that has not returned a second after a
     cancel, so a runner must not rely on cleanup code running.
 
-    ``checkpoint``: call ``checkpoint.latest()`` first and resume from it when present
-    (the job was interrupted by a restart); save every ``checkpoint_every`` steps with
-    ``with checkpoint.begin(step, meta) as c: torch.save(state, c.path("state.pt"))``,
-    where ``state`` holds the model, the optimizer, the RNG states (torch, CUDA, numpy,
-    Python ``random``) and anything else the loop needs to continue bit for bit.
+    Checkpoints: hand :func:`checkpoint_dir` (``job_dir``) to the pipeline, which resumes from
+    the files it finds there (the job was interrupted by a restart) and saves its state,
+    RNGs included, every ``checkpoint_every`` steps, each file written atomically.
 
     Failures: raise :class:`JobFailure` (``code``, ``message``) for a reason the user can
     act on; a non-finite loss must roll back to the last checkpoint or raise
@@ -415,12 +264,17 @@ class JobRunner(Protocol):
     """
 
     def __call__(self, request: dict[str, Any], job_dir: Path, events: EventSink,
-                 cancelled: Callable[[], bool], checkpoint: CheckpointStore) -> Result:
+                 cancelled: Callable[[], bool]) -> Result:
         ...
 
 
 # ----------------------------------------------------------------------------- a job's folder
 # Module functions on the folder alone, so a worker's child process needs no database.
+
+
+def checkpoint_dir(job_dir: str | os.PathLike) -> Path:
+    """The folder a job's pipeline keeps its checkpoints in (it survives restarts and retries)."""
+    return Path(job_dir) / "checkpoints"
 
 
 def load_request(job_dir: str | os.PathLike) -> dict[str, Any]:
@@ -812,10 +666,6 @@ class JobStore:
         if not _JOB_ID_RE.fullmatch(job_id):
             raise JobNotFound(f"no job {job_id!r} (job ids are 16 hex digits)")
         return self.jobs_dir / job_id
-
-    def checkpoints(self, job_id: str) -> CheckpointStore:
-        """The job's checkpoint store."""
-        return CheckpointStore(self.job_dir(job_id) / "checkpoints")
 
     def write_preview(self, job_id: str, step: int, png: bytes | memoryview) -> Path:
         """Keep a preview image (atomically); returns its path."""

@@ -3,7 +3,7 @@
 :class:`EngineRunner` is what the worker's child process calls once per job attempt. It
 keeps the loaded priors between jobs (the child stays warm) and dispatches on the job's
 ``kind`` through :data:`KIND_RUNNERS`, a small dict ``kind -> function``. Adding a kind
-is one line there: a function ``(ctx, request, job_dir, events, cancelled, checkpoint) ->
+is one line there: a function ``(ctx, request, job_dir, events, cancelled) ->
 Result`` (see :func:`run_text`; :func:`run_pipeline` does the shared part for any pipeline
 built like ``TextTo3D``).
 
@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from engine_server.devices import resolve_device
-from engine_server.service.jobs import CheckpointStore, EventSink, JobFailure, Result
+from engine_server.service.jobs import EventSink, JobFailure, Result, checkpoint_dir
 
 logger = logging.getLogger(__name__)
 
@@ -156,7 +156,7 @@ class _ProgressBridge:
 
 
 def run_pipeline(pipeline_factory: Callable[..., Any], request: dict[str, Any], job_dir: Path, events: EventSink,
-                 cancelled: Callable[[], bool], checkpoint: CheckpointStore, meta: dict[str, Any]) -> Result:
+                 cancelled: Callable[[], bool], meta: dict[str, Any]) -> Result:
     """Run a pipeline built like TextTo3D and turn its output into a Result.
 
     ``pipeline_factory(progress=, cancelled=, checkpoint_dir=)`` builds the pipeline (the caller
@@ -170,7 +170,7 @@ def run_pipeline(pipeline_factory: Callable[..., Any], request: dict[str, Any], 
     bridge = _ProgressBridge(events)
     t0 = time.perf_counter()
     try:
-        pipeline = pipeline_factory(progress=bridge, cancelled=cancelled, checkpoint_dir=checkpoint.directory)
+        pipeline = pipeline_factory(progress=bridge, cancelled=cancelled, checkpoint_dir=checkpoint_dir(job_dir))
         out = pipeline.run(work / "model.glb")
     except FloatingPointError as exc:
         raise JobFailure("non_finite", f"{exc}; the optimisation diverged (try a lower learning_rate)") from None
@@ -208,7 +208,7 @@ def _prepare(ctx: RunContext, request: dict[str, Any], job_dir: Path,
 
 
 def run_text(ctx: RunContext, request: dict[str, Any], job_dir: Path, events: EventSink,
-             cancelled: Callable[[], bool], checkpoint: CheckpointStore) -> Result:
+             cancelled: Callable[[], bool]) -> Result:
     """A ``text`` job: TextTo3D with the request's prompt, seed, preset, options and rig."""
     from engine_server.pipelines.text_to_3d import TextTo3D, TextTo3DRequest
 
@@ -224,7 +224,7 @@ def run_text(ctx: RunContext, request: dict[str, Any], job_dir: Path, events: Ev
 
     meta = {"kind": "text", "prompt": req.prompt, "seed": seed, "preset": req.preset, "model": model,
             "guidance": req.guidance, "options": overrides, "device": ctx.device}
-    return run_pipeline(factory, request, job_dir, events, cancelled, checkpoint, meta)
+    return run_pipeline(factory, request, job_dir, events, cancelled, meta)
 
 
 def _view_settings(run: dict[str, Any]) -> dict[str, Any]:
@@ -250,7 +250,7 @@ def _view_settings(run: dict[str, Any]) -> dict[str, Any]:
 
 
 def run_image(ctx: RunContext, request: dict[str, Any], job_dir: Path, events: EventSink,
-              cancelled: Callable[[], bool], checkpoint: CheckpointStore) -> Result:
+              cancelled: Callable[[], bool]) -> Result:
     """An ``image`` or ``multiview`` job: ImageTo3D with the reference image (PNG) or, without one, a
     reference view drawn from the prompt; generated views, rig and options. The result carries the
     generated views too: ``views`` (N, R, R, 3) uint8, ``view_c2w`` (N, 4, 4), ``view_fov_y_deg`` (N,)."""
@@ -272,7 +272,7 @@ def run_image(ctx: RunContext, request: dict[str, Any], job_dir: Path, events: E
 
     meta = {"kind": request["kind"], "prompt": req.prompt, "seed": seed, "preset": req.preset, "model": model,
             "guidance": req.guidance, "options": overrides, "device": ctx.device}
-    result = run_pipeline(factory, request, job_dir, events, cancelled, checkpoint, meta)
+    result = run_pipeline(factory, request, job_dir, events, cancelled, meta)
     views = pipelines[-1].views
     result.arrays.update(
         views=np.ascontiguousarray(views.images_uint8()),
@@ -283,7 +283,7 @@ def run_image(ctx: RunContext, request: dict[str, Any], job_dir: Path, events: E
 
 
 def run_refine(ctx: RunContext, request: dict[str, Any], job_dir: Path, events: EventSink,
-               cancelled: Callable[[], bool], checkpoint: CheckpointStore) -> Result:
+               cancelled: Callable[[], bool]) -> Result:
     """A ``refine`` job: RefineMesh on the request's mesh (its matrix_world as the world matrix), mode, options."""
     from engine_server.pipelines.refine import RefineMesh, RefineMeshRequest
 
@@ -302,10 +302,10 @@ def run_refine(ctx: RunContext, request: dict[str, Any], job_dir: Path, events: 
 
     meta = {"kind": "refine", "prompt": req.prompt, "mode": req.mode, "seed": seed, "preset": req.preset,
             "model": model, "options": overrides, "device": ctx.device}
-    return run_pipeline(factory, request, job_dir, events, cancelled, checkpoint, meta)
+    return run_pipeline(factory, request, job_dir, events, cancelled, meta)
 
 
-KindRunner = Callable[[RunContext, dict, Path, EventSink, Callable[[], bool], CheckpointStore], Result]
+KindRunner = Callable[[RunContext, dict, Path, EventSink, Callable[[], bool]], Result]
 KIND_RUNNERS: dict[str, KindRunner] = {
     "text": run_text,
     "image": run_image,
@@ -329,10 +329,10 @@ class EngineRunner:
         self.ctx.prior(None)
 
     def __call__(self, request: dict[str, Any], job_dir: Path, events: EventSink,
-                 cancelled: Callable[[], bool], checkpoint: CheckpointStore) -> Result:
+                 cancelled: Callable[[], bool]) -> Result:
         kind = request.get("kind")
         runner = KIND_RUNNERS.get(kind)
         if runner is None:
             raise JobFailure("unsupported_kind", f"this engine cannot run {kind!r} jobs yet; it runs: "
                                                  f"{', '.join(sorted(KIND_RUNNERS))}")
-        return runner(self.ctx, request, Path(job_dir), events, cancelled, checkpoint)
+        return runner(self.ctx, request, Path(job_dir), events, cancelled)

@@ -387,7 +387,7 @@ def _is_oom(exc: BaseException) -> bool:
 
 def child_main(spec: dict[str, Any]) -> int:
     """The child process: warm up, then run the jobs the parent sends, one at a time."""
-    from engine_server.service.jobs import CheckpointStore, JobFailure, load_request, write_result
+    from engine_server.service.jobs import JobFailure, load_request, write_result
     from engine_server.service.runner import EngineRunner
 
     out = os.fdopen(os.dup(1), "wb", buffering=0)
@@ -435,7 +435,7 @@ def child_main(spec: dict[str, Any]) -> int:
         sink = _ChildSink(out, job_id, job_dir)
         try:
             request = load_request(job_dir)
-            result = runner(request, job_dir, sink, cancel.is_set, CheckpointStore(job_dir / "checkpoints"))
+            result = runner(request, job_dir, sink, cancel.is_set)
             if cancel.is_set():
                 raise Cancelled()
             write_result(job_dir, result)

@@ -21,11 +21,6 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def fsync_file(path: Path) -> None:
-    with open(path, "rb+") as f:
-        os.fsync(f.fileno())
-
-
 def atomic_write(path: str | os.PathLike, data: bytes | memoryview) -> Path:
     """Write ``data`` to ``path`` so a reader sees the old file or the whole new one: temp, fsync, rename, fsync dir."""
     path = Path(path)
