@@ -124,3 +124,11 @@ class CameraSampler:
                 poses.append(look_at(orbit_position(az, el, self._uniform(*self.distance))))
             fovs.append(self._uniform(*self.fov))
         return torch.stack(poses), torch.tensor(fovs)
+
+    def preview(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The progress previews' fixed view: a front three-quarter one at the middle of the ranges.
+
+        Returns (1, 4, 4) camera-to-world and (1,) vertical FOV in degrees; draws no random numbers.
+        """
+        dist = 0.5 * (self.distance[0] + self.distance[1])
+        return look_at(orbit_position(30.0, 20.0, dist))[None], torch.tensor([0.5 * (self.fov[0] + self.fov[1])])

@@ -18,12 +18,10 @@ The generated views are saved with the coarse checkpoint, so a resumed job fits 
 from __future__ import annotations
 
 import io
-import json
 import logging
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
@@ -37,9 +35,9 @@ from engine_server.multiview import (
     default_rig,
     generate_views,
 )
-from engine_server.pipelines.checkpoint import save_torch
-from engine_server.pipelines.events import ProgressCallback, ProgressEvent
-from engine_server.pipelines.text_to_3d import TextTo3D, TextTo3DRequest, TextTo3DResult
+from engine_server.pipelines.events import ProgressEvent
+from engine_server.pipelines.loop import save_torch
+from engine_server.pipelines.text_to_3d import TextTo3D, TextTo3DRequest
 
 logger = logging.getLogger(__name__)
 
@@ -252,25 +250,17 @@ class ImageTo3D(TextTo3D):
 
     STAGES = ("views", "coarse", "extract", "texture", "export")
 
-    def __init__(
-        self,
-        request: ImageTo3DRequest,
-        device: str | torch.device = "cpu",
-        progress: ProgressCallback | None = None,
-        cancelled: Callable[[], bool] | None = None,
-        checkpoint_dir: str | Path | None = None,
-        prior=None,
-    ) -> None:
-        from engine_server.guidance import load_prior
+    request: ImageTo3DRequest
 
+    def setup(self, prior) -> None:
+        request = self.request
         rgba = None
         if request.image is not None:
             rgba = read_image(request.image)  # bad images fail here, before any model loads
             mask, self.mask_source = foreground_mask(rgba)
         elif not request.prompt.strip():
             raise ValueError("image-to-3D needs a reference image, or a prompt to draw the reference view from")
-        if prior is None:
-            prior = load_prior(request.model, device=torch.device(device))
+        prior = self.use_prior(prior)
         if getattr(prior, "kind", "image") == "text":
             raise ValueError(f"prior {request.model!r} is text-only; image-to-3D needs a novel-view "
                              "(image-conditioned) model such as the bundled one or a Zero123 folder")
@@ -289,11 +279,11 @@ class ImageTo3D(TextTo3D):
                 rgba, mask, self.background_rgb, res, recenter=request.recenter and not request.rig)
         else:
             self.mask_source = "generated"
-            self.reference_image, self.reference_mask = self._draw_reference(prior, request, checkpoint_dir)
+            self.reference_image, self.reference_mask = self._draw_reference(prior)
         self.views: MultiViewResult | None = None
         self.field_mesh: tuple[np.ndarray, np.ndarray] | None = None
         """(vertices (V, 3) in the field's frame, i.e. the cameras' frame, faces (F, 3)) after extraction."""
-        super().__init__(request, device, progress, cancelled, checkpoint_dir, prior)
+        super().setup(prior)
         # Fit and distil against the prior's own background and training cameras.
         from engine_server.field import FixedBackground
 
@@ -301,13 +291,13 @@ class ImageTo3D(TextTo3D):
         self.cameras = CameraSampler(ranges, None, self.gen)
         self.fit = request.fit
 
-    def _draw_reference(self, prior, request: ImageTo3DRequest,
-                        checkpoint_dir: str | Path | None) -> tuple[torch.Tensor, torch.Tensor]:
+    def _draw_reference(self, prior) -> tuple[torch.Tensor, torch.Tensor]:
         """The reference view drawn from the prompt at the reference camera: image (3, R, R), mask (R, R).
 
         Kept beside the checkpoints, so a resumed job reconstructs the same object.
         """
-        path = Path(checkpoint_dir) / "reference.pt" if checkpoint_dir else None
+        request = self.request
+        path = self.checkpoint_path("reference.pt")
         if path is not None and path.exists():
             state = torch.load(path, map_location="cpu", weights_only=False)
             return state["image"], state["mask"]
@@ -349,12 +339,9 @@ class ImageTo3D(TextTo3D):
         rig = default_rig(self.request.views + 1, dist, self.reference_fov, res, start_azimuth=float(az))
         return rig[1:]  # the ring's first camera is the reference view itself
 
-    def _views_path(self) -> Path | None:
-        return self.checkpoint_dir / "views.pt" if self.checkpoint_dir else None
-
     def generate(self) -> MultiViewResult:
         """Generate (or load from the checkpoint folder) the views around the reference."""
-        path = self._views_path()
+        path = self.checkpoint_path("views.pt")
         if path is not None and path.exists():
             state = torch.load(path, map_location="cpu", weights_only=False)
             self.views = MultiViewResult(**state)
@@ -426,11 +413,11 @@ class ImageTo3D(TextTo3D):
         self.field_mesh = (vertices, faces)
         return vertices, faces
 
-    # ---------------------------------------------------------------- run
-    def run(self, out_path: str | Path) -> TextTo3DResult:
-        result = super().run(out_path)
+    # ---------------------------------------------------------------- export
+    def sidecar(self) -> dict:
+        """The text sidecar plus the reference and the generated views."""
         views = self.views
-        extra = {
+        return super().sidecar() | {
             "kind": "image" if self.request.image is not None else "multiview",
             "reference": {"mask_source": self.mask_source, "c2w": self.reference_c2w.tolist(),
                           "fov_y_deg": self.reference_fov,
@@ -438,12 +425,3 @@ class ImageTo3D(TextTo3D):
             "views": {"count": len(views.images), "strategy": views.strategy,
                       "agreement": [round(float(a), 4) for a in views.agreement]},
         }
-        from engine_server.export import sidecar_path
-
-        side = sidecar_path(result.glb_path)
-        if side.exists():
-            data = json.loads(side.read_text())
-            data.update(extra)
-            side.write_text(json.dumps(data, indent=2))
-        result.sidecar.update(extra)
-        return result

@@ -45,9 +45,10 @@ from torch import nn
 
 from engine_server.cameras import CameraSampler, look_at, orbit_position
 from engine_server.guidance.config import TimestepSchedule
-from engine_server.pipelines.checkpoint import restore_rngs, save_checkpoint
-from engine_server.pipelines.events import Cancelled, ProgressCallback, ProgressEvent, StageTimer
-from engine_server.pipelines.presets import Preset, get_preset
+from engine_server.pipelines.base import JobPipeline, PipelineResult, never_cancelled, no_progress, to_uint8
+from engine_server.pipelines.events import Cancelled, ProgressCallback, ProgressEvent
+from engine_server.pipelines.loop import StepLoop
+from engine_server.pipelines.presets import DEFAULT_PRESET, Preset, get_preset
 from kernels.hashgrid import HashGridConfig, HashGridEncoder
 
 logger = logging.getLogger(__name__)
@@ -242,10 +243,10 @@ class RefineOutput:
 class MeshRefiner:
     """Score-distillation refinement of a triangle mesh (see the module docstring).
 
-    ``guidance``: a built guidance (``build_guidance(prior, ...)``), or None to build SDS
-    from ``prior``; ``cond``: what the mesh should look like. ``texture_field``: an
-    optional module mapping unit-box points (N, 3) to albedo (N, 3) in [0, 1] to start
-    from (e.g. the coarse field's albedo); a fresh :class:`TextureField` otherwise.
+    ``cond``: what the mesh should look like. ``texture_field``: an optional module
+    mapping unit-box points (N, 3) to albedo (N, 3) in [0, 1] to start from (e.g. the
+    coarse field's albedo); a fresh :class:`TextureField` otherwise. The optimisation is a
+    :class:`~engine_server.pipelines.loop.Trainable` run by :class:`StepLoop` (stage "refine").
     """
 
     def __init__(
@@ -256,7 +257,6 @@ class MeshRefiner:
         device: str | torch.device = "cpu",
         progress: ProgressCallback | None = None,
         cancelled: Callable[[], bool] | None = None,
-        guidance=None,
         seed: int = 0,
         checkpoint_dir: str | Path | None = None,
         texture_field: nn.Module | None = None,
@@ -267,15 +267,13 @@ class MeshRefiner:
         self.device = torch.device(device)
         self.prior = prior
         self.cond = cond
-        self.progress = progress or (lambda event: None)
-        self.cancelled = cancelled or (lambda: False)
+        self.progress = progress or no_progress
+        self.cancelled = cancelled or never_cancelled
         self.seed = int(seed)
         self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir else None
-        if guidance is None:
-            scale = self.config.guidance_scale or getattr(prior, "recommended_guidance_scale", None) or 3.0
-            guidance = build_guidance(prior, GuidanceConfig(mode="sds", guidance_scale=scale, seed=self.seed,
-                                                            timesteps=self.config.timesteps))
-        self.guidance = guidance
+        scale = self.config.guidance_scale or getattr(prior, "recommended_guidance_scale", None) or 3.0
+        self.guidance = build_guidance(prior, GuidanceConfig(mode="sds", guidance_scale=scale, seed=self.seed,
+                                                             timesteps=self.config.timesteps))
         # Fail on a prompt the prior cannot read now, before any work.
         self.guidance.prepare_inputs(cond, look_at(orbit_position(0.0, 0.0, 2.5))[None].to(self.device))
         bg = getattr(prior, "background_rgb", None)
@@ -298,7 +296,8 @@ class MeshRefiner:
         self.texture_field: nn.Module | None = None
         self.optimizer: torch.optim.Optimizer | None = None
         self._fixed: tuple[torch.Tensor, torch.Tensor] | None = None
-        self._signature = ""
+        self.checkpoint_key: str | None = None
+        """Set by ``_setup``: refine checkpoints resume only the same input, config, seed and prompt."""
 
     # ---------------------------------------------------------------- rendering
     def shade(self, normals: torch.Tensor) -> torch.Tensor:
@@ -353,16 +352,12 @@ class MeshRefiner:
     @torch.no_grad()
     def preview(self) -> np.ndarray:
         """A front-three-quarter render (R, R, 3) uint8 of the current mesh and texture."""
-        ranges = self.cameras
-        pose = look_at(orbit_position(30.0, 20.0, 0.5 * (ranges.distance[0] + ranges.distance[1])))[None]
-        fov = torch.tensor([0.5 * (ranges.fov[0] + ranges.fov[1])])
         v, f, _ = self.current_mesh()
         if f.shape[0] == 0:
             return np.zeros((self.resolution, self.resolution, 3), np.uint8)
-        img = self.render(v, f, pose, fov, antialias=False)["image"][0]
-        return (img.permute(1, 2, 0).clamp(0, 1) * 255).round().byte().cpu().numpy()
+        return to_uint8(self.render(v, f, *self.cameras.preview(), antialias=False)["image"][0])
 
-    # ---------------------------------------------------------------- setup and checkpoints
+    # ---------------------------------------------------------------- setup
     def _setup(self, v_unit: np.ndarray, faces: np.ndarray) -> None:
         from engine_server.geometry import DMTet, DMTetConfig
 
@@ -391,46 +386,33 @@ class MeshRefiner:
         h.update(np.ascontiguousarray(faces, np.int64).tobytes())
         h.update(repr(asdict(cfg)).encode())
         h.update(f"{self.seed}|{getattr(self.cond, 'prompt', '')}".encode())
-        self._signature = h.hexdigest()
+        self.checkpoint_key = h.hexdigest()
         self.step = 0
 
-    def _checkpoint_path(self) -> Path | None:
-        return self.checkpoint_dir / "refine.pt" if self.checkpoint_dir else None
+    # ---------------------------------------------------------------- the Trainable parts
+    def checkpoint_state(self) -> dict:
+        return {"texture_field": self.texture_field.state_dict(),
+                "dmtet": self.dmtet.state_dict() if self.dmtet is not None else None}
 
-    def save_checkpoint(self) -> None:
-        """Write the optimisation state (models, optimizer, RNGs, step) when a checkpoint folder is set."""
-        path = self._checkpoint_path()
-        if path is None:
-            return
-        state = {
-            "signature": self._signature,
-            "step": self.step,
-            "texture_field": self.texture_field.state_dict(),
-            "dmtet": self.dmtet.state_dict() if self.dmtet is not None else None,
-            "optimizer": self.optimizer.state_dict(),
-        }
-        save_checkpoint(path, state, self.gen, self.guidance)
-
-    def load_checkpoint(self) -> bool:
-        """Resume from the checkpoint of the same input, config, seed and prompt; False when none."""
-        path = self._checkpoint_path()
-        if path is None or not path.exists():
-            return False
-        state = torch.load(path, map_location=self.device, weights_only=False)
-        if state.get("signature") != self._signature:
-            logger.warning("ignoring the refine checkpoint %s: it belongs to another input or config", path)
-            return False
+    def restore_state(self, state: dict) -> None:
         self.texture_field.load_state_dict(state["texture_field"])
         if self.dmtet is not None:
             self.dmtet.load_state_dict(state["dmtet"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        restore_rngs(state, self.gen, self.guidance)
-        self.step = int(state["step"])
-        logger.info("resumed refinement at step %d from %s", self.step, path)
-        return True
+
+    def generators(self) -> dict[str, torch.Generator]:
+        return {"cameras": self.gen, "guidance": self.guidance.generator}
+
+    @torch.no_grad()
+    def snapshot(self) -> dict:
+        """The preview, and in full mode the intermediate mesh in the input's frame."""
+        shown: dict = {"preview": self.preview()}
+        if self.dmtet is not None:
+            v, f = self.dmtet.extract_mesh(clean=False)
+            shown["mesh"] = (self._to_input_frame(v).astype(np.float32), f)
+        return shown
 
     # ---------------------------------------------------------------- optimisation
-    def loss(self) -> tuple[torch.Tensor, dict[str, float]]:
+    def training_step(self) -> tuple[torch.Tensor, dict[str, float]]:
         """One step's loss: render random views of the current mesh, score them, add regularisers."""
         cfg = self.config
         v, f, out = self.current_mesh()
@@ -452,35 +434,11 @@ class MeshRefiner:
         return loss, logs
 
     def optimise(self) -> list[float]:
-        """Run the remaining steps (resuming from a checkpoint when one matches); returns the losses."""
+        """Run the remaining steps (resuming from a checkpoint when one matches); returns their losses."""
         cfg = self.config
-        self.load_checkpoint()
-        timer = StageTimer(cfg.steps - self.step)
-        start = self.step
-        losses: list[float] = []
-        while self.step < cfg.steps:
-            if self.cancelled():
-                raise Cancelled()
-            loss, _logs = self.loss()
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"non-finite loss at refine step {self.step}")
-            self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            self.optimizer.step()
-            self.step += 1
-            losses.append(float(loss.detach()))
-            eta = timer.tick(self.step - start)
-            due = self.step % cfg.preview_every == 0 or self.step == cfg.steps
-            mesh = None
-            if due and self.dmtet is not None:
-                mesh = self.dmtet.extract_mesh(clean=False)
-                mesh = (self._to_input_frame(mesh[0]).astype(np.float32), mesh[1])
-            self.progress(ProgressEvent("refine", self.step, cfg.steps, losses[-1], eta,
-                                        preview=self.preview() if due else None, mesh=mesh))
-            if self.step % cfg.checkpoint_every == 0 and self.step < cfg.steps:
-                self.save_checkpoint()
-        self.save_checkpoint()
-        return losses
+        checkpoint = self.checkpoint_dir / "refine.pt" if self.checkpoint_dir else None
+        return StepLoop("refine", cfg.steps, cfg.preview_every, cfg.checkpoint_every, checkpoint,
+                        self.progress, self.cancelled).run(self)
 
     def _to_input_frame(self, points: np.ndarray) -> np.ndarray:
         return self._transform.invert(points)
@@ -548,30 +506,12 @@ class RefineMeshRequest:
     """What to avoid (ignored by the bundled prior)."""
     seed: int = 0
     """Seed of every random choice."""
-    preset: str = "draft"
+    preset: str = DEFAULT_PRESET
     """Preset name (draft | standard | high)."""
     model: str = "bundled"
     """Prior: "bundled", a local diffusers folder or a hub id."""
     overrides: dict = field(default_factory=dict)
     """RefineConfig or preset values to override, e.g. {"steps": 100}."""
-
-
-@dataclass
-class RefineMeshResult:
-    glb_path: Path
-    """The exported GLB."""
-    vertices: np.ndarray
-    """(V, 3) float32 in the input's local frame."""
-    faces: np.ndarray
-    """(F, 3) int64."""
-    uvs: np.ndarray
-    """(V, 2) glTF UVs."""
-    texture: np.ndarray
-    """(S, S, 3) uint8 base colour."""
-    sidecar: dict
-    """What was written beside the GLB."""
-    vmapping: np.ndarray | None = None
-    """(V,) input vertex of each output vertex (texture mode), else None."""
 
 
 def _check_world_matrix(m) -> np.ndarray:
@@ -583,54 +523,39 @@ def _check_world_matrix(m) -> np.ndarray:
     return m
 
 
-class RefineMesh:
+class RefineMesh(JobPipeline):
     """The ``refine`` job: ``run(out_path)`` refines the request's mesh and writes the GLB + sidecar."""
 
     STAGES = ("refine", "texture", "export")
 
-    def __init__(
-        self,
-        request: RefineMeshRequest,
-        device: str | torch.device = "cpu",
-        progress: ProgressCallback | None = None,
-        cancelled: Callable[[], bool] | None = None,
-        checkpoint_dir: str | Path | None = None,
-        prior=None,
-    ) -> None:
-        from engine_server.guidance import Conditioning, load_prior
+    request: RefineMeshRequest
 
-        self.request = request
-        self.device = torch.device(device)
-        self.progress = progress or (lambda event: None)
-        self.cancelled = cancelled or (lambda: False)
+    def setup(self, prior) -> None:
+        from engine_server.guidance import Conditioning
+
+        request = self.request
         # Validate everything before loading anything heavy.
         self.vertices, self.faces, self.uvs = check_input_mesh(request.vertices, request.faces, request.uvs)
         self.world_matrix = _check_world_matrix(request.world_matrix)
         self.config = RefineConfig.from_preset(request.preset, request.mode, **request.overrides)
-        self.prior = prior if prior is not None else load_prior(request.model, device=self.device)
+        self.prior = self.use_prior(prior)
         self.cond = Conditioning(prompt=request.prompt, negative_prompt=request.negative_prompt)
         self.refiner = MeshRefiner(self.prior, self.cond, self.config, self.device, self.progress, self.cancelled,
-                                   seed=request.seed, checkpoint_dir=checkpoint_dir)
-        self.timings: dict[str, float] = {}
+                                   seed=request.seed, checkpoint_dir=self.checkpoint_dir)
 
-    def run(self, out_path: str | Path) -> RefineMeshResult:
-        from engine_server.export import export_glb, object_name
+    def run(self, out_path: str | Path) -> PipelineResult:
+        from engine_server.export import object_name
 
-        out_path = Path(out_path)
         t0 = time.perf_counter()
         m = self.world_matrix
-        world = self.vertices @ m[:3, :3].T + m[:3, 3]
-        out = self.refiner.run(world, self.faces, self.uvs)
-        self.timings["refine_s"] = time.perf_counter() - t0
-        if self.cancelled():
-            raise Cancelled()
+        with self.timed("refine"):
+            out = self.refiner.run(self.vertices @ m[:3, :3].T + m[:3, 3], self.faces, self.uvs)
         if out.vmapping is not None:
             local = self.vertices[out.vmapping].astype(np.float32)  # bit-exact input positions
         else:
             local = ((out.vertices.astype(np.float64) - m[:3, 3]) @ np.linalg.inv(m[:3, :3]).T).astype(np.float32)
         if not np.isfinite(local).all():
             raise FloatingPointError("the refined mesh has non-finite vertices")
-        t = time.perf_counter()
         sidecar = {
             "kind": "refine",
             "prompt": self.request.prompt,
@@ -641,16 +566,10 @@ class RefineMesh:
             "refine": asdict(self.config),
             "model": self.request.model,
             "guidance": "sds",
-            "device": str(self.device),
             "input": {"vertices": int(len(self.vertices)), "faces": int(len(self.faces)),
                       "uvs_given": self.uvs is not None},
             "world_matrix": m.tolist(),
             "final_loss": out.losses[-1] if out.losses else None,
-            "timings_s": dict(self.timings),
         }
-        export_glb(out_path, local, out.faces, out.uvs, out.texture, name=object_name(self.request.prompt, prefix="refined_"),
-                   sidecar=sidecar)
-        self.timings["export_s"] = time.perf_counter() - t
-        self.timings["total_s"] = time.perf_counter() - t0
-        self.progress(ProgressEvent("export", 1, 1))
-        return RefineMeshResult(out_path, local, out.faces, out.uvs, out.texture, sidecar, out.vmapping)
+        return self.export(Path(out_path), t0, local, out.faces, out.uvs, out.texture, sidecar,
+                           name=object_name(self.request.prompt, prefix="refined_"), vmapping=out.vmapping)

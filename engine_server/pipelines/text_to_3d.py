@@ -22,7 +22,6 @@ import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
@@ -38,11 +37,13 @@ from engine_server.field import (
     RendererConfig,
     VolumeRenderer,
 )
-from engine_server.pipelines.checkpoint import restore_rngs, save_checkpoint
-from engine_server.pipelines.events import Cancelled, ProgressCallback, ProgressEvent, StageTimer
-from engine_server.pipelines.presets import Preset, get_preset
+from engine_server.pipelines.base import JobPipeline, PipelineResult, to_uint8
+from engine_server.pipelines.events import ProgressEvent
+from engine_server.pipelines.loop import StepLoop
+from engine_server.pipelines.presets import DEFAULT_PRESET, Preset, get_preset
 
 logger = logging.getLogger(__name__)
+
 
 @dataclass
 class TextTo3DRequest:
@@ -54,7 +55,7 @@ class TextTo3DRequest:
     """What to avoid (classifier-free guidance's unconditional branch)."""
     seed: int = 0
     """Seed of every random choice: same seed, preset and machine give the same mesh."""
-    preset: str = "draft"
+    preset: str = DEFAULT_PRESET
     """Preset name (draft | standard | high)."""
     model: str = "bundled"
     """Prior: "bundled", a local diffusers folder or a hub id."""
@@ -66,22 +67,6 @@ class TextTo3DRequest:
     """Cameras to concentrate views around (Blender matrix_world + FOV); None: all around."""
     guidance_scale: float | None = None
     """Classifier-free guidance scale; None uses the prior's recommended value."""
-
-
-@dataclass
-class TextTo3DResult:
-    glb_path: Path
-    """The exported GLB."""
-    vertices: np.ndarray
-    """(V, 3) float32, unit bounding box centred at the origin, Z up."""
-    faces: np.ndarray
-    """(F, 3) int64."""
-    uvs: np.ndarray
-    """(V, 2) glTF UVs."""
-    texture: np.ndarray
-    """(S, S, 3) uint8 base colour."""
-    sidecar: dict
-    """What was written beside the GLB."""
 
 
 def otsu_threshold(values: torch.Tensor, bins: int = 256) -> float:
@@ -103,32 +88,24 @@ def otsu_threshold(values: torch.Tensor, bins: int = 256) -> float:
     return float(0.5 * (centers[k_lo] + centers[k_hi + 1]))
 
 
-class TextTo3D:
-    """The text-to-3D pipeline. ``run(out_path)`` does every stage and writes the GLB."""
+class TextTo3D(JobPipeline):
+    """The text-to-3D pipeline. ``run(out_path)`` does every stage and writes the GLB.
+
+    Its coarse stage is a :class:`~engine_server.pipelines.loop.Trainable`: ``training_step``
+    (occupancy update + ``coarse_loss``), the field's state and a preview render.
+    """
 
     STAGES = ("coarse", "extract", "refine", "texture", "export")
     """Stage names of progress events, in order ("refine" only when the preset has refine_steps > 0)."""
 
-    def __init__(
-        self,
-        request: TextTo3DRequest,
-        device: str | torch.device = "cpu",
-        progress: ProgressCallback | None = None,
-        cancelled: Callable[[], bool] | None = None,
-        checkpoint_dir: str | Path | None = None,
-        prior=None,
-    ) -> None:
-        from engine_server.guidance import Conditioning, GuidanceConfig, build_guidance, load_prior
+    request: TextTo3DRequest
 
-        self.request = request
-        self.device = torch.device(device)
-        self.progress = progress or (lambda event: None)
-        self.cancelled = cancelled or (lambda: False)
-        self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir else None
+    def setup(self, prior) -> None:
+        from engine_server.guidance import Conditioning, GuidanceConfig, build_guidance
+
+        request = self.request
         self.preset: Preset = get_preset(request.preset, **request.overrides)
-        self.timings: dict[str, float] = {}
-
-        self.prior = prior if prior is not None else load_prior(request.model, device=self.device)
+        self.prior = self.use_prior(prior)
         scale = request.guidance_scale or getattr(self.prior, "recommended_guidance_scale", 7.5)
         self.guidance = build_guidance(
             self.prior, GuidanceConfig(mode=request.guidance, guidance_scale=scale, seed=request.seed)
@@ -161,42 +138,33 @@ class TextTo3D:
         self.optimizer = torch.optim.Adam(params, betas=(0.9, 0.99), eps=1e-15)
         self.step = 0
 
-    # ---------------------------------------------------------------- checkpoints
-    def _checkpoint_path(self) -> Path | None:
-        return self.checkpoint_dir / "coarse.pt" if self.checkpoint_dir else None
+    # ---------------------------------------------------------------- the coarse stage's Trainable parts
+    checkpoint_key = None
+    """Coarse checkpoints are not keyed: the job's checkpoint folder belongs to its request."""
 
-    def save_checkpoint(self) -> None:
-        path = self._checkpoint_path()
-        if path is None:
-            return
-        state = {
-            "step": self.step,
+    def checkpoint_state(self) -> dict:
+        return {
             "field": self.field.state_dict(),
             "occupancy": self.occupancy.state_dict(),
             "background": self.background.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
         }
-        save_checkpoint(path, state, self.gen, self.guidance)
 
-    def load_checkpoint(self) -> bool:
-        path = self._checkpoint_path()
-        if path is None or not path.exists():
-            return False
-        state = torch.load(path, map_location=self.device, weights_only=False)
+    def restore_state(self, state: dict) -> None:
         self.field.load_state_dict(state["field"])
         self.occupancy.load_state_dict(state["occupancy"])
         self.background.load_state_dict(state["background"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        restore_rngs(state, self.gen, self.guidance)
-        self.step = int(state["step"])
-        logger.info("resumed the coarse stage at step %d from %s", self.step, path)
-        return True
+
+    def generators(self) -> dict[str, torch.Generator]:
+        return {"cameras": self.gen, "guidance": self.guidance.generator}
+
+    def snapshot(self) -> dict:
+        return {"preview": self.preview()}
+
+    def training_step(self) -> tuple[torch.Tensor, dict]:
+        self.occupancy.update(self.field.density, self.step)
+        return self.coarse_loss()
 
     # ---------------------------------------------------------------- stages
-    def _check_cancel(self) -> None:
-        if self.cancelled():
-            raise Cancelled()
-
     def render_views(
         self,
         c2w: torch.Tensor,
@@ -234,13 +202,8 @@ class TextTo3D:
 
     def preview(self) -> np.ndarray:
         """A front-three-quarter render (R, R, 3) uint8 of the current field."""
-        ranges = self.cameras
-        dist = 0.5 * (ranges.distance[0] + ranges.distance[1])
-        pose = look_at(orbit_position(30.0, 20.0, dist))[None]
-        fov = torch.tensor([0.5 * (ranges.fov[0] + ranges.fov[1])])
         with torch.no_grad():
-            img = self.render_views(pose, fov, jitter=False)["image"][0]
-        return (img.permute(1, 2, 0).clamp(0, 1) * 255).round().byte().cpu().numpy()
+            return to_uint8(self.render_views(*self.cameras.preview(), jitter=False)["image"][0])
 
     def step_resolution(self) -> int:
         """This coarse step's render size: the preset's progressive ramp, else the working resolution."""
@@ -314,8 +277,8 @@ class TextTo3D:
         """One coarse step's loss: samples and renders its own views, scores them with the guidance.
 
         Returns the scalar loss to back-propagate and a dict of logged values (floats).
-        Subclasses replace this to change the objective while reusing ``coarse()``'s loop
-        (occupancy updates, optimizer step, checkpoints, events, cancel, non-finite check).
+        Subclasses replace this to change the objective while reusing the coarse stage's
+        occupancy updates and :class:`StepLoop` (optimizer step, checkpoints, events, cancel).
         """
         p = self.preset
         c2w, fovs = self.cameras.sample(p.views_per_step)
@@ -338,28 +301,14 @@ class TextTo3D:
             logs["orientation"] = float(orientation.detach())
         return loss, logs
 
+    def coarse_loop(self) -> StepLoop:
+        """The coarse stage's loop (its checkpoint: ``coarse.pt`` in the checkpoint folder)."""
+        p = self.preset
+        return StepLoop("coarse", p.coarse_steps, p.preview_every, p.checkpoint_every,
+                        self.checkpoint_path("coarse.pt"), self.progress, self.cancelled)
+
     def coarse(self) -> None:
-        total = self.preset.coarse_steps
-        self.load_checkpoint()
-        timer = StageTimer(total - self.step)
-        start_step = self.step
-        while self.step < total:
-            self._check_cancel()
-            self.occupancy.update(self.field.density, self.step)
-            loss, _logs = self.coarse_loss()
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"non-finite loss at coarse step {self.step}")
-            self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            self.optimizer.step()
-            self.step += 1
-            eta = timer.tick(self.step - start_step)
-            due = self.step % self.preset.preview_every == 0 or self.step == total
-            self.progress(ProgressEvent("coarse", self.step, total, float(loss.detach()), eta,
-                                        preview=self.preview() if due else None))
-            if self.step % self.preset.checkpoint_every == 0 and self.step < total:
-                self.save_checkpoint()
-        self.save_checkpoint()
+        self.coarse_loop().run(self)
 
     @torch.no_grad()
     def extract(self) -> tuple[np.ndarray, np.ndarray]:
@@ -409,51 +358,38 @@ class TextTo3D:
         out = refiner.run((vertices - centre) / scale, faces)
         return out.vertices * scale + centre, out.faces, out.uvs, out.texture
 
-    def run(self, out_path: str | Path) -> TextTo3DResult:
-        from engine_server.export import export_glb, object_name
-
-        out_path = Path(out_path)
-        t0 = time.perf_counter()
-        self.coarse()
-        self.timings["coarse_s"] = time.perf_counter() - t0
-        self._check_cancel()
-
-        t = time.perf_counter()
-        vertices, faces = self.extract()
-        self.timings["extract_s"] = time.perf_counter() - t
-        self._check_cancel()
-
-        t = time.perf_counter()
-        if self.preset.refine_steps > 0:
-            v, faces, uvs, texture = self.refine(vertices, faces)
-            self.timings["refine_s"] = time.perf_counter() - t
-        else:
-            uv_mesh, texture = self.texture(vertices, faces)
-            v, faces, uvs = uv_mesh.vertices, uv_mesh.faces, uv_mesh.uvs
-            self.timings["texture_s"] = time.perf_counter() - t
-        self._check_cancel()
-
-        t = time.perf_counter()
-        # Normalise to a unit bounding box centred at the origin (DESIGN.md coordinates).
-        v = v.astype(np.float32)
-        lo, hi = v.min(0), v.max(0)
-        v = (v - 0.5 * (lo + hi)) / float((hi - lo).max())
-        sidecar = {
+    def sidecar(self) -> dict:
+        """What the sidecar records about this job (the export adds device and timings)."""
+        return {
             "prompt": self.request.prompt,
             "negative_prompt": self.request.negative_prompt,
             "seed": self.request.seed,
             "preset": asdict(self.preset) | {"hashgrid": asdict(self.preset.hashgrid)},
             "model": self.request.model,
             "guidance": self.request.guidance,
-            "device": str(self.device),
-            "timings_s": dict(self.timings),
         }
-        export_glb(out_path, v, faces, uvs, texture, name=object_name(self.request.prompt),
-                   sidecar=sidecar)
-        self.timings["export_s"] = time.perf_counter() - t
-        self.timings["total_s"] = time.perf_counter() - t0
-        self.progress(ProgressEvent("export", 1, 1))
-        return TextTo3DResult(out_path, v, faces, uvs, texture, sidecar)
+
+    def run(self, out_path: str | Path) -> PipelineResult:
+        from engine_server.export import object_name
+
+        t0 = time.perf_counter()
+        with self.timed("coarse"):
+            self.coarse()
+        with self.timed("extract"):
+            vertices, faces = self.extract()
+        if self.preset.refine_steps > 0:
+            with self.timed("refine"):
+                v, faces, uvs, texture = self.refine(vertices, faces)
+        else:
+            with self.timed("texture"):
+                uv_mesh, texture = self.texture(vertices, faces)
+                v, faces, uvs = uv_mesh.vertices, uv_mesh.faces, uv_mesh.uvs
+        # Normalise to a unit bounding box centred at the origin (DESIGN.md coordinates).
+        v = v.astype(np.float32)
+        lo, hi = v.min(0), v.max(0)
+        v = (v - 0.5 * (lo + hi)) / float((hi - lo).max())
+        return self.export(Path(out_path), t0, v, faces, uvs, texture, self.sidecar(),
+                           name=object_name(self.request.prompt))
 
 
 class _FieldAlbedo(torch.nn.Module):
