@@ -11,6 +11,7 @@ from functools import partial
 from pathlib import Path
 
 from engine_server.cli.common import UsageError, add_job_flags, output_glb, run_in_process, usage_from
+from engine_server.pipelines.kinds import KINDS
 
 
 def add_parsers(sub) -> None:
@@ -46,9 +47,9 @@ def add_parsers(sub) -> None:
     p.set_defaults(func=cmd_refine)
 
 
-def _steps(args: argparse.Namespace, name: str) -> dict:
-    """``--steps`` as the preset override ``name`` (nothing when not given)."""
-    return {name: args.steps} if args.steps else {}
+def _steps(args: argparse.Namespace, kind: str) -> dict:
+    """``--steps`` as the preset override the kind's steps knob sets (the kind table's ``steps_option``)."""
+    return {KINDS[kind].steps_option: args.steps} if args.steps else {}
 
 
 def _previews(args: argparse.Namespace) -> Path | None:
@@ -64,7 +65,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         from engine_server.pipelines.image_to_3d import ImageTo3D, ImageTo3DRequest
 
         request = ImageTo3DRequest(image=args.image, prompt=args.prompt or "", seed=args.seed, preset=args.preset,
-                                   model=args.model, guidance=args.guidance, overrides=_steps(args, "coarse_steps"))
+                                   model=args.model, guidance=args.guidance, overrides=_steps(args, "image"))
         pipeline, result = run_in_process(partial(ImageTo3D, request, device=device), out, _previews(args))
         print(f"wrote {out} ({len(result.faces)} faces) in {pipeline.timings['total_s']:.1f} s")
         return 0
@@ -73,7 +74,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from engine_server.pipelines.text_to_3d import TextTo3D, TextTo3DRequest
 
     request = TextTo3DRequest(prompt=args.prompt, seed=args.seed, preset=args.preset, model=args.model,
-                              guidance=args.guidance, overrides=_steps(args, "coarse_steps"))
+                              guidance=args.guidance, overrides=_steps(args, "text"))
     pipeline, result = run_in_process(partial(TextTo3D, request, device=device), out, _previews(args))
     print(f"wrote {out} ({len(result.faces)} faces, texture {result.texture.shape[0]}px) "
           f"in {pipeline.timings['total_s']:.1f} s")
@@ -165,7 +166,7 @@ def cmd_refine(args: argparse.Namespace) -> int:
         vertices, faces, uvs = read_mesh_file(Path(args.mesh))
         request = RefineMeshRequest(
             prompt=args.prompt, vertices=vertices, faces=faces, uvs=uvs, mode=args.mode, seed=args.seed,
-            preset=args.preset, model=args.model, overrides=_steps(args, "refine_steps"),
+            preset=args.preset, model=args.model, overrides=_steps(args, "refine"),
         )
         return RefineMesh(request, device=resolve_device(args.device), progress=progress)
 

@@ -234,13 +234,10 @@ class EventSink(Protocol):
 class JobRunner(Protocol):
     """A pipeline as the worker calls it, once per job attempt, in the worker's child process.
 
-    ``request``: the validated ``submit`` fields as :func:`load_request` (``job_dir``) returns
-    them: ``kind``, ``prompt``, ``negative_prompt``, ``seed`` (int or None: pick one and
-    put it in ``Result.meta``), ``preset``, ``mode`` (refine: full | texture), ``options``
-    (flat dict of preset overrides), and when sent ``image`` (protocol Image, PNG bytes
-    in ``.data``), ``rig`` (list of {matrix_world 4x4 rows, fov_y_deg, width, height}),
-    ``mesh`` ({vertices: Array (V, 3) float32, faces: Array (F, 3) int32/uint32,
-    matrix_world}), ``placement`` (4x4). ``Array.numpy()`` gives numpy views.
+    ``request``: the validated ``submit`` fields (the wire schema, ``_check_submit`` in
+    :mod:`engine_server.wire.protocol`) as :func:`load_request` (``job_dir``) returns them,
+    blobs as protocol Array / Image objects; only the fields the kind reads
+    (:mod:`engine_server.pipelines.kinds`) are there.
 
     ``job_dir``: the job's artifact folder; scratch files go under ``job_dir / "work"``.
 

@@ -37,6 +37,8 @@ from typing import Any, Protocol
 import zmq
 
 from engine_server import __version__
+from engine_server.pipelines.kinds import check_submit
+from engine_server.pipelines.presets import PRESETS
 from engine_server.wire import protocol
 from engine_server.wire.auth import SIGNATURE_SCHEME, ReplayGuard, Signer, default_key_path, load_or_create_key, user_data_dir
 from engine_server.service.executor import Executor, WorkerEvent
@@ -90,8 +92,8 @@ class ServerConfig:
     """Accepted clock difference for timestamps; nonces are remembered this long."""
     models: list[str] = field(default_factory=list)
     """Models offered, announced in ``welcome``."""
-    presets: tuple[str, ...] = ("draft", "standard", "high")
-    """Preset names accepted in ``submit``."""
+    presets: tuple[str, ...] = tuple(PRESETS)
+    """Preset names accepted in ``submit`` and announced in ``welcome`` (a submit without one gets the default)."""
     device: str = "cpu"
     """Device description announced in ``welcome``."""
 
@@ -358,8 +360,9 @@ class EngineServer:
 
     def _on_submit(self, peer: _Peer, msg: Message) -> None:
         fields = dict(msg.fields)
-        if fields["preset"] not in self.config.presets:
+        if fields.get("preset") is not None and fields["preset"] not in self.config.presets:
             raise ProtocolError("invalid", f"unknown preset {fields['preset']!r}; known: {', '.join(self.config.presets)}", "preset")
+        check_submit(fields)
         subscribe = fields.pop("subscribe")
         try:
             job, duplicate = self.store.submit(fields["request_id"], fields, label=fields["prompt"][:80])

@@ -361,10 +361,11 @@ class EngineClient:
                timeout: float | None = None) -> str:
         """Queue a job; returns its id. Raises ServerBusy, RequestError (naming the bad field), EngineTimeout.
 
-        ``image``: PNG bytes; ``rig``: [{matrix_world 4x4, fov_y_deg, width, height}];
-        ``mesh``: {vertices (V, 3) float32, faces (F, 3) int32, matrix_world} as numpy arrays
-        or protocol Arrays; matrices may be numpy arrays, ``mathutils.Matrix`` or nested lists. Retries reuse ``request_id`` (a fresh one by default), so
-        the server makes one job however many times the request arrives.
+        The fields are the ``submit`` message's (its schema in :mod:`protocol` is the contract; which
+        of them a kind reads, the server's kind table decides). Conveniences here: ``image`` may be
+        PNG bytes, arrays numpy arrays, matrices numpy arrays or ``mathutils.Matrix``. Retries reuse
+        ``request_id`` (a fresh one by default), so the server makes one job however many times the
+        request arrives.
         """
         if isinstance(image, (bytes, bytearray, memoryview)):
             try:

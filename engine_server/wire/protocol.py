@@ -751,17 +751,32 @@ def _check_camera(value: Any, name: str, limits: Limits) -> dict:
 
 
 def _check_submit(f: _Fields, limits: Limits) -> dict:
+    """The submit contract: every field's type and bounds (which fields a kind reads: pipelines/kinds.py).
+
+    ``request_id`` (idempotency key), ``kind`` (KINDS), ``prompt`` / ``negative_prompt`` (text,
+    default ""), ``seed`` (absent: the engine derives one from the job id), ``preset`` (absent:
+    the engine's default; the names are the server's, sent in ``welcome``), ``mode`` (refine:
+    REFINE_MODES, absent: full), ``subscribe`` (default true), ``options`` (flat: preset overrides
+    and run settings), ``image`` (PNG), ``placement`` (4x4 world matrix the result rests at; rig
+    cameras are taken relative to it), ``rig`` ([{matrix_world 4x4, fov_y_deg, width, height}]),
+    ``mesh`` ({vertices (V, 3) float32, faces (F, 3) int32/uint32, matrix_world 4x4}).
+    Optional fields are left out of the result when absent.
+    """
     out: dict[str, Any] = {
         "request_id": f.text("request_id", 64, required=True, pattern=_ID_RE),
         "kind": f.text("kind", 16, required=True, choices=KINDS),
         "prompt": f.text("prompt", limits.max_prompt_chars, default=""),
         "negative_prompt": f.text("negative_prompt", limits.max_prompt_chars, default=""),
         "seed": f.integer("seed", 0, 2**32 - 1),
-        "preset": f.text("preset", 64, default="draft", pattern=_NAME_RE),
-        "mode": f.text("mode", 16, default="full", choices=REFINE_MODES),
         "subscribe": f.flag("subscribe", True),
         "options": _options(f, limits),
     }
+    preset = f.text("preset", 64, pattern=_NAME_RE)
+    if preset is not None:
+        out["preset"] = preset
+    mode = f.text("mode", 16, choices=REFINE_MODES)
+    if mode is not None:
+        out["mode"] = mode
     image = _image(f, "image", limits)
     if image is not None:
         out["image"] = image
@@ -784,18 +799,6 @@ def _check_submit(f: _Fields, limits: Limits) -> dict:
             out["mesh"]["matrix_world"] = _matrix4(matrix, "mesh.matrix_world")
         mesh.done()
     f.done()
-    kind = out["kind"]
-    if kind == "text" and not out["prompt"].strip():
-        raise ProtocolError("invalid", "a text job needs a non-empty prompt", "prompt")
-    if kind == "image" and image is None:
-        raise ProtocolError("invalid", "an image job needs a reference image", "image")
-    if kind == "multiview" and image is None and not out["prompt"].strip():
-        raise ProtocolError("invalid", "a multiview job needs a prompt or a reference image", "prompt")
-    if kind == "refine":
-        if mesh is None:
-            raise ProtocolError("invalid", "a refine job needs a mesh", "mesh")
-        if not out["prompt"].strip() and image is None:
-            raise ProtocolError("invalid", "a refine job needs a prompt or a reference image", "prompt")
     return out
 
 

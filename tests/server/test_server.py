@@ -357,19 +357,21 @@ def test_bench_runs_small():
     assert rows["mesh 2000 faces"]["median_ms"] > 0
 
 
-def test_refine_submit_stores_mesh_rig_and_image(make_server, make_client):
+def test_refine_submit_stores_mesh_and_placement_and_a_text_submit_its_rig(make_server, make_client):
     server = make_server()
     client = make_client(server.endpoint)
     vertices = np.random.default_rng(0).uniform(-1, 1, (30, 3)).astype(np.float32)
     faces = np.random.default_rng(1).integers(0, 30, (40, 3)).astype(np.int32)
     c2w = np.eye(4)
     c2w[:3, 3] = (0.0, -3.0, 1.0)
-    job = client.submit("refine", "make it wooden", mode="texture", image=png_bytes(20, 10), placement=np.eye(4),
-                        rig=[{"matrix_world": c2w, "fov_y_deg": 40.0, "width": 64, "height": 48}],
+    job = client.submit("refine", "make it wooden", mode="texture", placement=c2w,
                         mesh={"vertices": vertices, "faces": faces, "matrix_world": np.eye(4) * 2})
     request = server.store.load_request(job)
-    assert request["kind"] == "refine" and request["mode"] == "texture" and request["image"].height == 10
-    assert request["rig"][0]["matrix_world"][1][3] == -3.0 and request["mesh"]["matrix_world"][0][0] == 2.0
+    assert request["kind"] == "refine" and request["mode"] == "texture" and request["placement"][1][3] == -3.0
+    assert request["mesh"]["matrix_world"][0][0] == 2.0
+    text = client.submit("text", "a red cube", image=None, placement=np.eye(4),
+                         rig=[{"matrix_world": c2w, "fov_y_deg": 40.0, "width": 64, "height": 48}])
+    assert server.store.load_request(text)["rig"][0]["matrix_world"][1][3] == -3.0
     np.testing.assert_array_equal(request["mesh"]["vertices"].numpy(), vertices)
     np.testing.assert_array_equal(request["mesh"]["faces"].numpy(), faces)
     with pytest.raises(RequestError) as info:
