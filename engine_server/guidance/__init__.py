@@ -49,14 +49,14 @@ camera's azimuth / elevation; camera-aware priors get the cameras instead.
 ``views_per_sample``, ``device``, ``dtype``, ``unet``, ``encode_images``,
 ``prepare_conditioning(cond, cameras, prompts=None) -> PriorInputs`` (text
 embeddings cached), ``predict_noise(latents_t, t, embeddings, cameras) -> eps``
-(v / x0 predictions converted). The bundled pixel-space model plugs in through
-``guidance/bundled.py`` (``encode_images`` = 2x - 1, camera-aware, no ``unet``:
-SDS only); ``load_prior("bundled")`` raises ``PriorLoadError`` while its weights
-are missing.
+(v / x0 predictions converted). The bundled pixel-space model is one more adapter,
+``adapters/bundled.py`` (``encode_images`` = 2x - 1, camera-aware, no ``unet``:
+SDS only), registered with its shipped weights folder; ``load_prior("bundled")``
+raises ``PriorLoadError`` while its weights are missing.
 """
 from __future__ import annotations
 
-from engine_server.guidance import adapters  # noqa: F401  (registers the diffusers adapters)
+from engine_server.guidance import adapters  # noqa: F401  (registers the adapters)
 from engine_server.guidance.config import (
     Conditioning,
     GuidanceConfig,

@@ -5,7 +5,8 @@ novel-view model, an MVDream-style multi-view model, the project's bundled model
 behind the same few calls: encode renders to the space it denoises in, turn a
 ``Conditioning`` into its conditioning tensors, and predict the noise of a noisy
 batch. Adapters register under a name with ``@register_prior(name)``;
-``load_prior(name_or_path, device)`` picks one from a folder's ``model_index.json``.
+``load_prior(name_or_path, device)`` picks one from a folder's ``model_index.json``,
+or by name for an adapter registered with its own ``folder`` (the bundled model).
 """
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ from engine_server.guidance.config import Conditioning
 logger = logging.getLogger(__name__)
 
 BUNDLED = "bundled"
-"""Reserved name of the project's own bundled prior."""
+"""Registry name of the project's own bundled prior (``adapters/bundled.py``)."""
 
 
 class PriorLoadError(RuntimeError):
@@ -117,23 +118,27 @@ class _Entry:
     load: PriorLoader
     matches: Callable[[dict, Path], bool] | None
     expects: str
+    folder: Path | None
 
 
 _REGISTRY: dict[str, _Entry] = {}
 
 
-def register_prior(name: str, *, expects: str = "", matches: Callable[[dict, Path], bool] | None = None):
+def register_prior(name: str, *, expects: str = "", matches: Callable[[dict, Path], bool] | None = None,
+                   folder: Path | None = None):
     """Class decorator: register a prior adapter under ``name``.
 
     The class needs a ``from_folder(folder, device, dtype)`` classmethod; it is
     picked for a folder when ``matches(model_index, folder)`` (or the class's own
     ``matches`` classmethod) returns True. ``expects`` describes the folder layout
-    it needs, for error messages.
+    it needs, for error messages. With ``folder``, ``load_prior(name)`` loads that
+    folder (a model that ships with the engine), which need not be a diffusers folder.
     """
 
     def deco(cls):
         match_fn = matches or getattr(cls, "matches", None)
-        _REGISTRY[name] = _Entry(name, cls.from_folder, match_fn, expects or getattr(cls, "expects", name))
+        _REGISTRY[name] = _Entry(name, cls.from_folder, match_fn, expects or getattr(cls, "expects", name),
+                                 None if folder is None else Path(folder))
         cls.registry_name = name
         return cls
 
@@ -141,8 +146,8 @@ def register_prior(name: str, *, expects: str = "", matches: Callable[[dict, Pat
 
 
 def registered_priors() -> list[str]:
-    """Names of the registered adapters, plus the reserved "bundled"."""
-    return sorted({*_REGISTRY, BUNDLED})
+    """Names of the registered adapters."""
+    return sorted(_REGISTRY)
 
 
 def default_dtype(device: torch.device) -> torch.dtype:
@@ -159,25 +164,27 @@ def load_prior(
     dtype: torch.dtype | None = None,
     adapter: str | None = None,
 ) -> Prior:
-    """Load a prior by name ("bundled"), local diffusers folder or Hugging Face hub id.
+    """Load a prior by registered name ("bundled"), local model folder or Hugging Face hub id.
 
-    The adapter is chosen from the folder's ``model_index.json`` (``_class_name``
-    and components) unless ``adapter`` names one. dtype defaults to fp16 on CUDA
-    and fp32 on CPU. Raises ``PriorLoadError`` naming the path and what was
-    expected when files are missing or the model is of another kind.
+    A name registered with its own folder loads that folder. Otherwise the adapter is
+    chosen from the folder's ``model_index.json`` (``_class_name`` and components) unless
+    ``adapter`` names one. dtype defaults to fp16 on CUDA and fp32 on CPU. Raises
+    ``PriorLoadError`` naming the path and what was expected when files are missing
+    or the model is of another kind.
     """
     device = torch.device(device)
     dtype = dtype or default_dtype(device)
-    if str(name_or_path) == BUNDLED or adapter == BUNDLED:
-        return _load_bundled(device, dtype)
-    folder = resolve_model_folder(name_or_path)
-    index = read_model_index(folder)
-    if adapter is not None:
-        if adapter not in _REGISTRY:
-            raise PriorLoadError(f"unknown prior adapter {adapter!r}; registered: {', '.join(registered_priors())}")
-        entry = _REGISTRY[adapter]
+    if adapter is not None and adapter not in _REGISTRY:
+        raise PriorLoadError(f"unknown prior adapter {adapter!r}; registered: {', '.join(registered_priors())}")
+    named = _REGISTRY.get(os.fspath(name_or_path))
+    if named is not None and named.folder is not None and adapter in (None, named.name):
+        entry, folder = named, named.folder
     else:
-        entry = _pick_adapter(index, folder)
+        folder = resolve_model_folder(name_or_path)
+        entry = _REGISTRY[adapter] if adapter is not None else None
+        if entry is None or entry.folder is None:  # diffusers adapters read the folder's model_index.json
+            index = read_model_index(folder)
+            entry = entry or _pick_adapter(index, folder)
     logger.info("loading %s prior from %s (%s, %s)", entry.name, folder, device, dtype)
     return entry.load(folder, device, dtype)
 
@@ -186,7 +193,7 @@ def _pick_adapter(index: dict, folder: Path) -> _Entry:
     for entry in _REGISTRY.values():
         if entry.matches is not None and entry.matches(index, folder):
             return entry
-    expected = "; ".join(f"{e.name}: {e.expects}" for e in _REGISTRY.values())
+    expected = "; ".join(f"{e.name}: {e.expects}" for e in _REGISTRY.values() if e.matches is not None)
     raise PriorLoadError(
         f"{folder} holds a {index.get('_class_name', 'pipeline without _class_name')!r} with components "
         f"{sorted(k for k in index if not k.startswith('_'))}, which is no diffusion prior this engine can use. "
@@ -286,33 +293,6 @@ def load_component(folder: Path, component: str, loader: Callable[..., Any], wha
         return loader(str(folder), subfolder=component, **kwargs)
     except (OSError, ValueError, TypeError, KeyError, RuntimeError) as exc:
         raise PriorLoadError(f"could not load {sub} as {what}: {type(exc).__name__}: {exc}") from exc
-
-
-# --------------------------------------------------------------------------- bundled hook
-
-
-BUNDLED_MODULE = "engine_server.models.bundled.prior"
-"""Where the bundled model's ``BundledPrior`` lives (written separately from this package)."""
-
-
-def _load_bundled(device: torch.device, dtype: torch.dtype) -> Prior:
-    """The project's own bundled model through its thin pixel-space adapter (``guidance/bundled.py``)."""
-    import importlib
-
-    try:
-        module = importlib.import_module(BUNDLED_MODULE)
-        getattr(module, "BundledPrior")
-    except (ImportError, AttributeError) as exc:
-        raise PriorLoadError(
-            f"the bundled model is not available: {BUNDLED_MODULE}.BundledPrior could not be imported ({exc})"
-        ) from exc
-    try:
-        adapter = importlib.import_module("engine_server.guidance.bundled")
-    except ImportError as exc:
-        raise PriorLoadError(
-            f"the bundled model is not available to score distillation: no guidance adapter for it ({exc})"
-        ) from exc
-    return adapter.BundledPriorAdapter.load(device, dtype)
 
 
 # --------------------------------------------------------------------------- shared helpers

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from engine_server.guidance import Conditioning, GuidanceConfig, PriorLoadError, build_guidance, load_prior
-from engine_server.guidance.bundled import BundledPriorAdapter
+from engine_server.guidance.adapters.bundled import BundledPriorAdapter
 from engine_server.models.bundled.model import BundledModelConfig, BundledUNet
 from engine_server.models.bundled.prior import BundledPrior
 
@@ -24,6 +24,15 @@ def test_load_bundled_gives_the_adapter_or_a_clear_error():
         assert "bundled model is not available" in str(exc) and "weights" in str(exc)
     else:
         assert isinstance(prior, BundledPriorAdapter) and prior.kind == "multiview"
+
+
+def test_bundled_is_registered_like_the_other_adapters(tmp_path):
+    from engine_server.guidance import registered_priors
+
+    assert "bundled" in registered_priors()
+    # The same adapter loads another folder by name; one without weights is a clear error naming it.
+    with pytest.raises(PriorLoadError, match=f"could not load its weights from {tmp_path}"):
+        load_prior(tmp_path, adapter="bundled")
 
 
 def test_sds_step_on_the_bundled_prior(bundled, cameras):

@@ -1,5 +1,9 @@
 """Thin adapter: the project's bundled pixel-space prior (``engine_server.models.bundled.prior``) as a ``Prior``.
 
+Registered as "bundled" with the shipped weights folder, so ``load_prior("bundled")``
+loads them through the same registry as the diffusers adapters (and
+``load_prior(folder, adapter="bundled")`` another trained copy).
+
 The bundled model denoises 3-channel images in [-1, 1] directly (``encode_images``
 is 2x - 1, so the distillation gradient lands on the renders with no encoder),
 is conditioned per view on its camera (so it gets cameras, not view-dependent
@@ -12,18 +16,29 @@ The model runs in fp32 whatever dtype is asked for (it is small).
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 from engine_server.guidance.config import Conditioning
-from engine_server.guidance.prior import EmbeddingCache, PriorInputs, PriorLoadError, tensor_key, to_epsilon
+from engine_server.guidance.prior import (
+    BUNDLED,
+    EmbeddingCache,
+    PriorInputs,
+    PriorLoadError,
+    register_prior,
+    tensor_key,
+    to_epsilon,
+)
 from engine_server.models.bundled.prior import DEFAULT_WEIGHTS_DIR, BundledPrior, Reference, UnknownPromptError
 
 logger = logging.getLogger(__name__)
 
 
+@register_prior(BUNDLED, expects="the bundled model's weights (config.json + model.safetensors)",
+                folder=DEFAULT_WEIGHTS_DIR)
 class BundledPriorAdapter:
     """``Prior`` over a ``BundledPrior``: pixel space, camera-conditioned, optionally image-conditioned."""
 
@@ -45,13 +60,13 @@ class BundledPriorAdapter:
         self._references = EmbeddingCache(4)
 
     @classmethod
-    def load(cls, device: torch.device, dtype: torch.dtype | None = None) -> BundledPriorAdapter:
-        """The shipped weights; a missing or broken weights folder becomes a ``PriorLoadError``."""
+    def from_folder(cls, folder: Path, device: torch.device, dtype: torch.dtype | None = None) -> BundledPriorAdapter:
+        """The weights in ``folder`` (fp32 whatever ``dtype``); a missing or broken folder is a ``PriorLoadError``."""
         try:
-            bundled = BundledPrior.load(device=device)
+            bundled = BundledPrior.load(folder, device=device)
         except (FileNotFoundError, ValueError, OSError) as exc:
             raise PriorLoadError(f"the bundled model is not available: could not load its weights from "
-                                 f"{DEFAULT_WEIGHTS_DIR} ({exc})") from exc
+                                 f"{folder} ({exc})") from exc
         return cls(bundled)
 
     def __repr__(self) -> str:
