@@ -77,15 +77,19 @@ class RegularizerWeights:
 
 @dataclass
 class RefineConfig:
-    """Everything one refinement run uses; :meth:`from_preset` fills it from a named preset."""
+    """Everything one refinement run uses; :meth:`from_preset` fills it from a named preset.
+
+    Knobs a :class:`Preset` also has carry the preset's field name (``refine_steps``,
+    ``render_resolution``, ...), so one name overrides them everywhere.
+    """
 
     mode: str = "full"
     """"full" (DMTet geometry + texture field) or "texture" (geometry frozen)."""
-    steps: int = DRAFT_REFINE_STEPS
+    refine_steps: int = DRAFT_REFINE_STEPS
     """Score-distillation steps."""
     views_per_step: int = 4
     """Views rendered and scored per step."""
-    resolution: int | None = None
+    render_resolution: int | None = None
     """Render size in pixels; None: the prior's native resolution."""
     tet_resolution: int = 48
     """Cubes per axis of the DMTet lattice (full mode)."""
@@ -118,12 +122,12 @@ class RefineConfig:
     def __post_init__(self) -> None:
         if self.mode not in MODES:
             raise ValueError(f"refine mode must be one of {', '.join(MODES)}, got {self.mode!r}")
-        for key in ("steps", "views_per_step", "tet_resolution", "texture_hidden", "preview_every",
+        for key in ("refine_steps", "views_per_step", "tet_resolution", "texture_hidden", "preview_every",
                     "checkpoint_every"):
             if int(getattr(self, key)) < 1:
                 raise ValueError(f"refine option {key} must be >= 1, got {getattr(self, key)}")
-        if self.resolution is not None and not 8 <= self.resolution <= 2048:
-            raise ValueError(f"refine resolution must be in [8, 2048] or None, got {self.resolution}")
+        if self.render_resolution is not None and not 8 <= self.render_resolution <= 2048:
+            raise ValueError(f"refine render_resolution must be in [8, 2048] or None, got {self.render_resolution}")
         if not 16 <= self.texture_size <= 8192:
             raise ValueError(f"texture_size must be in [16, 8192], got {self.texture_size}")
         if self.grid_scale <= 0.5:
@@ -133,33 +137,34 @@ class RefineConfig:
                 raise ValueError(f"refine option {key} must be > 0, got {getattr(self, key)}")
 
     @classmethod
-    def from_preset(cls, preset: str | Preset = "draft", mode: str = "full", **overrides) -> RefineConfig:
+    def from_preset(cls, preset: str | Preset = DEFAULT_PRESET, mode: str = "full", **overrides) -> RefineConfig:
         """A config from a preset's refine values, then ``overrides``.
 
-        Override keys may name fields of :class:`RefineConfig` or of the preset (``refine_steps``,
-        ``texture_size``, ``tet_resolution``, ...); anything else is a ``ValueError``.
+        Override keys are the preset's field names (``refine_steps``, ``texture_size``,
+        ``tet_resolution``, ...; validated by the preset) or knobs only :class:`RefineConfig`
+        has (``sdf_lr``, ``grid_scale``, ...); anything else is a ``ValueError``.
         """
         mine = {f.name for f in dataclasses.fields(cls)}
         preset_keys = {f.name for f in dataclasses.fields(Preset)} - {"name"}
         unknown = sorted(set(overrides) - mine - preset_keys)
         if unknown:
             raise ValueError(f"unknown refine option(s) {', '.join(unknown)}; known: {', '.join(sorted(mine | preset_keys))}")
-        preset_over = {k: v for k, v in overrides.items() if k in preset_keys and k not in mine}
+        preset_over = {k: v for k, v in overrides.items() if k in preset_keys}
         if isinstance(preset, Preset):
             p = preset.override(**preset_over) if preset_over else preset
         else:
             p = get_preset(preset, **preset_over)
         base = cls(
             mode=mode,
-            steps=p.refine_steps or DRAFT_REFINE_STEPS,
+            refine_steps=p.refine_steps or DRAFT_REFINE_STEPS,
             views_per_step=p.views_per_step,
-            resolution=p.render_resolution,
+            render_resolution=p.render_resolution,
             tet_resolution=p.tet_resolution,
             texture_size=p.texture_size,
             preview_every=p.preview_every,
             checkpoint_every=p.checkpoint_every,
         )
-        mine_over = {k: v for k, v in overrides.items() if k in mine and v is not None}
+        mine_over = {k: v for k, v in overrides.items() if k in mine - preset_keys and v is not None}
         return dataclasses.replace(base, **mine_over) if mine_over else base
 
 
@@ -279,7 +284,7 @@ class MeshRefiner:
         bg = getattr(prior, "background_rgb", None)
         self.background = torch.tensor(bg if bg is not None else (1.0, 1.0, 1.0), dtype=torch.float32,
                                        device=self.device)
-        self.resolution = int(self.config.resolution or int(getattr(prior, "resolution", 64)))
+        self.resolution = int(self.config.render_resolution or int(getattr(prior, "resolution", 64)))
         self.gen = torch.Generator().manual_seed(self.seed)
         self.cameras = CameraSampler(getattr(prior, "camera_ranges", None) or {}, None, self.gen)
         # The prior's own world-fixed lights; priors that declare none get the bundled model's studio lights.
@@ -421,7 +426,7 @@ class MeshRefiner:
                                "try fewer steps or a lower sdf_lr")
         c2w, fovs = self.cameras.sample(cfg.views_per_step)
         images = self.render(v, f, c2w, fovs, antialias=out is not None)["image"]
-        g = self.guidance(images, c2w.to(self.device), self.cond, self.step, cfg.steps)
+        g = self.guidance(images, c2w.to(self.device), self.cond, self.step, cfg.refine_steps)
         loss = g.loss
         logs = {"sds": float(g.loss.detach())}
         if out is not None:
@@ -437,7 +442,7 @@ class MeshRefiner:
         """Run the remaining steps (resuming from a checkpoint when one matches); returns their losses."""
         cfg = self.config
         checkpoint = self.checkpoint_dir / "refine.pt" if self.checkpoint_dir else None
-        return StepLoop("refine", cfg.steps, cfg.preview_every, cfg.checkpoint_every, checkpoint,
+        return StepLoop("refine", cfg.refine_steps, cfg.preview_every, cfg.checkpoint_every, checkpoint,
                         self.progress, self.cancelled).run(self)
 
     def _to_input_frame(self, points: np.ndarray) -> np.ndarray:
@@ -511,7 +516,8 @@ class RefineMeshRequest:
     model: str = "bundled"
     """Prior: "bundled", a local diffusers folder or a hub id."""
     overrides: dict = field(default_factory=dict)
-    """RefineConfig or preset values to override, e.g. {"steps": 100}."""
+    """Preset values (``refine_steps``, ``texture_size``, ...) or RefineConfig-only knobs (``sdf_lr``, ...)
+    to override, e.g. {"refine_steps": 100}."""
 
 
 def _check_world_matrix(m) -> np.ndarray:

@@ -16,6 +16,7 @@ from engine_server.pipelines.refine import (
     RefineMeshRequest,
     check_input_mesh,
 )
+from engine_server.pipelines.presets import DEFAULT_PRESET
 from engine_server.pipelines.quality import sphericity
 
 
@@ -46,7 +47,7 @@ def test_texture_refine_keeps_topology_and_paints_green(prior, tmp_path):
     world[:3, 3] = (3.0, -1.0, 0.5)
     events = []
     request = RefineMeshRequest(prompt="a green cube", vertices=v, faces=f, world_matrix=world, mode="texture",
-                                overrides={"steps": 40, "texture_size": 64, "preview_every": 20})
+                                overrides={"refine_steps": 40, "texture_size": 64, "preview_every": 20})
     result = RefineMesh(request, prior=prior, progress=events.append).run(tmp_path / "green.glb")
 
     # Same topology: every output face is the input face (same order) through vmapping,
@@ -77,7 +78,7 @@ def test_texture_refine_reuses_given_uvs(prior):
     # Per-vertex UVs (glTF convention) from a simple planar projection: usable, so kept as they are.
     uvs = np.clip((v[:, :2] - v[:, :2].min(0)) / np.ptp(v[:, :2], 0) * 0.9 + 0.05, 0, 1).astype(np.float32)
     uvs[:, 0] += 0.01 * v[:, 2]  # so no triangle collapses in UV space
-    config = RefineConfig(mode="texture", steps=2, texture_size=32)
+    config = RefineConfig(mode="texture", refine_steps=2, texture_size=32)
     from engine_server.guidance import Conditioning
 
     out = MeshRefiner(prior, Conditioning(prompt="a red cube"), config).run(v, f, uvs)
@@ -91,7 +92,7 @@ def test_geometry_refine_towards_a_sphere(prior, tmp_path):
 
     v, f = blender_cube()
     request = RefineMeshRequest(prompt="a sphere", vertices=v, faces=f, mode="full",
-                                overrides={"steps": 80, "tet_resolution": 24, "texture_size": 64})
+                                overrides={"refine_steps": 80, "tet_resolution": 24, "texture_size": 64})
     pipeline = RefineMesh(request, prior=prior)
     result = pipeline.run(tmp_path / "sphere.glb")
 
@@ -124,7 +125,7 @@ def test_cancel_stops_the_run(prior):
         return calls["n"] > 3
 
     steps = []
-    refiner = MeshRefiner(prior, Conditioning(prompt="a green cube"), RefineConfig(mode="texture", steps=50),
+    refiner = MeshRefiner(prior, Conditioning(prompt="a green cube"), RefineConfig(mode="texture", refine_steps=50),
                           progress=lambda e: steps.append(e.step), cancelled=cancelled)
     with pytest.raises(Cancelled):
         refiner.run(v, f)
@@ -136,7 +137,7 @@ def test_checkpoint_resume(prior, tmp_path):
 
     v, f = blender_cube()
     cond = Conditioning(prompt="a blue cube")
-    config = RefineConfig(mode="texture", steps=4, checkpoint_every=2, texture_size=32)
+    config = RefineConfig(mode="texture", refine_steps=4, checkpoint_every=2, texture_size=32)
     full = MeshRefiner(prior, cond, config, seed=3).run(v, f)
 
     state = {"n": 0}
@@ -177,9 +178,15 @@ def test_bad_options_fail_clearly():
         RefineConfig.from_preset("draft", mode="geometry")
     with pytest.raises(ValueError, match="unknown refine option"):
         RefineConfig.from_preset("draft", stepz=3)
-    cfg = RefineConfig.from_preset("standard", mode="texture", steps=7, texture_size=128)
-    assert (cfg.steps, cfg.texture_size, cfg.mode) == (7, 128, "texture")
-    assert RefineConfig.from_preset("standard").steps == 1000  # the preset's refine_steps
+    with pytest.raises(ValueError, match="unknown refine option"):  # one name per knob: the preset's
+        RefineConfig.from_preset("draft", steps=3)
+    with pytest.raises(ValueError, match="refine_steps must be >= 0"):  # preset knobs are checked by the preset
+        RefineConfig.from_preset("draft", refine_steps=-1)
+    cfg = RefineConfig.from_preset("standard", mode="texture", refine_steps=7, texture_size=128, sdf_lr=0.5)
+    assert (cfg.refine_steps, cfg.texture_size, cfg.mode, cfg.sdf_lr) == (7, 128, "texture", 0.5)
+    assert RefineConfig.from_preset("standard").refine_steps == 1000  # the preset's refine_steps
+    request = RefineMeshRequest(prompt="a cube", vertices=np.eye(3), faces=np.array([[0, 1, 2]]))
+    assert request.preset == DEFAULT_PRESET
 
 
 def test_cli_refine(tmp_path, capsys):
