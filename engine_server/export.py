@@ -349,6 +349,47 @@ def load_glb(path: str | os.PathLike[str]) -> LoadedGLB:
     return LoadedGLB(vertices=vertices, faces=faces, uvs=uvs, texture=texture)
 
 
+class GLBFacts(NamedTuple):
+    """What a client needs from an exported GLB besides the arrays it was made from."""
+
+    name: str
+    """The node's name (:func:`object_name`): the object name a client gives the result."""
+    texture_png: bytes | None
+    """The base-colour texture's PNG bytes as stored in the file (no decode, no re-encode)."""
+
+
+def glb_facts(path: str | os.PathLike[str]) -> GLBFacts:
+    """The node name and the texture PNG of a GLB this module wrote, read from its JSON and BIN chunks."""
+    import struct
+
+    data = Path(path).read_bytes()
+    try:
+        magic, version, length = struct.unpack_from("<4sII", data, 0)
+        if magic != b"glTF" or version != 2 or length != len(data):
+            raise ValueError("not a binary glTF 2.0 file")
+        json_len, json_kind = struct.unpack_from("<I4s", data, 12)
+        if json_kind != b"JSON":
+            raise ValueError("the first chunk is not JSON")
+        doc = json.loads(data[20:20 + json_len])
+        binary = b""
+        offset = 20 + json_len
+        if offset + 8 <= len(data):
+            bin_len, bin_kind = struct.unpack_from("<I4s", data, offset)
+            if bin_kind == b"BIN\x00":
+                binary = data[offset + 8:offset + 8 + bin_len]
+        name = str(doc.get("nodes", [{}])[0].get("name", ""))
+        texture = None
+        for material in doc.get("materials", [])[:1]:
+            ref = material.get("pbrMetallicRoughness", {}).get("baseColorTexture")
+            if ref is not None:
+                view = doc["bufferViews"][doc["images"][doc["textures"][ref["index"]]["source"]]["bufferView"]]
+                start = view.get("byteOffset", 0)
+                texture = bytes(binary[start:start + view["byteLength"]])
+    except (struct.error, ValueError, KeyError, IndexError, TypeError) as exc:
+        raise ValueError(f"cannot read {path} as an exported GLB: {exc}") from None
+    return GLBFacts(name, texture)
+
+
 def read_mesh_file(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     """(vertices, faces, uvs or None) of a mesh file, engine coordinates; ValueError naming the file when unusable.
 

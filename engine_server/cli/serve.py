@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import time
 from pathlib import Path
 
@@ -146,9 +147,9 @@ def cmd_jobs(args: argparse.Namespace) -> int:
             return 0
         if action == "result":
             out = output_glb(args.out)
-            result = store.read_result(args.job_id)
-            out.write_bytes(result.glb)
-            print(f"wrote {out} ({len(result.glb)} bytes)")
+            glb = store.read_result(args.job_id).glb_path
+            shutil.copyfile(glb, out)
+            print(f"wrote {out} ({out.stat().st_size} bytes)")
             return 0
         if action == "delete":
             store.delete(args.job_id)

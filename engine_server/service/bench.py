@@ -93,7 +93,7 @@ def run(args) -> dict:
             times = []
             for r in range(repeat):
                 start = time.perf_counter()
-                server.post(job, "mesh", stage="bench", step=r, final=True, vertices=vertices, faces=faces, uvs=uvs,
+                server.post(job, "mesh", stage="bench", step=r, vertices=vertices, faces=faces, uvs=uvs,
                             texture=texture)
                 got = None
                 while got is None:

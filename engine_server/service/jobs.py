@@ -8,7 +8,8 @@ Layout under the data folder::
     jobs/<job_id>/request/       blob-<i>.bin: reference image, mesh arrays
     jobs/<job_id>/checkpoints/   the pipeline's own checkpoint files (see :func:`checkpoint_dir`)
     jobs/<job_id>/previews/      preview-<step>.png
-    jobs/<job_id>/result/        model.glb, arrays.json + <name>.bin, meta.json
+    jobs/<job_id>/work/          the pipeline's scratch files (its GLB is written here once)
+    jobs/<job_id>/result/        model.glb (moved from work/), texture.png, <name>.bin, meta.json
 
 Durability rules: a job id is handed out only after its request files are fsynced and
 its row is committed (``synchronous=FULL``); every artifact is written atomically (temp
@@ -40,7 +41,7 @@ from typing import Any, Protocol
 
 from engine_server.wire.files import atomic_write, fsync_dir
 from engine_server.wire.protocol import (
-    JOB_STATES, TERMINAL_STATES, Array, Blob, ProtocolError, from_wire, to_wire,
+    JOB_STATES, TERMINAL_STATES, Array, Blob, Image, ProtocolError, from_wire, to_wire,
 )
 
 logger = logging.getLogger(__name__)
@@ -156,22 +157,26 @@ class Job:
 
 @dataclass
 class Result:
-    """What a runner returns: the final object."""
+    """What a runner returns: the final object, its GLB already on disk."""
 
-    glb: bytes
-    """The textured mesh as a binary glTF file."""
+    glb_path: Path
+    """The textured mesh as a binary glTF file inside the job folder; :func:`write_result` moves it into place."""
+    texture_png: bytes | None = None
+    """The base-colour texture as PNG (the bytes inside the GLB), sent with the result so clients need no GLB reader."""
     arrays: dict[str, Any] = field(default_factory=dict)
     """Named arrays for a direct import (vertices (V, 3) float32, faces (F, 3) int32, uvs (V, 2), ...): Array or numpy."""
     meta: dict[str, Any] = field(default_factory=dict)
-    """JSON-able facts about the run (steps, seed, timings, model)."""
+    """JSON-able facts about the run (name, steps, seed, timings, model)."""
 
 
 @dataclass(frozen=True)
 class JobResult:
     """A finished job's result as read back from the store."""
 
-    glb: bytes
-    """The GLB file."""
+    glb_path: Path
+    """The stored GLB file."""
+    texture_png: bytes | None
+    """The texture PNG, if the result has one."""
     arrays: dict[str, Array]
     """Named arrays."""
     meta: dict[str, Any]
@@ -213,9 +218,8 @@ def _read_arrays(folder: Path, index: Mapping[str, dict]) -> dict[str, Array]:
 class EventSink(Protocol):
     """Where a runner reports what happens; each call is cheap and never blocks on a client.
 
-    The worker forwards these to the server, which keeps only the latest progress and
-    preview per job for a slow client ("latest value wins"); meshes marked ``final`` and
-    the job's end are always delivered.
+    The worker forwards these to the server, which keeps only the latest progress, preview
+    and mesh per job for a slow client ("latest value wins"); the job's end is always delivered.
     """
 
     def progress(self, stage: str, step: int, total: int, *, loss: float | None = None,
@@ -225,10 +229,8 @@ class EventSink(Protocol):
     def preview(self, stage: str, step: int, png: bytes) -> None:
         """A preview render (PNG bytes)."""
 
-    def mesh(self, stage: str, step: int, vertices: Any, faces: Any, *, uvs: Any = None, normals: Any = None,
-             colors: Any = None, texture_png: bytes | None = None, final: bool = False) -> None:
-        """An intermediate (or the final) mesh: vertices (V, 3) float32, faces (F, 3) int32, uvs (V, 2) float32,
-        normals (V, 3), colors (V, 3|4) float32 or uint8, texture PNG; numpy arrays or protocol Arrays."""
+    def mesh(self, stage: str, step: int, vertices: Any, faces: Any) -> None:
+        """An intermediate mesh: vertices (V, 3) float32, faces (F, 3) int32 (the final one is the Result)."""
 
 
 class JobRunner(Protocol):
@@ -293,21 +295,29 @@ def write_preview(job_dir: str | os.PathLike, step: int, png: bytes | memoryview
 
 
 def write_result(job_dir: str | os.PathLike, result: Result) -> Path:
-    """Store a result under ``result/`` atomically (all files or none: the folder is renamed into place when complete)."""
+    """Store a result under ``result/`` atomically (all files or none: the folder is renamed into place when complete).
+
+    The GLB is not copied: it is moved (renamed) from where the pipeline wrote it, inside the job folder.
+    """
     folder = Path(job_dir)
-    glb = bytes(result.glb)
-    if glb[:4] != b"glTF":
-        raise ValueError("result.glb is not a binary glTF file")
+    glb = Path(result.glb_path)
+    with open(glb, "rb") as f:
+        if f.read(4) != b"glTF":
+            raise ValueError(f"{glb} is not a binary glTF file")
     tmp = folder / f".result-{secrets.token_hex(4)}"
     tmp.mkdir()
     try:
-        with open(tmp / "model.glb", "wb") as f:
-            f.write(glb)
-            f.flush()
-            os.fsync(f.fileno())
+        glb_bytes = glb.stat().st_size
+        os.replace(glb, tmp / "model.glb")  # same file system: a rename, the bytes stay where they are
+        if result.texture_png is not None:
+            with open(tmp / "texture.png", "wb") as f:
+                f.write(result.texture_png)
+                f.flush()
+                os.fsync(f.fileno())
         index = _write_arrays(tmp, result.arrays)
         with open(tmp / "meta.json", "w", encoding="utf-8") as f:
-            json.dump({"arrays": index, "meta": result.meta, "glb_bytes": len(glb)}, f, allow_nan=False)
+            json.dump({"arrays": index, "meta": result.meta, "glb_bytes": glb_bytes,
+                       "texture": "texture.png" if result.texture_png is not None else None}, f, allow_nan=False)
             f.flush()
             os.fsync(f.fileno())
         fsync_dir(tmp)
@@ -687,10 +697,16 @@ class JobStore:
             raise JobConflict(f"job {job_id} is {job.state}; a result exists only when done")
         folder = self.job_dir(job_id) / "result"
         doc = json.loads((folder / "meta.json").read_text(encoding="utf-8"))
-        return JobResult((folder / "model.glb").read_bytes(), _read_arrays(folder, doc["arrays"]), doc["meta"])
+        texture = (folder / doc["texture"]).read_bytes() if doc.get("texture") else None
+        return JobResult(folder / "model.glb", texture, _read_arrays(folder, doc["arrays"]), doc["meta"])
 
-    def result_message_fields(self, job_id: str) -> dict[str, Any]:
-        """The fields of a ``result`` reply for a done job (GLB as a blob, arrays as array blobs)."""
+    def result_message_fields(self, job_id: str, glb: bool = True) -> dict[str, Any]:
+        """The fields of a ``result`` reply for a done job: texture PNG, arrays, meta and, when ``glb``, the GLB."""
         res = self.read_result(job_id)
-        return {"job_id": job_id, "glb": Blob(res.glb, "glb"), "arrays": res.arrays, "meta": res.meta}
+        fields: dict[str, Any] = {"job_id": job_id, "arrays": res.arrays, "meta": res.meta}
+        if res.texture_png is not None:
+            fields["texture"] = Image.from_png(res.texture_png)
+        if glb:
+            fields["glb"] = Blob(res.glb_path.read_bytes(), "glb")
+        return fields
 

@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from engine_server.devices import resolve_device
+from engine_server.export import glb_facts
 from engine_server.pipelines.kinds import KINDS, KindError
 from engine_server.service.jobs import EventSink, JobFailure, Result, checkpoint_dir
 
@@ -104,7 +105,7 @@ def job_seed(request: dict[str, Any], job_dir: Path) -> int:
 
 
 class _ProgressBridge:
-    """Pipeline ProgressEvents -> EventSink calls (progress every event; preview / mesh when present)."""
+    """Pipeline ProgressEvents -> EventSink calls (progress every event; preview / intermediate mesh when present)."""
 
     def __init__(self, events: EventSink):
         self.events = events
@@ -179,9 +180,9 @@ class EngineRunner:
         if not (np.isfinite(vertices).all() and np.isfinite(uvs).all()):
             raise JobFailure("non_finite", "the final mesh has non-finite vertices or UVs")
         faces = np.asarray(out.faces, dtype=np.int32)
-        texture = np.ascontiguousarray(np.asarray(out.texture, dtype=np.uint8))
-        events.mesh("export", 1, vertices, faces, uvs=uvs, texture_png=png_bytes(texture), final=True)
-        meta = {"kind": kind.name, **{k: getattr(req, k) for k in _META_FIELDS if hasattr(req, k)},
+        texture = np.asarray(out.texture)
+        glb = glb_facts(out.glb_path)  # the PNG the export encoded and the node's name, read back, not re-made
+        meta = {"kind": kind.name, "name": glb.name, **{k: getattr(req, k) for k in _META_FIELDS if hasattr(req, k)},
                 "options": overrides, "device": self.ctx.device, "seconds": round(time.perf_counter() - t0, 3),
                 "faces": int(len(faces)), "vertices": int(len(vertices)), "texture_size": int(texture.shape[0])}
         if request.get("placement") is not None:
@@ -191,7 +192,7 @@ class EngineRunner:
         timings = getattr(pipeline, "timings", None)
         if timings:
             meta["timings_s"] = {k: round(float(v), 3) for k, v in timings.items()}
-        arrays = {"vertices": vertices, "faces": faces, "uvs": uvs, "texture": texture}
+        arrays = {"vertices": vertices, "faces": faces, "uvs": uvs}
         views = getattr(pipeline, "views", None)
         if views is not None:  # image and multiview jobs: the generated views travel with the result
             arrays.update(views=np.ascontiguousarray(views.images_uint8()),
@@ -199,4 +200,4 @@ class EngineRunner:
                           view_fov_y_deg=views.fovs.numpy().astype(np.float32))
             meta["views"] = {"count": len(views.images), "strategy": views.strategy,
                              "agreement": [round(float(a), 4) for a in views.agreement]}
-        return Result(glb=Path(out.glb_path).read_bytes(), arrays=arrays, meta=meta)
+        return Result(glb_path=Path(out.glb_path), texture_png=glb.texture_png, arrays=arrays, meta=meta)

@@ -4,7 +4,7 @@ The loop never runs work itself. It answers requests (hello, ping, submit, subsc
 cancel, result, jobs, delete), starts queued jobs on an :class:`Executor` (the
 supervised worker), and fans each job's events out to the clients subscribed to it.
 
-Per client the server keeps replies and reliable events (final mesh, the job's end)
+Per client the server keeps replies and reliable events (the job's end)
 in order, and for progress, previews and intermediate meshes only the latest value
 per job ("latest value wins"): a client that stalls lets its socket pipe fill to the
 high-water mark, after which its progress overwrites itself instead of piling up.
@@ -98,9 +98,9 @@ class ServerConfig:
     """Device description announced in ``welcome``."""
 
 
-def _coalescable(event_type: str, fields: dict[str, Any]) -> bool:
-    """Whether a newer event of the same job and type may replace this one."""
-    return event_type in ("progress", "preview") or (event_type == "mesh" and not fields.get("final"))
+def _coalescable(event_type: str) -> bool:
+    """Whether a newer event of the same job and type may replace this one (the result is fetched, not streamed)."""
+    return event_type in ("progress", "preview", "mesh")
 
 
 class _Mailbox:
@@ -116,7 +116,7 @@ class _Mailbox:
 
     def put(self, event: WorkerEvent) -> None:
         with self._lock:
-            if _coalescable(event.type, event.fields):
+            if _coalescable(event.type):
                 key: tuple = (event.job_id, event.type)
                 if self._items.pop(key, None) is not None:
                     self.replaced += 1
@@ -416,7 +416,7 @@ class EngineServer:
 
     def _on_result(self, peer: _Peer, msg: Message) -> None:
         try:
-            fields = self.store.result_message_fields(msg["job_id"])
+            fields = self.store.result_message_fields(msg["job_id"], glb=msg["glb"])
         except JobConflict as exc:
             raise ProtocolError("not_ready", str(exc), "job_id") from None
         self._reply(peer, protocol.make("result", msg.id, **fields))
@@ -476,7 +476,7 @@ class EngineServer:
 
     def _publish(self, msg: Message) -> None:
         """Give a job event to every client subscribed to its job."""
-        latest = _coalescable(msg.type, msg.fields)
+        latest = _coalescable(msg.type)
         for peer in self._peers.values():
             if msg.job_id in peer.subscriptions:
                 if not latest:

@@ -359,11 +359,8 @@ class _ChildSink:
         write_preview(self.job_dir, step, png)
         self.emit("preview", {"stage": stage, "step": int(step), "image": protocol.Image.from_png(png)})
 
-    def mesh(self, stage: str, step: int, vertices: Any, faces: Any, *, uvs: Any = None, normals: Any = None,
-             colors: Any = None, texture_png: bytes | None = None, final: bool = False) -> None:
-        self.emit("mesh", {"stage": stage, "step": int(step), "final": bool(final), "vertices": vertices,
-                           "faces": faces, "uvs": uvs, "normals": normals, "colors": colors,
-                           "texture": protocol.Image.from_png(texture_png) if texture_png else None})
+    def mesh(self, stage: str, step: int, vertices: Any, faces: Any) -> None:
+        self.emit("mesh", {"stage": stage, "step": int(step), "vertices": vertices, "faces": faces})
 
 
 _OOM_WORDS = ("out of memory", "can't allocate memory", "cannot allocate memory", "not enough memory")

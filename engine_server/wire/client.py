@@ -67,11 +67,13 @@ class FetchedResult:
     job_id: str
     """The job."""
     glb: bytes
-    """The GLB file."""
+    """The GLB file (empty when not asked for)."""
+    texture: bytes | None
+    """The base-colour texture's PNG bytes."""
     arrays: dict[str, Array]
-    """Named arrays (``.numpy()`` for numpy views)."""
+    """Named arrays: vertices, faces, uvs, ... (``.numpy()`` for numpy views)."""
     meta: dict[str, Any] = field(default_factory=dict)
-    """Facts about the run."""
+    """Facts about the run: ``name`` (the object's), ``placement``, seed, timings, ..."""
 
 
 def _rows(matrix: Any) -> Any:
@@ -411,11 +413,13 @@ class EngineClient:
         """Ask the server to cancel; returns the job's state now (the ``cancelled`` event follows for a running job)."""
         return self._request("cancel", timeout, job_id=job_id).get("state", "")
 
-    def result(self, job_id: str, timeout: float | None = 60.0) -> FetchedResult:
-        """The finished job's GLB and arrays; RequestError ``not_ready`` when it has not finished as done."""
-        reply = self._request("result", timeout, job_id=job_id)
-        glb = reply.get("glb")
-        return FetchedResult(job_id, bytes(glb.data) if glb is not None else b"", dict(reply.get("arrays") or {}),
+    def result(self, job_id: str, timeout: float | None = 60.0, *, glb: bool = True) -> FetchedResult:
+        """The finished job's arrays, texture and meta, and its GLB unless ``glb`` is False (an importer builds the
+        object from the arrays); RequestError ``not_ready`` when it has not finished as done."""
+        reply = self._request("result", timeout, job_id=job_id, glb=glb)
+        blob, texture = reply.get("glb"), reply.get("texture")
+        return FetchedResult(job_id, bytes(blob.data) if blob is not None else b"",
+                             bytes(texture.data) if texture is not None else None, dict(reply.get("arrays") or {}),
                              dict(reply.get("meta") or {}))
 
     def jobs(self, state: str | None = None, limit: int = 100, timeout: float | None = None) -> list[dict[str, Any]]:

@@ -731,6 +731,12 @@ def _check_job_ref(f: _Fields, limits: Limits) -> dict:
     return out
 
 
+def _check_result_request(f: _Fields, limits: Limits) -> dict:
+    out = {"job_id": _job_id(f), "glb": f.flag("glb", True)}  # glb false: texture, arrays and meta only
+    f.done()
+    return out
+
+
 def _check_jobs(f: _Fields, limits: Limits) -> dict:
     out = {"state": f.text("state", 16, choices=JOB_STATES),
            "limit": f.integer("limit", 1, limits.max_list, default=100)}
@@ -927,7 +933,6 @@ def _check_mesh_event(f: _Fields, limits: Limits) -> dict:
         "job_id": _job_id(f),
         "stage": f.text("stage", 64, default=""),
         "step": f.integer("step", 0, 2**31, default=0),
-        "final": f.flag("final", False),
         "vertices": _array(f, "vertices", ("float32",), 2, 3, 2**31, required=True),
         "faces": _array(f, "faces", ("int32", "uint32"), 2, 3, 2**31, required=True),
     }
@@ -960,7 +965,7 @@ def _check_failed(f: _Fields, limits: Limits) -> dict:
 _SCHEMAS: dict[str, Callable[[_Fields, Limits], dict]] = {
     "hello": _check_hello, "ping": _check_empty, "submit": _check_submit,
     "subscribe": _check_job_ref, "unsubscribe": _check_job_ref, "cancel": _check_job_ref,
-    "result": _check_job_ref, "jobs": _check_jobs, "delete": _check_job_ref,
+    "result": _check_result_request, "jobs": _check_jobs, "delete": _check_job_ref,
     "welcome": _check_welcome, "pong": _check_pong, "accepted": _check_accepted, "busy": _check_busy,
     "ok": _check_ok, "job_list": _check_job_list, "error": _check_error,
     "progress": _check_progress, "preview": _check_preview, "mesh": _check_mesh_event,

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from engine_server.wire.client import EngineClient
-from engine_server.export import load_glb
+from engine_server.export import glb_facts, load_glb, object_name
 
 from .conftest import HEARTBEAT_S
 
@@ -115,20 +115,21 @@ def test_text_job_streams_progress_preview_mesh_done_and_the_glb_loads(engine, t
     assert types[-1] == "done", [(e.type, e.fields) for e in events if e.type == "failed"]
     first = {t: types.index(t) for t in ("progress", "preview", "mesh")}
     assert first["progress"] < first["preview"] < first["mesh"] < len(types) - 1, types
+    assert not any(e.get("texture") for e in events if e.type == "mesh")  # intermediate meshes only: no final copy
     coarse = [e for e in events if e.type == "progress" and e["stage"] == "coarse"]
     assert coarse and coarse[-1]["step"] == coarse[-1]["total"] == TINY["coarse_steps"]
     assert all(np.isfinite(e["loss"]) for e in coarse)
     preview = next(e for e in events if e.type == "preview")
     assert preview["image"].data[:8] == b"\x89PNG\r\n\x1a\n" and preview["image"].width > 0
-    final = [e for e in events if e.type == "mesh" and e["final"]]
-    assert len(final) == 1 and types.index("mesh") < types.index("done")
-    assert final[0]["texture"].width == TINY["texture_size"]
 
     result = client.result(job)
     out = tmp_path / "cube.glb"
     out.write_bytes(result.glb)
     mesh = load_glb(out)
-    assert len(mesh.faces) == result.arrays["faces"].shape[0] == final[0]["faces"].shape[0] > 0
+    assert len(mesh.faces) == result.arrays["faces"].shape[0] > 0
+    assert set(result.arrays) == {"vertices", "faces", "uvs"}  # the texture travels once, as the PNG
+    assert result.texture[:8] == b"\x89PNG\r\n\x1a\n" and result.texture == glb_facts(out).texture_png
+    assert result.meta["name"] == glb_facts(out).name == object_name("a red cube") == "red_cube"
     vertices = result.arrays["vertices"].numpy()
     assert np.isfinite(vertices).all() and np.abs(vertices).max() <= 0.5 + 1e-4  # unit box at the origin
     assert mesh.texture is not None and mesh.texture.shape[:2] == (TINY["texture_size"],) * 2

@@ -103,21 +103,30 @@ def test_lifecycle_fifo_cancel_finish_delete(store):
         store.job_dir("../../etc")
 
 
-def test_result_roundtrip(store):
+def test_result_is_moved_into_place_and_the_reply_carries_texture_and_arrays_once(store):
     job = store.submit("a", text_request())[0]
     store.claim_next()
     arrays = {"vertices": np.random.default_rng(0).random((100, 3), dtype=np.float32),
               "faces": np.arange(30, dtype=np.int32).reshape(10, 3)}
-    store.write_result(job.id, Result(glb_bytes(100), arrays, {"steps": 5}))
+    work = store.job_dir(job.id) / "work"
+    work.mkdir()
+    (work / "model.glb").write_bytes(glb_bytes(100))  # where the pipeline writes it
+    inode = (work / "model.glb").stat().st_ino
+    store.write_result(job.id, Result(work / "model.glb", png_bytes(16, 16), arrays, {"steps": 5, "name": "red_cube"}))
+    assert not (work / "model.glb").exists()  # moved, not copied: the GLB is written once
     done = store.finish(job.id, "done")
     assert done.state == "done"
     res = store.read_result(job.id)
-    assert res.glb == glb_bytes(100) and res.meta == {"steps": 5}
+    assert res.glb_path.read_bytes() == glb_bytes(100) and res.glb_path.stat().st_ino == inode
+    assert res.meta == {"steps": 5, "name": "red_cube"} and res.texture_png == png_bytes(16, 16)
     np.testing.assert_array_equal(res.arrays["vertices"].numpy(), arrays["vertices"])
     fields = store.result_message_fields(job.id)
     assert bytes(fields["glb"].data) == glb_bytes(100) and isinstance(fields["arrays"]["faces"], Array)
+    assert bytes(fields["texture"].data) == png_bytes(16, 16) and set(fields["arrays"]) == {"vertices", "faces"}
+    assert "glb" not in store.result_message_fields(job.id, glb=False)  # an importer needs no GLB
+    (work / "bad.glb").write_bytes(b"not a glb")
     with pytest.raises(ValueError, match="glTF"):
-        store.write_result(job.id, Result(b"not a glb"))
+        store.write_result(job.id, Result(work / "bad.glb"))
 
 
 def test_progress_snapshot_is_throttled(store):

@@ -154,8 +154,9 @@ def test_events_in_order_and_result_after_reconnect(make_server, make_client):
     assert server.store.get(job).cancel_requested
     first.close()  # the client leaves mid-job
 
-    server.store.write_result(job, Result(glb_bytes(4096), {"vertices": vertices, "faces": faces}, {"steps": 3}))
-    server.post(job, "mesh", stage="final", step=3, final=True, vertices=vertices, faces=faces)
+    glb = server.store.job_dir(job) / "work.glb"
+    glb.write_bytes(glb_bytes(4096))
+    server.store.write_result(job, Result(glb, png_bytes(8, 8), {"vertices": vertices, "faces": faces}, {"steps": 3}))
     server.post(job, "done", summary={"faces": 20})
     deadline = time.monotonic() + 10
     while server.store.get(job).state != "done":
@@ -166,7 +167,8 @@ def test_events_in_order_and_result_after_reconnect(make_server, make_client):
     assert later.subscribe(job)["state"] == "done"
     assert [e.type for e in drain(later, lambda ev: len(ev) >= 1)] == ["done"]
     result = later.result(job)
-    assert result.glb == glb_bytes(4096) and result.meta == {"steps": 3}
+    assert result.glb == glb_bytes(4096) and result.meta == {"steps": 3} and result.texture == png_bytes(8, 8)
+    assert later.result(job, glb=False).glb == b""
     np.testing.assert_array_equal(result.arrays["vertices"].numpy(), vertices)
     assert [j["state"] for j in later.jobs()] == ["done"]
     later.delete(job)
@@ -187,7 +189,9 @@ def test_stalled_client_gets_latest_value_and_server_memory_stays_flat(make_serv
         server.post(job, "progress", stage="coarse", step=step, total=n)
         if step % 5 == 0:
             time.sleep(0.001)  # let the loop take them: it then meets the client's full pipe
-    server.store.write_result(job, Result(glb_bytes()))
+    glb = server.store.job_dir(job) / "work.glb"
+    glb.write_bytes(glb_bytes())
+    server.store.write_result(job, Result(glb))
     server.post(job, "done")
     deadline = time.monotonic() + 30
     while server.store.get(job).state != "done":
