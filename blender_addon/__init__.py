@@ -30,7 +30,7 @@ def register() -> None:
     """Register the preferences, the scene settings, the operators and the panel."""
     import bpy
 
-    from . import operators, panel, props
+    from . import operators, panel, props, runtime
 
     classes = (props.Generate3DPreferences, props.Generate3DSettings, *operators.classes, *panel.classes)
     for cls in classes:
@@ -38,17 +38,17 @@ def register() -> None:
         _registered.append(cls)
     bpy.types.Scene.generate3d = bpy.props.PointerProperty(type=props.Generate3DSettings)
     bpy.types.STATUSBAR_HT_header.append(panel.draw_status)
-    atexit.register(operators.close_at_exit)
+    atexit.register(runtime.close_at_exit)
 
 
 def unregister() -> None:
     """Stop the timer, close the engine connection (no thread or socket left) and unregister everything."""
     import bpy
 
-    from . import operators, panel
+    from . import panel, runtime
 
-    atexit.unregister(operators.close_at_exit)
-    operators.shutdown()
+    atexit.unregister(runtime.close_at_exit)
+    runtime.shutdown()
     bpy.types.STATUSBAR_HT_header.remove(panel.draw_status)
     if hasattr(bpy.types.Scene, "generate3d"):
         del bpy.types.Scene.generate3d

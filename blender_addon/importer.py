@@ -2,7 +2,8 @@
 
 Meshes are filled with ``foreach_set`` from numpy arrays (no per-vertex Python loop):
 a 100k-face import takes well under half a second (see ``bench.py``). UVs arrive in
-glTF's convention (top-left origin) and are flipped for Blender.
+glTF's convention (top-left origin) and are flipped for Blender; the texture arrives as the
+engine's PNG and is packed as it is.
 """
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import tempfile
 import bpy
 import numpy as np
 
-from .glb import blender_uvs
+from .arrays import blender_uvs
 
 logger = logging.getLogger(__name__)
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import bpy
 
 from .importer import PREVIEW_IMAGE
-from .operators import runtime
+from .runtime import runtime
 
 MAX_LISTED_JOBS = 8
 """Jobs shown in the panel's list (newest first)."""

@@ -4,12 +4,28 @@ from __future__ import annotations
 import bpy
 from bpy.props import BoolProperty, EnumProperty, FloatProperty, IntProperty, PointerProperty, StringProperty
 
-ADDON_PACKAGE = __package__
-"""The add-on's module name as Blender knows it (``bl_ext.<repo>.generate_3d`` for an extension)."""
+from .runtime import ADDON_PACKAGE, runtime
 
-PRESETS = [("draft", "Draft", "Seconds to a minute on CPU with the bundled model"),
-           ("standard", "Standard", "Better quality, a GPU helps"),
-           ("high", "High", "Best quality, needs a GPU")]
+ENGINE_DEFAULT = "ENGINE_DEFAULT"
+"""The preset entry shown before the engine has said which presets it has: send none, the engine picks its default."""
+_preset_items: list[tuple[str, str, str]] = []  # Blender keeps no reference to items a callback returns
+
+
+def preset_items(self, context) -> list[tuple[str, str, str]]:
+    """The presets the connected engine announced in ``welcome``; one "Engine Default" entry before that."""
+    session = runtime.session
+    names = [str(n) for n in ((session.welcome or {}).get("presets") or [])] if session is not None else []
+    items = [(n, n.title(), f"The engine's {n} preset") for n in names]
+    _preset_items[:] = items or [(ENGINE_DEFAULT, "Engine Default", "The engine's default preset (connect to list its presets)")]
+    return _preset_items
+
+
+def chosen_preset(settings) -> str | None:
+    """The preset to send: the chosen name, or None for the engine's default."""
+    value = settings.preset
+    return value if value and value != ENGINE_DEFAULT else None
+
+
 REFINE_MODES = [("full", "Geometry + Texture", "Change the shape and the texture"),
                 ("texture", "Texture Only", "Keep the shape, repaint the texture")]
 
@@ -53,7 +69,8 @@ class Generate3DSettings(bpy.types.PropertyGroup):
     image: PointerProperty(name="Reference Image", type=bpy.types.Image,
                            description="Make the object from this image instead of (or with) the prompt")
     seed: IntProperty(name="Seed", default=0, min=0, description="Random seed (0: the engine picks one)")
-    preset: EnumProperty(name="Preset", items=PRESETS, default="draft")
+    preset: EnumProperty(name="Preset", items=preset_items,
+                         description="Quality preset, as the connected engine names them")
     use_rig: BoolProperty(name="Selected Cameras as Rig", default=False,
                           description="Send the selected cameras' placement, field of view and resolution")
     at_cursor: BoolProperty(name="Place at 3D Cursor", default=True,
@@ -64,8 +81,3 @@ class Generate3DSettings(bpy.types.PropertyGroup):
     overrides: StringProperty(name="Overrides", default="",
                               description="More preset overrides as name=value pairs, e.g. 'render_resolution=32 refine_steps=0'")
 
-
-def prefs(context=None) -> Generate3DPreferences:
-    """This add-on's preferences."""
-    context = context or bpy.context
-    return context.preferences.addons[ADDON_PACKAGE].preferences

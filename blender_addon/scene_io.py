@@ -1,7 +1,13 @@
-"""Scene data -> wire format: camera rig, placement, the mesh sent for refinement (main thread only)."""
+"""Scene data -> wire format: camera rig, placement, the mesh sent for refinement, overrides, the reference PNG.
+
+Main thread only.
+"""
 from __future__ import annotations
 
+import array
 import math
+import os
+import tempfile
 
 import bpy
 import numpy as np
@@ -69,3 +75,46 @@ def _vec(c):
     import mathutils
 
     return mathutils.Vector(c)
+
+
+def parse_overrides(text: str) -> dict:
+    """The panel's "name=value ..." overrides as a dict (booleans, ints and floats converted); raises ValueError."""
+    out: dict = {}
+    for item in text.replace(",", " ").split():
+        if "=" not in item:
+            raise ValueError(f"override '{item}' is not name=value")
+        key, value = item.split("=", 1)
+        lowered = value.lower()
+        if lowered in ("true", "false"):
+            out[key] = lowered == "true"
+            continue
+        for cast in (int, float):
+            try:
+                out[key] = cast(value)
+                break
+            except ValueError:
+                continue
+        else:
+            out[key] = value
+    return out
+
+
+def image_png(image: bpy.types.Image) -> bytes:
+    """A Blender image as PNG bytes (saved through a temporary copy; the image itself is untouched)."""
+    fd, path = tempfile.mkstemp(suffix=".png", prefix="generate3d-ref-")
+    os.close(fd)
+    copy = image.copy()
+    try:
+        # A copy of a generated or painted image may come back from its source, not from what is in
+        # memory: carry the current pixels over explicitly.
+        pixels = array.array("f", bytes(4 * len(image.pixels)))
+        image.pixels.foreach_get(pixels)
+        copy.pixels.foreach_set(pixels)
+        copy.filepath_raw = path
+        copy.file_format = "PNG"
+        copy.save()
+        with open(path, "rb") as f:
+            return f.read()
+    finally:
+        bpy.data.images.remove(copy)
+        os.remove(path)

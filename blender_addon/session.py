@@ -10,7 +10,6 @@ context terminated) leaves no socket and no ZeroMQ I/O thread behind.
 from __future__ import annotations
 
 import importlib
-import ipaddress
 import json
 import logging
 import os
@@ -31,12 +30,13 @@ class SessionError(Exception):
     """Something the artist must be told (engine unreachable, key missing, bad endpoint); the message says what."""
 
 
-def client_modules() -> tuple[Any, Any]:
-    """(client, protocol) modules: the copies bundled by ``build_addon.py``, else ``engine_server`` (source tree)."""
+def client_modules() -> tuple[Any, Any, Any]:
+    """(client, protocol, files) modules: the copies bundled by ``build_addon.py``, else ``engine_server.wire``."""
     package = __package__ or ""
     try:
         client = importlib.import_module(f"{package}.engine_client.client")
         protocol = importlib.import_module(f"{package}.engine_client.protocol")
+        files = importlib.import_module(f"{package}.engine_client.files")
     except ModuleNotFoundError as exc:
         if exc.name == "zmq":
             raise SessionError("pyzmq is not available to Blender's Python: install the add-on from the zip that "
@@ -46,26 +46,12 @@ def client_modules() -> tuple[Any, Any]:
         try:
             client = importlib.import_module("engine_server.wire.client")
             protocol = importlib.import_module("engine_server.wire.protocol")
+            files = importlib.import_module("engine_server.wire.files")
         except ModuleNotFoundError as exc2:
             if exc2.name == "zmq":
                 raise SessionError("pyzmq is not available to Blender's Python") from None
             raise SessionError("the engine client is missing: build the add-on with build_addon.py") from None
-    return client, protocol
-
-
-def is_loopback(endpoint: str) -> bool:
-    """True for ``ipc://``/``inproc://`` endpoints and ``tcp://`` to 127.0.0.0/8, ::1 or localhost."""
-    if endpoint.startswith(("ipc://", "inproc://")):
-        return True
-    if not endpoint.startswith("tcp://"):
-        return False
-    host = endpoint[len("tcp://"):].rsplit(":", 1)[0].strip("[]")
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
+    return client, protocol, files
 
 
 @dataclass
@@ -77,7 +63,7 @@ class JobView:
     kind: str = "text"
     """text | image | refine | multiview."""
     name: str = "Generated"
-    """Name for the result object (from the prompt)."""
+    """What the panel calls the job (its prompt); the result object takes the engine's name for it."""
     state: str = "queued"
     """queued | running | done | failed | cancelled."""
     stage: str = ""
@@ -88,8 +74,8 @@ class JobView:
     """Steps in the stage."""
     message: str = ""
     """Last message (the failure's, when failed)."""
-    placement: list[float] | None = None
-    """Row-major 4x4 world matrix for the result object, or None (identity)."""
+    placement: list[list[float]] | None = None
+    """The result object's 4x4 world matrix, rows first, or None (the engine's, else identity)."""
     source: str | None = None
     """Name of the object a refine job started from."""
     imported: str | None = None
@@ -118,10 +104,10 @@ class Session:
 
     def __init__(self, endpoint: str, key_file: str | None = None, *, timeout: float = 5.0,
                  state_dir: str | os.PathLike | None = None, allow_online: bool = True):
-        if not is_loopback(endpoint) and not allow_online:
+        self.client_mod, self.protocol, self._files = client_modules()
+        if not self.protocol.is_loopback(endpoint) and not allow_online:
             raise SessionError(f"{endpoint} is not on this machine and Blender does not allow online access "
                                "(Preferences > System > Network > Allow Online Access)")
-        self.client_mod, self.protocol = client_modules()
         self.endpoint = endpoint
         self.timeout = float(timeout)
         self.state_dir = Path(state_dir) if state_dir else None
@@ -193,16 +179,17 @@ class Session:
 
     # -- jobs
 
-    def submit(self, kind: str, *, name: str, placement: list[float] | None = None, source: str | None = None,
+    def submit(self, kind: str, *, name: str, placement: list[list[float]] | None = None, source: str | None = None,
                **fields: Any) -> JobView:
-        """Queue a job (fields as ``EngineClient.submit`` takes them); raises SessionError with the engine's reason."""
+        """Queue a job (fields as ``EngineClient.submit`` takes them, ``placement`` sent too); raises SessionError
+        with the engine's reason. ``name`` labels the job in the panel until the result brings its own."""
         try:
-            job_id = self.client.submit(kind, timeout=self.timeout, **fields)
+            job_id = self.client.submit(kind, timeout=self.timeout, placement=placement, **fields)
         except self.client_mod.RequestError as exc:
             raise SessionError(f"the engine refused the job: {exc.message}" + (f" ({exc.field})" if exc.field else "")) from None
         except self.client_mod.EngineError as exc:
             raise SessionError(str(exc)) from None
-        job = JobView(job_id, kind=kind, name=name, placement=placement, source=source)
+        job = JobView(job_id, kind=kind, name=name or "Generated", placement=placement, source=source)
         self.jobs[job_id] = job
         self._save_jobs()
         return job
@@ -243,9 +230,9 @@ class Session:
         return state
 
     def result(self, job_id: str) -> Any:
-        """The finished job's result (``FetchedResult``: glb, arrays, meta)."""
+        """The finished job's result (``FetchedResult``: arrays, texture PNG, meta; no GLB, nothing here reads one)."""
         try:
-            return self.client.result(job_id, timeout=max(self.timeout, 30.0))
+            return self.client.result(job_id, timeout=max(self.timeout, 30.0), glb=False)
         except self.client_mod.EngineError as exc:
             raise SessionError(f"cannot fetch the result of {job_id}: {exc}") from None
 
@@ -260,10 +247,10 @@ class Session:
             if job is None:
                 label = str(summary.get("label") or summary.get("kind") or "Generated")
                 job = self.jobs[summary["job_id"]] = JobView(summary["job_id"], kind=str(summary.get("kind") or "text"),
-                                                             name=object_name(label))
+                                                             name=label)
             job.state = summary["state"]
-            if summary.get("error"):
-                job.message = str(summary["error"])
+            if summary.get("error_code"):  # the job summary's names (Job.summary in the engine's job store)
+                job.message = f"{summary['error_code']}: {summary.get('error_message', '')}"
         self._save_jobs()
         return list(self.jobs.values())
 
@@ -296,16 +283,7 @@ class Session:
             path.parent.mkdir(parents=True, exist_ok=True)
             saved = json.loads(path.read_text(encoding="utf-8")) if path.exists() else {}
             saved[self.endpoint] = [asdict(j) for j in list(self.jobs.values())[-100:]]
-            tmp = path.with_suffix(".tmp")
-            tmp.write_text(json.dumps(saved), encoding="utf-8")
-            os.replace(tmp, path)
+            self._files.atomic_write(path, json.dumps(saved).encode("utf-8"))
         except (OSError, ValueError) as exc:
             logger.warning("cannot save the job list to %s: %s", path, exc)
 
-
-def object_name(prompt: str, fallback: str = "Generated", max_chars: int = 48) -> str:
-    """An object name from a prompt: whitespace collapsed, at most ``max_chars`` characters."""
-    name = " ".join(prompt.split())
-    if len(name) > max_chars:
-        name = name[: max_chars - 1].rstrip() + "…"
-    return name or fallback

@@ -25,7 +25,6 @@ import logging
 import secrets
 import signal
 import socket
-import sys
 import threading
 import time
 from collections import OrderedDict, deque

@@ -160,7 +160,7 @@ def main() -> int:
         name = _install(args.zip)
         checks.add("installed", True, name)
         mod = sys.modules[name]
-        ops = sys.modules[f"{name}.operators"]
+        rt = sys.modules[f"{name}.runtime"]
         checks.add("panel_registered", hasattr(bpy.types, "GENERATE3D_PT_main"), "GENERATE3D_PT_main")
         wanted = ("generate", "refine_selected", "cancel", "connect", "import_result", "refresh_jobs")
         missing = [o for o in wanted if not hasattr(bpy.ops.generate3d, o)]
@@ -176,6 +176,8 @@ def main() -> int:
         time.sleep(0.3)
         checks.add("timers_do_not_fire_in_background", not fired, f"fired {len(fired)} times in 0.3 s")
 
+        props = sys.modules[f"{name}.props"]
+        before_connect = [i[0] for i in props.preset_items(bpy.context.scene.generate3d, bpy.context)]
         p = bpy.context.preferences.addons[name].preferences
         p.key_file = args.key_file
         p.timeout_s = 2.0
@@ -190,15 +192,21 @@ def main() -> int:
         result, err, took = _op_error(lambda: bpy.ops.generate3d.connect())
         checks.add("connect", result == {"FINISHED"}, err or f"{took:.2f} s")
         client_mod = sys.modules.get(f"{name}.engine_client.client")
-        checks.add("uses_bundled_client", client_mod is not None and ops.runtime.session is not None
-                   and ops.runtime.session.client_mod is client_mod,
+        welcome = rt.runtime.session.welcome if rt.runtime.session is not None else {}
+        after_connect = [i[0] for i in props.preset_items(bpy.context.scene.generate3d, bpy.context)]
+        checks.add("presets_from_welcome", before_connect == [props.ENGINE_DEFAULT]
+                   and after_connect == list(welcome.get("presets") or ["?"])
+                   and bpy.context.scene.generate3d.preset == after_connect[0],
+                   {"before_connect": before_connect, "after_connect": after_connect})
+        checks.add("uses_bundled_client", client_mod is not None and rt.runtime.session is not None
+                   and rt.runtime.session.client_mod is client_mod,
                    getattr(client_mod, "__file__", None))
         import zmq
 
         checks.add("zmq_found", True, zmq.__file__)
-        delay = ops.drain(bpy.context)
+        delay = rt.drain(bpy.context)
         checks.add("drain_callable_directly", isinstance(delay, float) and delay > 0, delay)
-        delay = ops._timer()  # the UI timer's body runs too (it only never gets called by Blender here)
+        delay = rt._timer()  # the UI timer's body runs too (it only never gets called by Blender here)
         checks.add("timer_function_runs", isinstance(delay, float) and delay > 0, delay)
 
         camera = bpy.data.objects.get("Camera")
@@ -232,18 +240,14 @@ def main() -> int:
             checks.add("generate", ok, {"seconds": took, "error": err, "objects": [_mesh_facts(o) for o in new]})
             if new:
                 facts = _object_facts(new[0])
-                job = next(j for j in ops.runtime.session.jobs.values() if j.imported == new[0].name)
-                engine_tex = ops.runtime.session.result(job.job_id).arrays.get("texture")
-                if engine_tex is not None:  # (H, W, 3) uint8, top row first; Blender keeps the bottom row first
-                    import numpy as np
-
-                    tex = next(n for n in new[0].data.materials[0].node_tree.nodes if n.type == "TEX_IMAGE").image
-                    px = np.empty(tex.size[0] * tex.size[1] * tex.channels, dtype=np.float32)
-                    tex.pixels.foreach_get(px)
-                    px = px.reshape(tex.size[1], tex.size[0], tex.channels)[::-1, :, :3]
-                    facts["texture_max_diff_to_engine"] = float(np.abs(px * 255 - engine_tex.numpy()).max())
+                job = next(j for j in rt.runtime.session.jobs.values() if j.imported == new[0].name)
+                engine_png = rt.runtime.session.result(job.job_id).texture
+                tex = next(n for n in new[0].data.materials[0].node_tree.nodes if n.type == "TEX_IMAGE").image
+                # the packed image is the engine's PNG as it came (Blender decodes it the right way up itself)
+                facts["texture_is_engine_png"] = engine_png is not None and tex.packed_file is not None \
+                    and bytes(tex.packed_file.data) == engine_png
                 checks.add("generated_object", True, facts)
-            preview = bpy.data.images.get(ops.importer.PREVIEW_IMAGE)
+            preview = bpy.data.images.get(rt.importer.PREVIEW_IMAGE)
             checks.add("preview_image", preview is not None and preview.size[0] > 0,
                        list(preview.size) if preview is not None else None)
             checks.add("no_preview_object_left", not any(n.endswith("(preview)") for n in bpy.data.objects.keys()),
@@ -307,7 +311,7 @@ def main() -> int:
             p.job_timeout_s = 0.5
             before = set(bpy.data.objects.keys())
             result, err, took = _op_error(lambda: bpy.ops.generate3d.generate())
-            job = list(ops.runtime.session.jobs.values())[-1]
+            job = list(rt.runtime.session.jobs.values())[-1]
             checks.add("job_timeout_cancels", result is None and "did not finish" in err and took < 10
                        and set(bpy.data.objects.keys()) == before,
                        {"seconds": took, "error": err, "job_state": job.state,
@@ -319,19 +323,19 @@ def main() -> int:
             p.auto_start = True
             p.engine_command = args.autostart_command.replace("{endpoint}", args.autostart_endpoint)
             result, err, took = _op_error(lambda: bpy.ops.generate3d.connect())
-            proc = ops.runtime.session.process if ops.runtime.session is not None else None
+            proc = rt.runtime.session.process if rt.runtime.session is not None else None
             checks.add("autostart_engine", result == {"FINISHED"} and proc is not None and proc.poll() is None,
                        {"error": err, "seconds": took})
         else:
             proc = None
 
-        session = ops.runtime.session
+        session = rt.runtime.session
         threads_connected = _os_threads()
         zmq_connected = _zmq_threads()
         bpy.ops.preferences.addon_disable(module=name)
         checks.add("unregistered", not hasattr(bpy.types, "GENERATE3D_PT_main") and not hasattr(bpy.types.Scene, "generate3d"),
                    "panel and settings gone")
-        checks.add("session_closed", ops.runtime.session is None and session is not None and session.client._socket is None,
+        checks.add("session_closed", rt.runtime.session is None and session is not None and session.client._socket is None,
                    "socket closed")
         if proc is not None:
             checks.add("autostarted_engine_stopped", proc.poll() is not None, proc.returncode)

@@ -25,6 +25,8 @@ pytestmark = pytest.mark.slow  # each Blender session installs the add-on and ru
 
 SMOKE = Path(__file__).resolve().parent / "smoke.py"
 PROMPT = "a red cube"
+NAME = "red_cube"
+"""What the engine names an object made from PROMPT (engine_server.export.object_name)."""
 
 
 def _smoke_args(zip_path: Path, engine, report: Path) -> list[str]:
@@ -127,18 +129,22 @@ def test_engine_down_is_a_clear_report_not_a_hang(bpy_checks):
     assert "did not answer" in detail
 
 
-def test_generate_makes_a_textured_object_named_from_the_prompt(bpy_checks):
+def test_preset_menu_lists_the_engines_presets_once_connected(bpy_checks):
+    detail = _ok(bpy_checks, "presets_from_welcome")
+    assert detail["after_connect"] == ["draft", "standard", "high"]
+
+
+def test_generate_makes_a_textured_object_named_as_the_engine_names_it(bpy_checks):
     _ok(bpy_checks, "connect")
     (obj,) = _ok(bpy_checks, "generate")["objects"]
-    assert obj["name"] == PROMPT
+    assert obj["name"] == NAME  # the GLB node's name (export.object_name), carried in the result meta
     assert obj["faces"] > 100 and obj["vertices"] > 50 and obj["uv_layers"] == 1
     assert obj["principled"] and obj["base_color_from"] == "TEX_IMAGE"
     assert obj["image_packed"] and obj["image_size"] == [64, 64]
     facts = _ok(bpy_checks, "generated_object")
     assert facts["location"] == pytest.approx([2.0, 0.0, 0.0])  # placed at the 3D cursor
     assert min(facts["local_min"]) >= -0.55 and max(facts["local_max"]) <= 0.55  # unit box around the origin
-    # the packed image is the engine's texture, pixel for pixel, the right way up
-    assert facts["texture_max_diff_to_engine"] <= 1.0, facts
+    assert facts["texture_is_engine_png"], facts  # packed as the engine sent it: no GLB parsed, no re-encode
     assert max(facts["texture_mean_rgb"]) > 0.05  # not a black placeholder
     _ok(bpy_checks, "preview_image")
     _ok(bpy_checks, "no_preview_object_left")
@@ -149,7 +155,7 @@ def test_refine_selected_never_modifies_the_original(bpy_checks):
     detail = _ok(bpy_checks, "refine")
     assert detail["result"] == ["FINISHED"], detail
     (obj,) = detail["objects"]
-    assert obj["name"] == "Cube refined" and obj["faces"] > 0 and obj["principled"]
+    assert obj["name"] == "refined_" + NAME and obj["faces"] > 0 and obj["principled"]
 
 
 def test_engine_error_becomes_an_operator_report(bpy_checks):
@@ -171,9 +177,10 @@ def test_unregister_leaves_no_thread_or_socket(bpy_checks):
 def test_legacy_addon_works_end_to_end_in_blender_3_4(blender34_checks):
     assert _ok(blender34_checks, "background_mode").startswith("3.")
     for name in (*REGISTRATION, "timers_do_not_fire_in_background", "drain_callable_directly", "engine_down_reports",
+                 "presets_from_welcome",
                  "timer_function_runs", "rig_matches_blender_frustum", "connect", "generate", "generated_object",
                  "refine_keeps_original", "image_job", "engine_error_reports",
                  "unregistered", "session_closed", "no_thread_left"):
         _ok(blender34_checks, name)
     (obj,) = _ok(blender34_checks, "generate")["objects"]
-    assert obj["name"] == PROMPT and obj["principled"] and obj["base_color_from"] == "TEX_IMAGE" and obj["image_packed"]
+    assert obj["name"] == NAME and obj["principled"] and obj["base_color_from"] == "TEX_IMAGE" and obj["image_packed"]

@@ -1,0 +1,76 @@
+"""The add-on's bpy-free session against a real server on loopback: job list, failure reasons, the result it imports."""
+from __future__ import annotations
+
+import json
+import threading
+
+import numpy as np
+import pytest
+
+from engine_server.service.jobs import Result
+from engine_server.service.server import EngineServer, ServerConfig
+from engine_server.wire.auth import load_or_create_key
+
+from ..server.conftest import glb_bytes, png_bytes
+from .conftest import ROOT  # noqa: F401  (puts the repo root on sys.path)
+
+from blender_addon.session import Session  # noqa: E402
+
+
+@pytest.fixture
+def server(tmp_path):
+    key = tmp_path / "key"
+    load_or_create_key(key)
+    srv = EngineServer(ServerConfig(bind="tcp://127.0.0.1:*", data_dir=tmp_path / "data", key_file=key))
+    srv.bind()
+    thread = threading.Thread(target=srv.serve_forever, daemon=True)
+    thread.start()
+    yield srv, key
+    srv.stop()
+    thread.join(10)
+    srv.close()
+
+
+@pytest.fixture
+def session(server, tmp_path):
+    srv, key = server
+    s = Session(srv.endpoint, str(key), timeout=5.0, state_dir=tmp_path / "addon")
+    s.connect()
+    yield s
+    s.close()
+
+
+def test_refresh_keeps_the_failure_reason_of_a_job_that_failed_while_blender_was_closed(server, session):
+    srv, _ = server
+    job = session.submit("text", name="a red cube", prompt="a red cube")
+    srv.store.claim_next()
+    srv.store.finish(job.job_id, "failed", "non_finite", "the loss became NaN at step 3")
+    session.jobs.clear()  # as after a restart with no saved list
+    (view,) = [j for j in session.refresh() if j.job_id == job.job_id]
+    assert view.state == "failed" and view.message == "non_finite: the loss became NaN at step 3"
+
+
+def test_submit_sends_the_placement_and_saves_the_job_list_atomically(server, session, tmp_path):
+    srv, _ = server
+    cursor = [[1.0, 0, 0, 2.0], [0, 1.0, 0, 0], [0, 0, 1.0, 0], [0, 0, 0, 1.0]]
+    job = session.submit("text", name="a red cube", prompt="a red cube", placement=cursor)
+    assert srv.store.load_request(job.job_id)["placement"] == cursor  # the engine reads it (rig, result meta)
+    saved = tmp_path / "addon" / "jobs.json"
+    assert json.loads(saved.read_text())[srv.endpoint][0]["placement"] == cursor
+    assert [p.name for p in saved.parent.iterdir()] == ["jobs.json"]  # no temp file left beside it
+
+
+def test_the_result_the_addon_imports_carries_name_texture_and_arrays_and_no_glb(server, session, tmp_path):
+    srv, _ = server
+    job = session.submit("text", name="a red cube", prompt="a red cube")
+    srv.store.claim_next()
+    glb = srv.store.job_dir(job.job_id) / "model.glb"
+    glb.write_bytes(glb_bytes(64))
+    vertices = np.zeros((3, 3), np.float32)
+    srv.store.write_result(job.job_id, Result(glb, png_bytes(8, 8), {"vertices": vertices,
+                                                                    "faces": np.array([[0, 1, 2]], np.int32)},
+                                              {"name": "red_cube"}))
+    srv.store.finish(job.job_id, "done")
+    fetched = session.result(job.job_id)
+    assert fetched.glb == b"" and fetched.texture == png_bytes(8, 8) and fetched.meta["name"] == "red_cube"
+    assert set(fetched.arrays) == {"vertices", "faces"}
