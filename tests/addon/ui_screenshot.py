@@ -91,18 +91,18 @@ def _setup() -> None:
 
 
 def _tick():
-    ops = sys.modules.get(f"{ADDON_ID}.operators")
+    rt = sys.modules.get(f"{ADDON_ID}.runtime")
     try:
         if STATE["phase"] == "start":
             _setup()
             STATE["phase"] = "running"
             return 0.5
-        session = ops.runtime.session
+        session = rt.runtime.session
         jobs = list(session.jobs.values()) if session else []
         job = jobs[-1] if jobs else None
         if STATE["phase"] == "running" and job is not None and job.total and job.step >= 10:
-            STATE["report"]["status_while_running"] = ops.runtime.status
-            STATE["report"]["timer_registered"] = bpy.app.timers.is_registered(ops._timer)
+            STATE["report"]["status_while_running"] = rt.runtime.status
+            STATE["report"]["timer_registered"] = bpy.app.timers.is_registered(rt._timer)
             STATE["report"]["preview_object"] = any(n.endswith("(preview)") for n in bpy.data.objects.keys())
             _screenshot("panel-running.png")
             STATE["phase"] = "waiting"
