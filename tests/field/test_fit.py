@@ -25,6 +25,8 @@ from engine_server.field import (
 )
 from kernels.hashgrid import HashGridConfig
 
+pytestmark = pytest.mark.slow  # every test reads one fitted field (about 6 s)
+
 RES = 32
 STEPS = 120
 BATCH = 512

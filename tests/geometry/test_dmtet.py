@@ -33,6 +33,7 @@ def test_mesh_initialisation_rejects_meshes_outside_the_grid():
         DMTet.from_mesh(mesh.vertices, mesh.faces, DMTetConfig(resolution=8))
 
 
+@pytest.mark.slow
 def test_fit_sphere_to_cube_through_the_extracted_mesh():
     """Optimise SDF + deformation with a Chamfer loss on points sampled on the extracted mesh."""
     cube = trimesh.creation.box(extents=(1.0, 1.0, 1.0))

@@ -91,6 +91,7 @@ def _objective(guidance, images, cond, cameras, draws):
     return total / len(draws), z
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["sd", "zero123", "mvdream"])
 def test_following_the_gradient_lowers_the_distillation_objective(model_dir, cameras, name):
     prior = load_prior(model_dir / name)

@@ -249,6 +249,7 @@ def _run_python(code: str, **env: str) -> subprocess.CompletedProcess:
     )
 
 
+@pytest.mark.slow
 def test_import_kernels_without_cuda_imports_no_optional_backend():
     code = (
         "import sys, kernels, kernels.hashgrid as hg\n"
@@ -261,6 +262,7 @@ def test_import_kernels_without_cuda_imports_no_optional_backend():
     assert "'cpu', 'tcnn', 'torch', 'triton'" in proc.stdout
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
 def test_triton_kernels_in_the_interpreter():
     """Runs test_hashgrid_triton.py in a process with TRITON_INTERPRET=1 (it must be set before

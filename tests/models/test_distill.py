@@ -1,6 +1,7 @@
 """Toy score distillation: a free 32x32 image optimised with the bundled prior becomes the prompted object."""
 from __future__ import annotations
 
+import pytest
 import torch
 
 from engine_server.models.bundled import procedural as P
@@ -8,6 +9,8 @@ from engine_server.models.bundled.evaluate import classify_color, foreground_mas
 from engine_server.multiview import mask_iou
 from engine_server.models.bundled.prior import BundledPrior
 from engine_server.models.bundled.vocab import Caption
+
+pytestmark = pytest.mark.slow  # a full SDS run on the bundled prior
 
 
 def red_fraction(img: torch.Tensor, region: torch.Tensor) -> float:

@@ -66,6 +66,7 @@ def prior():
     return load_prior("bundled")
 
 
+@pytest.mark.slow
 def test_text_views_agree_show_the_prompt_and_are_seeded(prior):
     torch.set_num_threads(1)
     rig = default_rig(5, 2.5, 42.0, 32)

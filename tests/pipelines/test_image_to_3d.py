@@ -113,6 +113,7 @@ def _silhouette_ious(pipe) -> torch.Tensor:
     return mask_iou(out["mask"][..., 0] > 0.5, views.masks)
 
 
+@pytest.mark.slow
 def test_red_cube_becomes_a_cube_like_red_mesh(cube, sphere):
     pipe, result, _ = cube
     extent = result.vertices.max(0) - result.vertices.min(0)
@@ -127,6 +128,7 @@ def test_red_cube_becomes_a_cube_like_red_mesh(cube, sphere):
     assert pipe.mask_source == "alpha"
 
 
+@pytest.mark.slow
 def test_blue_sphere_becomes_a_round_blue_mesh(sphere):
     pipe, result, _ = sphere
     extent = result.vertices.max(0) - result.vertices.min(0)
@@ -137,6 +139,7 @@ def test_blue_sphere_becomes_a_round_blue_mesh(sphere):
     assert pipe.mask_source == "colour"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("which", ["cube", "sphere"])
 def test_generated_views_match_the_reconstruction(which, request):
     pipe, _, _ = request.getfixturevalue(which)
@@ -144,6 +147,7 @@ def test_generated_views_match_the_reconstruction(which, request):
     assert ious.min() >= 0.7, ious
 
 
+@pytest.mark.slow
 def test_stages_events_and_sidecar(cube):
     pipe, result, events = cube
     stages = [e.stage for e in events]
@@ -227,6 +231,7 @@ def _text_only(prior, ckpt: Path, cancel_at: int | None = None) -> tuple[ImageTo
                      cancelled=cancelled, prior=prior, checkpoint_dir=ckpt), events
 
 
+@pytest.mark.slow
 def test_without_an_image_the_reference_is_drawn_from_the_prompt_and_a_cancelled_run_resumes(prior, tmp_path):
     """The multiview route (text -> views -> 3D): cancel mid-fit, resume from the checkpoint, same mesh."""
     from engine_server.pipelines.events import Cancelled

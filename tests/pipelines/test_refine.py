@@ -40,6 +40,7 @@ def test_sphericity_definition():
     assert sphericity(s.vertices, s.faces) > 0.99
 
 
+@pytest.mark.slow
 def test_texture_refine_keeps_topology_and_paints_green(prior, tmp_path):
     v, f = blender_cube()
     # Place it somewhere in the world: the result must stay in the object's local frame.
@@ -87,6 +88,7 @@ def test_texture_refine_reuses_given_uvs(prior):
     np.testing.assert_allclose(out.uvs, uvs, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_geometry_refine_towards_a_sphere(prior, tmp_path):
     from engine_server.geometry import DMTet, DMTetConfig, mesh_stats
 
