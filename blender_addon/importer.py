@@ -14,7 +14,7 @@ import tempfile
 import bpy
 import numpy as np
 
-from .arrays import blender_uvs
+from .arrays import blender_uvs, mean_colour, resting
 
 logger = logging.getLogger(__name__)
 
@@ -97,29 +97,55 @@ def textured_material(name: str, image: bpy.types.Image | None) -> bpy.types.Mat
 
 
 def create_object(name: str, vertices: np.ndarray, faces: np.ndarray, uvs: np.ndarray | None = None,
-                  texture_png: bytes | None = None, matrix: list[float] | None = None,
-                  collection: bpy.types.Collection | None = None) -> bpy.types.Object:
-    """A new mesh object linked into ``collection`` (default: the scene's), textured when a PNG is given."""
+                  texture_png: bytes | None = None, matrix: list[float] | None = None, *, rest: bool = False,
+                  context=None) -> bpy.types.Object:
+    """A new smooth-shaded mesh object in the active collection, selected and active, textured when a PNG is given.
+
+    ``rest``: move the mesh so that the object's origin is its bottom centre (lowest point at the
+    origin's height, centred in x/y), so at ``matrix`` it stands on that point. The viewport display
+    colour (Solid view) is the texture's mean colour.
+    """
+    context = context or bpy.context
     mesh = bpy.data.meshes.new(name)
-    fill_mesh(mesh, vertices, faces, uvs)
+    fill_mesh(mesh, resting(vertices) if rest else vertices, faces, uvs)
     obj = bpy.data.objects.new(name, mesh)
     image = image_from_png(f"{name} texture", texture_png) if texture_png else None
-    mesh.materials.append(textured_material(name, image))
+    mat = textured_material(name, image)
+    if image is not None:
+        mat.diffuse_color = obj.color = _image_mean_colour(image)
+    mesh.materials.append(mat)
     if matrix is not None:
         obj.matrix_world = _matrix(matrix)
-    (collection or bpy.context.scene.collection).objects.link(obj)
+    collection = getattr(context, "collection", None) or context.scene.collection
+    collection.objects.link(obj)
+    view_layer = getattr(context, "view_layer", None)
+    if view_layer is not None:
+        # A freshly linked object's base may not be synced into the view layer yet (bpy 5.0:
+        # ``obj.name in view_layer.objects`` is False); selecting and activating it works regardless.
+        for other in view_layer.objects:
+            if other.select_get(view_layer=view_layer):
+                other.select_set(False, view_layer=view_layer)
+        obj.select_set(True, view_layer=view_layer)
+        view_layer.objects.active = obj
     return obj
 
 
+def _image_mean_colour(image: bpy.types.Image) -> tuple[float, float, float, float]:
+    px = np.empty(image.size[0] * image.size[1] * image.channels, dtype=np.float32)
+    image.pixels.foreach_get(px)
+    return mean_colour(px, image.channels)
+
+
 def update_preview_object(name: str, vertices: np.ndarray, faces: np.ndarray, uvs: np.ndarray | None = None,
-                          matrix: list[float] | None = None) -> bpy.types.Object:
-    """Create, or update in place, the one preview object ``name`` showing an intermediate mesh."""
+                          matrix: list[float] | None = None, *, rest: bool = False) -> bpy.types.Object:
+    """Create, or update in place, the one preview object ``name`` showing an intermediate mesh (``rest``: as in
+    :func:`create_object`)."""
     obj = bpy.data.objects.get(name)
     if obj is None or obj.type != "MESH":
         obj = bpy.data.objects.new(name, bpy.data.meshes.new(name))
         bpy.context.scene.collection.objects.link(obj)
         obj.display_type = "SOLID"
-    fill_mesh(obj.data, vertices, faces, uvs)
+    fill_mesh(obj.data, resting(vertices) if rest else vertices, faces, uvs)
     if matrix is not None:
         obj.matrix_world = _matrix(matrix)
     return obj

@@ -147,7 +147,7 @@ def drain(context, timeout: float = 0.0) -> float:
             uvs = event.get("uvs")
             importer.update_preview_object(_preview_name(job), event["vertices"].numpy(), event["faces"].numpy(),
                                            uvs.numpy() if uvs is not None and uvs.dtype == "float32" else None,
-                                           job.placement)
+                                           job.placement, rest=job.kind != "refine")
         elif event.type == "done":
             try:
                 obj = import_job(context, session, job)
@@ -189,16 +189,11 @@ def import_job(context, session: Session, job: JobView) -> bpy.types.Object:
     name = fetched.meta.get("name") or job.name  # jobs from engines that did not name their result
     placement = job.placement or fetched.meta.get("placement")
     importer.remove_object(_preview_name(job))
+    # A new object rests on its placement (the 3D cursor); a refined one keeps the original's frame, beside it.
     obj = importer.create_object(name, arrays["vertices"].numpy(), arrays["faces"].numpy(), uvs, fetched.texture,
-                                 placement)
+                                 placement, rest=(fetched.meta.get("kind") or job.kind) != "refine", context=context)
     job.imported = obj.name
     session._save_jobs()
-    view_layer = getattr(context, "view_layer", None)
-    if view_layer is not None and obj.name in view_layer.objects:
-        for other in view_layer.objects:
-            other.select_set(False)
-        obj.select_set(True)
-        view_layer.objects.active = obj
     if not bpy.app.background:
         try:
             bpy.ops.ed.undo_push(message=f"Generate 3D: {obj.name}")

@@ -93,14 +93,36 @@ def camera_rays(c2w: torch.Tensor, fov_y_deg: float, width: int, height: int) ->
     return origins, dirs
 
 
+def square_fov_deg(camera: Camera) -> float:
+    """Vertical FOV of a square render of ``camera``'s frame centre: its smaller angle (vertical, or horizontal
+    from its aspect), so the square shows only what the camera's frame shows."""
+    half_y = math.radians(camera.fov_y_deg) / 2
+    half_x = math.atan(math.tan(half_y) * camera.width / camera.height)
+    return math.degrees(2 * min(half_x, half_y))
+
+
 class CameraSampler:
-    """Random training views: orbits around the object, or jittered copies of rig cameras."""
+    """Random training views: orbits around the object, or jittered copies of rig cameras.
+
+    Rig cameras are relative to the object's frame (the placement; the object is made at its
+    origin). A rig view keeps its camera's distance and field of view (the square centre of
+    its frame, :func:`square_fov_deg`), so the object fills the renders as it fills the
+    artist's frames; its direction is jittered a little and it looks at the object's centre.
+    """
+
+    RIG_JITTER = 0.1
+    """Standard deviation of the unit direction's jitter (about 6 degrees)."""
+    RIG_DISTANCE_JITTER = 0.05
+    """Relative spread of a rig view's distance."""
+    MIN_RIG_DISTANCE = 1.0
+    """A rig camera closer to the object's centre is moved out to this distance (outside the unit box)."""
 
     def __init__(self, ranges: dict, rig: list[Camera] | None, generator: torch.Generator) -> None:
         self.distance = tuple(ranges.get("distance", (2.2, 2.8)))
         self.fov = tuple(ranges.get("fov", (38.0, 46.0)))
         self.elevation = tuple(ranges.get("elevation", (-10.0, 60.0)))
         self.rig = rig
+        self.rig_fovs = [square_fov_deg(cam) for cam in rig] if rig else []
         self.gen = generator
 
     def _uniform(self, lo: float, hi: float) -> float:
@@ -111,18 +133,19 @@ class CameraSampler:
         poses, fovs = [], []
         for _ in range(n):
             if self.rig:
-                cam = self.rig[int(torch.randint(len(self.rig), (), generator=self.gen))]
-                eye = cam.c2w[:3, 3].float()
-                dist = float(eye.norm().clamp_min(1e-3))
-                # Stay near the rig camera's direction, at the prior's distance, looking at the object.
-                direction = eye / dist + 0.15 * torch.randn(3, generator=self.gen)
-                eye = direction / direction.norm() * self._uniform(*self.distance)
+                k = int(torch.randint(len(self.rig), (), generator=self.gen))
+                eye = self.rig[k].c2w[:3, 3].float()
+                dist = max(float(eye.norm()), self.MIN_RIG_DISTANCE)
+                direction = eye / eye.norm().clamp_min(1e-6) + self.RIG_JITTER * torch.randn(3, generator=self.gen)
+                spread = self.RIG_DISTANCE_JITTER
+                eye = direction / direction.norm() * dist * self._uniform(1.0 - spread, 1.0 + spread)
                 poses.append(look_at(eye))
+                fovs.append(self.rig_fovs[k])
             else:
                 az = self._uniform(0.0, 360.0)
                 el = self._uniform(*self.elevation)
                 poses.append(look_at(orbit_position(az, el, self._uniform(*self.distance))))
-            fovs.append(self._uniform(*self.fov))
+                fovs.append(self._uniform(*self.fov))
         return torch.stack(poses), torch.tensor(fovs)
 
     def preview(self) -> tuple[torch.Tensor, torch.Tensor]:

@@ -7,6 +7,7 @@ import select
 import subprocess
 import sys
 from pathlib import Path
+from typing import NamedTuple
 
 import pytest
 
@@ -33,9 +34,17 @@ def addon_build(tmp_path_factory):
     return build_addon.build(tmp_path_factory.mktemp("dist"), wheels=WHEEL_DIR, platforms=["linux-x64"])
 
 
+class Engine(NamedTuple):
+    """A running engine server: where it listens, its key file and its data folder (the job store)."""
+
+    endpoint: str
+    key: Path
+    data: Path
+
+
 @pytest.fixture(scope="session")
 def engine(tmp_path_factory):
-    """A real engine server with its worker (bundled prior, CPU) on a free loopback port: (endpoint, key file)."""
+    """A real engine server with its worker (bundled prior, CPU) on a free loopback port."""
     tmp = tmp_path_factory.mktemp("engine")
     key = tmp / "key"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "ENGINE_SERVER_HOME": str(tmp / "home")}
@@ -57,7 +66,7 @@ def engine(tmp_path_factory):
             ready, _, _ = select.select([proc.stdout], [], [], 60)
         if endpoint is None:
             pytest.fail(f"engine server did not start:\n{(tmp / 'server.log').read_text()[-3000:]}")
-        yield endpoint, key
+        yield Engine(endpoint, key, tmp / "data")
     finally:
         proc.terminate()
         try:

@@ -42,6 +42,7 @@ def _args() -> argparse.Namespace:
     p.add_argument("--expect-worker", action="store_true",
                    help="the engine executes jobs (else jobs stay queued and Generate must time out cleanly)")
     p.add_argument("--skip-refine", action="store_true")
+    p.add_argument("--rig-check", action="store_true", help="generate with two rig cameras around the cursor")
     p.add_argument("--expect-wheel", action="store_true", help="the zip bundles pyzmq: Blender must have installed it")
     p.add_argument("--autostart-command", default="",
                    help="engine command line for the auto-start check ({endpoint} is filled in); empty: skipped")
@@ -128,8 +129,16 @@ def _object_facts(obj) -> dict:
     co = np.empty(len(obj.data.vertices) * 3, dtype=np.float64)
     obj.data.vertices.foreach_get("co", co)
     co = co.reshape(-1, 3)
+    world = co @ np.array(obj.matrix_world)[:3, :3].T + np.array(obj.matrix_world.translation)
+    smooth = np.zeros(len(obj.data.polygons), dtype=bool)
+    obj.data.polygons.foreach_get("use_smooth", smooth)
+    view_layer = bpy.context.view_layer
     facts = {"local_min": co.min(0).tolist(), "local_max": co.max(0).tolist(),
-             "location": list(obj.matrix_world.translation)}
+             "world_min": world.min(0).tolist(), "world_max": world.max(0).tolist(),
+             "location": list(obj.matrix_world.translation), "cursor": list(bpy.context.scene.cursor.location),
+             "selected": obj.select_get(), "active": view_layer.objects.active == obj,
+             "only_selected": [o.name for o in view_layer.objects if o.select_get()] == [obj.name],
+             "smooth": bool(smooth.all()), "display_colour": list(obj.data.materials[0].diffuse_color)}
     mat = obj.data.materials[0]
     tex = next((n for n in mat.node_tree.nodes if n.type == "TEX_IMAGE"), None)
     if tex is not None and tex.image is not None:
@@ -137,6 +146,14 @@ def _object_facts(obj) -> dict:
         tex.image.pixels.foreach_get(px)
         facts["texture_mean_rgb"] = px.reshape(-1, tex.image.channels)[:, :3].mean(0).tolist()
     return facts
+
+
+def _frustum_fov_y(camera, scene) -> float:
+    """The camera's vertical field of view from Blender's own frustum corners (sensor fit applied)."""
+    import math
+
+    frame = camera.data.view_frame(scene=scene)
+    return math.degrees(2 * math.atan(max(v.y for v in frame) / abs(frame[0].z)))
 
 
 def _op_error(fn) -> tuple[set | None, str, float]:
@@ -213,11 +230,7 @@ def main() -> int:
         if camera is not None:
             scene = bpy.context.scene
             (entry,) = sys.modules[f"{name}.scene_io"].camera_rig([camera], scene)
-            frame = camera.data.view_frame(scene=scene)  # Blender's own frustum corners (sensor fit applied)
-            half_h = max(v.y for v in frame)
-            import math
-
-            fov_y = math.degrees(2 * math.atan(half_h / abs(frame[0].z)))
+            fov_y = _frustum_fov_y(camera, scene)
             pct = scene.render.resolution_percentage / 100
             checks.add("rig_matches_blender_frustum",
                        abs(entry["fov_y_deg"] - fov_y) < 1e-3 and entry["width"] == int(scene.render.resolution_x * pct)
@@ -229,7 +242,7 @@ def main() -> int:
         s.prompt = args.prompt
         s.overrides = args.overrides
         s.seed = 7
-        scene.cursor.location = (2.0, 0.0, 0.0)
+        scene.cursor.location = (2.0, -1.5, 0.7)  # away from the origin
         before = set(bpy.data.objects.keys())
         if not args.expect_worker:
             p.job_timeout_s = 3.0
@@ -256,6 +269,35 @@ def main() -> int:
             checks.add("generate_times_out_cleanly", result is None and "did not finish" in err and not new and took < 15,
                        {"seconds": took, "error": err})
         p.job_timeout_s = args.job_timeout
+
+        if args.expect_worker and args.rig_check:  # two cameras around the cursor, composed by hand, as the rig
+            import mathutils
+
+            rig_cams = []
+            for cam_name, offset, lens, fit in (("RigFront", (0.3, -4.0, 1.0), 50.0, "AUTO"),
+                                                ("RigSide", (3.0, 0.5, 2.0), 35.0, "VERTICAL")):
+                cam = bpy.data.objects.new(cam_name, bpy.data.cameras.new(cam_name))
+                scene.collection.objects.link(cam)
+                cam.data.lens, cam.data.sensor_fit = lens, fit
+                cam.location = scene.cursor.location + mathutils.Vector(offset)
+                cam.rotation_euler = (scene.cursor.location - cam.location).to_track_quat("-Z", "Y").to_euler()
+                rig_cams.append(cam)
+            bpy.context.view_layer.update()
+            for o in bpy.context.view_layer.objects:
+                o.select_set(o in rig_cams)
+            s.use_rig = True
+            sent = [dict(e) for e in sys.modules[f"{name}.scene_io"].camera_rig(rig_cams, scene)]
+            result, err, took = _op_error(lambda: bpy.ops.generate3d.generate())
+            s.use_rig = False
+            job = list(rt.runtime.session.jobs.values())[-1]
+            checks.add("rig_job", result == {"FINISHED"} and job.imported is not None,
+                       {"error": err, "seconds": took, "job_id": job.job_id, "sent": sent,
+                        "cursor": list(scene.cursor.location),
+                        "frustum_fov_y": [_frustum_fov_y(c, scene) for c in rig_cams]})
+            if job.imported is not None:
+                checks.add("rig_generated_object", True, _object_facts(bpy.data.objects[job.imported]))
+            for cam in rig_cams:
+                bpy.data.objects.remove(cam, do_unlink=True)
 
         if not args.skip_refine:
             cube = bpy.data.objects.get("Cube")

@@ -30,7 +30,7 @@ NAME = "red_cube"
 
 
 def _smoke_args(zip_path: Path, engine, report: Path) -> list[str]:
-    endpoint, key = engine
+    endpoint, key, _ = engine
     return ["--zip", str(zip_path), "--endpoint", endpoint, "--key-file", str(key), "--report", str(report),
             "--prompt", PROMPT, "--overrides", TINY_JOB, "--job-timeout", "150", "--expect-worker"]
 
@@ -57,7 +57,7 @@ def bpy_checks(addon_build, engine, tmp_path_factory) -> dict:
     autostart = (f"{sys.executable} -m engine_server serve --protocol-only --bind {{endpoint}} "
                  f"--data {tmp / 'autostart-data'} --key-file {engine[1]}")
     return _run([sys.executable, str(SMOKE), *_smoke_args(addon_build.extension_zip, engine, report),
-                 "--expect-wheel", "--autostart-command", autostart,
+                 "--expect-wheel", "--rig-check", "--autostart-command", autostart,
                  "--autostart-endpoint", f"tcp://127.0.0.1:{port}"], env, report)
 
 
@@ -142,12 +142,58 @@ def test_generate_makes_a_textured_object_named_as_the_engine_names_it(bpy_check
     assert obj["principled"] and obj["base_color_from"] == "TEX_IMAGE"
     assert obj["image_packed"] and obj["image_size"] == [64, 64]
     facts = _ok(bpy_checks, "generated_object")
-    assert facts["location"] == pytest.approx([2.0, 0.0, 0.0])  # placed at the 3D cursor
-    assert min(facts["local_min"]) >= -0.55 and max(facts["local_max"]) <= 0.55  # unit box around the origin
+    cursor = facts["cursor"]
+    assert cursor == pytest.approx([2.0, -1.5, 0.7])
+    # rests on the 3D cursor: lowest point at the cursor's height, centred on it in x and y
+    assert facts["location"] == pytest.approx(cursor)
+    assert facts["world_min"][2] == pytest.approx(cursor[2], abs=1e-5)
+    centre = [(lo + hi) / 2 for lo, hi in zip(facts["world_min"], facts["world_max"])]
+    assert centre[:2] == pytest.approx(cursor[:2], abs=1e-5)
+    assert 0.3 < facts["world_max"][2] - cursor[2] <= 1.05  # the engine's unit box, standing on the cursor
+    assert facts["selected"] and facts["active"] and facts["only_selected"], facts
+    assert facts["smooth"]
+    # Solid view shows the texture's mean colour, not the default grey
+    assert facts["display_colour"][:3] == pytest.approx(facts["texture_mean_rgb"], abs=0.02)
+    assert facts["display_colour"][:3] != pytest.approx([0.8, 0.8, 0.8], abs=0.02)
     assert facts["texture_is_engine_png"], facts  # packed as the engine sent it: no GLB parsed, no re-encode
     assert max(facts["texture_mean_rgb"]) > 0.05  # not a black placeholder
     _ok(bpy_checks, "preview_image")
     _ok(bpy_checks, "no_preview_object_left")
+
+
+def test_the_engine_sees_the_rig_around_the_cursor_with_each_cameras_field_of_view(bpy_checks, engine):
+    import numpy as np
+    import torch
+
+    from engine_server.cameras import CameraSampler
+    from engine_server.pipelines.kinds import relative_rig, rig_cameras
+    from engine_server.service.jobs import load_request
+
+    detail = _ok(bpy_checks, "rig_job")
+    stored = load_request(engine.data / "jobs" / detail["job_id"])  # what the engine's job store kept
+    cursor = np.array(detail["cursor"])
+    assert np.allclose(np.array(stored["placement"])[:3, 3], cursor)
+    assert len(stored["rig"]) == 2
+    for cam, sent, fov in zip(relative_rig(stored["rig"], stored["placement"]), detail["sent"], detail["frustum_fov_y"]):
+        c2w = np.array(cam["matrix_world"])
+        eye, forward = c2w[:3, 3], -c2w[:3, 2]
+        # relative to the placement: the camera sits where it was put around the cursor and looks at its origin
+        assert np.allclose(eye, np.array(sent["matrix_world"])[:3, 3] - cursor, atol=1e-5)
+        assert np.dot(forward, -eye / np.linalg.norm(eye)) > 0.9999
+        assert cam["fov_y_deg"] == pytest.approx(fov, abs=1e-3)  # sensor fit and aspect as Blender frames it
+        assert (cam["width"], cam["height"]) == (sent["width"], sent["height"])
+    # the engine's training views: around those cameras, at their distances, looking at the cursor
+    cameras = rig_cameras(stored)
+    sampler = CameraSampler({}, cameras, torch.Generator().manual_seed(0))
+    poses, fovs = sampler.sample(64)
+    eyes = poses[:, :3, 3]
+    assert torch.allclose((-poses[:, :3, 2] * -eyes / eyes.norm(dim=-1, keepdim=True)).sum(-1), torch.ones(64), atol=1e-5)
+    wanted = {round(f, 3) for f in sampler.rig_fovs}
+    assert {round(float(f), 3) for f in fovs} == wanted and len(wanted) == 2
+    distances = sorted(float(c.c2w[:3, 3].norm()) for c in cameras)
+    assert all(min(abs(float(d) - r) for r in distances) < 0.06 * max(distances) for d in eyes.norm(dim=-1))
+    facts = _ok(bpy_checks, "rig_generated_object")
+    assert facts["world_min"][2] == pytest.approx(cursor[2], abs=1e-5)
 
 
 def test_refine_selected_never_modifies_the_original(bpy_checks):
