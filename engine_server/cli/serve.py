@@ -41,6 +41,12 @@ def add_serve_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads per worker (0: default)")
     p.add_argument("--heartbeat", type=float, default=1.0, help="heartbeat interval in seconds")
     p.add_argument("--max-queued", type=int, default=16, help="most waiting jobs before submits get busy")
+    p.add_argument("--max-message-mb", type=float, default=64.0,
+                   help="largest message accepted, header and blobs together, in MiB (also the per-frame limit)")
+    p.add_argument("--max-attempts", type=int, default=3,
+                   help="times a job may start (its worker died, the server was killed) before it fails")
+    p.add_argument("--min-free-mb", type=float, default=64.0,
+                   help="no job starts while the job store's disk has less free space than this, in MiB")
     p.add_argument("--cancel-grace", type=float, default=0.4,
                    help="seconds a cancelled job may take to stop before its worker is terminated")
     p.add_argument("--protocol-only", action="store_true",
@@ -54,12 +60,17 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from engine_server.service.jobs import StoreLocked
     from engine_server.service.server import ConfigError, ServerConfig, serve
     from engine_server.wire.auth import KeyFileError
+    from engine_server.wire.protocol import Limits
 
     if args.heartbeat <= 0 or args.max_queued < 1 or args.cancel_grace < 0:
         raise UsageError("--heartbeat must be > 0, --max-queued >= 1, --cancel-grace >= 0")
+    if args.max_message_mb < 1 or args.max_attempts < 1 or args.min_free_mb < 0:
+        raise UsageError("--max-message-mb must be >= 1, --max-attempts >= 1, --min-free-mb >= 0")
     devices = args.device or ["auto"]
+    limits = Limits(max_message_bytes=int(args.max_message_mb * 2**20))
     config = ServerConfig(bind=args.bind, data_dir=args.data, key_file=args.key_file, auth=not args.no_auth,
-                          heartbeat_s=args.heartbeat, max_queued=args.max_queued,
+                          heartbeat_s=args.heartbeat, max_queued=args.max_queued, limits=limits,
+                          max_attempts=args.max_attempts, min_free_bytes=int(args.min_free_mb * 2**20),
                           models=[args.model, *[m for m in args.extra_model if m != args.model]],
                           device=", ".join(devices))
     worker = None

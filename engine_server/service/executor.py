@@ -19,7 +19,10 @@ class WorkerEvent:
     ``type``: progress | preview | mesh (fields as the protocol message: stage, step,
     total, loss, eta_s / image / vertices, faces, uvs, texture, final) or the end:
     done (the result is already stored with ``JobStore.write_result``), failed (code,
-    message), cancelled.
+    message), cancelled; or ``lost`` (code, message): the process running the job died
+    (killed, out of host memory, crashed), so the job did not end by itself. The server
+    then queues it again to resume from its checkpoint, up to its attempt limit, and
+    fails it with the code and message after that; ``lost`` never reaches a client.
     """
 
     job_id: str

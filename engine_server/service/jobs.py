@@ -18,10 +18,14 @@ file, fsync, rename, fsync of the folder), the pipeline's checkpoints included
 puts ``running`` jobs back in the queue to resume from their last checkpoint, and gives up
 on a job that keeps killing its worker.
 
+Storage errors (disk full, read-only file system, I/O error) of the store's own writes
+raise :class:`StorageError`; the transaction is rolled back, so the table stays as it was.
+
 No torch or numpy import: the pipeline writes its torch state into :func:`checkpoint_dir` itself.
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
@@ -94,6 +98,36 @@ class JobConflict(Exception):
 
 class StoreLocked(Exception):
     """Another server owns this data folder."""
+
+
+class StorageError(Exception):
+    """The store cannot write: its disk is full, read-only or failing. ``reason`` says which, in words."""
+
+    def __init__(self, reason: str, detail: str):
+        super().__init__(f"the job store cannot write ({reason}): {detail}")
+        self.reason = reason
+
+
+STORAGE_ERRNOS = {errno.ENOSPC: "disk full", errno.EDQUOT: "disk quota exceeded", errno.EROFS: "read-only file system",
+                  errno.EIO: "I/O error"}
+"""OSError numbers that mean the disk, not the request, is at fault."""
+_SQLITE_STORAGE = {"SQLITE_FULL": "disk full", "SQLITE_READONLY": "read-only database", "SQLITE_IOERR": "I/O error",
+                   "SQLITE_CANTOPEN": "cannot open the database file"}
+"""SQLite result codes (primary, before any ``_`` extension) that mean the same."""
+
+
+def as_storage_error(exc: BaseException) -> StorageError | None:
+    """``exc`` as a StorageError when it is a disk failure (an OSError or a SQLite error); else None."""
+    if isinstance(exc, StorageError):
+        return exc
+    if isinstance(exc, OSError) and exc.errno in STORAGE_ERRNOS:
+        return StorageError(STORAGE_ERRNOS[exc.errno], str(exc))
+    if isinstance(exc, sqlite3.Error):
+        name = getattr(exc, "sqlite_errorname", "") or ""
+        for code, reason in _SQLITE_STORAGE.items():
+            if name == code or name.startswith(code + "_"):
+                return StorageError(reason, str(exc))
+    return None
 
 
 class JobFailure(Exception):
@@ -419,15 +453,28 @@ class JobStore:
 
     @contextmanager
     def _tx(self) -> Iterator[sqlite3.Connection]:
-        """One write transaction (BEGIN IMMEDIATE ... COMMIT), rolled back on error."""
+        """One write transaction (BEGIN IMMEDIATE ... COMMIT), rolled back on error; disk failures raise StorageError."""
         with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
             try:
-                yield self._db
-            except BaseException:
+                self._db.execute("BEGIN IMMEDIATE")
+                try:
+                    yield self._db
+                    self._db.execute("COMMIT")
+                except BaseException:
+                    self._rollback()
+                    raise
+            except sqlite3.Error as exc:
+                storage = as_storage_error(exc)
+                if storage is None:
+                    raise
+                raise storage from exc
+
+    def _rollback(self) -> None:
+        if self._db.in_transaction:  # SQLite may have rolled back by itself (a full disk does that)
+            try:
                 self._db.execute("ROLLBACK")
-                raise
-            self._db.execute("COMMIT")
+            except sqlite3.Error as exc:
+                logger.warning("rollback failed: %s", exc)
 
     def _clean_folders(self) -> None:
         """Remove half-written folders a crash left behind (temp, trash, request files with no row)."""
@@ -542,8 +589,11 @@ class JobStore:
             _write_json(tmp / "request.json", {"request_id": request_id, "fields": wire, "blobs": len(blobs)})
             os.replace(tmp, final)
             fsync_dir(self.jobs_dir)
-        except BaseException:
+        except BaseException as exc:
             shutil.rmtree(tmp, ignore_errors=True)
+            storage = as_storage_error(exc)
+            if storage is not None:
+                raise storage from exc
             raise
         now = time.time()
         try:

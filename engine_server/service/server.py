@@ -16,13 +16,31 @@ Heartbeats: clients ping every ``heartbeat_s`` and count the server unresponsive
 work, and also runs ZMTP heartbeats so a dead TCP peer is closed.
 
 Safety: loopback bind by default; every message signed (HMAC-SHA256, key file 0600,
-created on first start) with a nonce and a replay window; a non-loopback bind without
-authentication refuses to start. Frames above the size limit are refused by the socket.
+created on first start) with a nonce and a replay window, and messages stamped before
+this server started refused (see :class:`~engine_server.wire.auth.ReplayGuard`); a
+non-loopback bind without authentication refuses to start. Frames above the size limit
+are refused by the socket; a message is received frame by frame and the frames past
+the message limit are released as they are read, before anything is parsed or
+authenticated (libzmq itself assembles a multipart message before handing out its first
+frame and bounds only each frame, by ``MAXMSGSIZE``: what libzmq holds of one message
+in flight is out of this loop's reach; see :meth:`EngineServer._receive`).
+
+Isolation: a message that makes the loop raise anything is dropped (``internal`` reply,
+counted in ``stats``, logged), as is an event that cannot be stored or sent and a reply
+that cannot be encoded; a failing loop phase is logged and the loop goes on. Nothing a
+client sends ends the process.
+
+Storage: an error of the job store (disk full, read-only, I/O) fails only the job
+concerned, with code ``storage``, delivered to its subscribers even when the store
+cannot record it (it is recorded once the store accepts writes again); a submit the
+store cannot take gets a ``storage`` error; no job starts while the store's disk has
+less than ``min_free_bytes`` free, so queued jobs stay queued until space is freed.
 """
 from __future__ import annotations
 
 import logging
 import secrets
+import shutil
 import signal
 import socket
 import threading
@@ -36,12 +54,13 @@ from typing import Any, Protocol
 import zmq
 
 from engine_server import __version__
+from engine_server.models.bundled.vocab import UnknownPromptError, parse_prompt
 from engine_server.pipelines.kinds import check_submit
 from engine_server.pipelines.presets import PRESETS
 from engine_server.wire import protocol
 from engine_server.wire.auth import SIGNATURE_SCHEME, ReplayGuard, Signer, default_key_path, load_or_create_key, user_data_dir
 from engine_server.service.executor import Executor, WorkerEvent
-from engine_server.service.jobs import Busy, Job, JobConflict, JobNotFound, JobStore
+from engine_server.service.jobs import Busy, Job, JobConflict, JobNotFound, JobStore, StorageError
 from engine_server.wire.files import atomic_write
 from engine_server.wire.protocol import Limits, Message, ProtocolError
 
@@ -49,6 +68,10 @@ logger = logging.getLogger(__name__)
 
 RELIABLE = ("done", "failed", "cancelled")
 """Events every subscriber receives, in order, however slow it is."""
+BUNDLED_MODEL = "bundled"
+"""The model name of the bundled prior, whose vocabulary is checked at submit time."""
+STORAGE_RETRY_S = 1.0
+"""How often the loop tries again to record job ends and to start jobs after a storage error."""
 
 
 class ConfigError(Exception):
@@ -89,6 +112,10 @@ class ServerConfig:
     """How long closing the socket may wait to deliver what is queued."""
     replay_window_s: float = 300.0
     """Accepted clock difference for timestamps; nonces are remembered this long."""
+    max_attempts: int = 3
+    """Times a job may start (a worker that died, a server that was killed) before it fails."""
+    min_free_bytes: int = 64 * 2**20
+    """No job starts while the job store's disk has less free space than this (queued jobs wait)."""
     models: list[str] = field(default_factory=list)
     """Models offered, announced in ``welcome``."""
     presets: tuple[str, ...] = tuple(PRESETS)
@@ -172,9 +199,9 @@ class EngineServer:
         if not config.auth:
             logger.warning("authentication is OFF: any local process can use this engine")
         self.signer = Signer(key)
-        self.guard = ReplayGuard(config.replay_window_s)
+        self.guard = ReplayGuard(config.replay_window_s, not_before=time.time())
         data_dir = Path(config.data_dir) if config.data_dir else user_data_dir() / "data"
-        self.store = store or JobStore(data_dir, max_queued=config.max_queued)
+        self.store = store or JobStore(data_dir, max_queued=config.max_queued, max_attempts=config.max_attempts)
         self._owns_store = store is None
         self.executor = executor
         self.session = secrets.token_hex(8)
@@ -186,6 +213,8 @@ class EngineServer:
         self._peers: OrderedDict[bytes, _Peer] = OrderedDict()
         self._last_progress: dict[str, dict[str, Any]] = {}  # job id -> fields of its latest progress
         self._mailbox = _Mailbox()
+        self._unrecorded: dict[str, tuple[str, str | None, str | None]] = {}  # job id -> end the store could not take
+        self._storage_retry_at = 0.0  # monotonic time before which no job starts (after a storage error)
         self._wake_pending = False
         self._wake_r, self._wake_w = socket.socketpair()  # post() wakes the loop at once
         self._wake_r.setblocking(False)
@@ -197,9 +226,13 @@ class EngineServer:
             "result": self._on_result, "jobs": self._on_jobs, "delete": self._on_delete,
         }
         self.stats = {"received": 0, "refused": 0, "sent": 0, "coalesced": 0, "coalesced_before_loop": 0,
-                      "dropped_peers": 0}
+                      "dropped_peers": 0, "dropped_messages": 0, "dropped_events": 0, "unsendable": 0,
+                      "oversize_messages": 0, "loop_errors": 0, "storage_errors": 0, "resumed": 0}
         """Counters: messages received, refused and sent; progress replaced by newer values for a slow client
-        (coalesced) or before the loop took it (coalesced_before_loop); clients dropped."""
+        (coalesced) or before the loop took it (coalesced_before_loop); clients dropped; messages whose handling
+        raised (dropped_messages, answered ``internal``); events that could not be handled (dropped_events);
+        replies that could not be encoded (unsendable); messages over the size limit (their frames released as read); loop
+        phases that raised; storage errors; jobs resumed after their worker died."""
         self.store.recover()
 
     # -- lifecycle
@@ -282,28 +315,75 @@ class EngineServer:
                         pass
                 except OSError:
                     pass  # drained
-            if self._socket in ready:
-                self._drain_socket()
-            self._drain_events()
-            self._schedule()
-            self._flush()
-            self._expire_peers()
+            phases = [self._drain_socket] if self._socket in ready else []
+            for phase in (*phases, self._drain_events, self._record_ends, self._schedule, self._flush,
+                          self._expire_peers):
+                try:
+                    phase()
+                except Exception:  # a bug must not end the server: log it and go on with the next phase
+                    self.stats["loop_errors"] += 1
+                    logger.exception("error in the server loop (%s); going on", phase.__name__)
 
     # -- receiving
 
     def _drain_socket(self, max_messages: int = 1000) -> None:
         for _ in range(max_messages):
-            try:
-                frames = self._socket.recv_multipart(flags=zmq.NOBLOCK, copy=True)
-            except zmq.Again:
+            received = self._receive()
+            if received is None:
                 return
+            identity, frames = received
             self.stats["received"] += 1
-            if len(frames) < 2:
+            if not frames:
                 continue  # an identity with no message: nothing to answer
-            self._handle(frames[0], frames[1:])
+            try:
+                self._handle(identity, frames)
+            except Exception as exc:  # one message must never end the loop
+                self.stats["dropped_messages"] += 1
+                logger.exception("dropped a message that made the server fail")
+                self._send_now(identity, protocol.make("error", code="internal", message=f"{type(exc).__name__}: {exc}"))
 
-    def _handle(self, identity: bytes, frames: list[bytes]) -> None:
+    def _receive(self) -> tuple[bytes, list | ProtocolError] | None:
+        """One message as (identity, frames), frame by frame; None when none waits.
+
+        The frames past ``max_blobs + 2`` or past ``max_message_bytes`` in all are released as
+        they are read (never copied, never kept), and the message comes back as the
+        ProtocolError that refuses it: nothing of an oversize message is parsed, verified or
+        held by this loop. libzmq delivers a multipart message only once all of it has
+        arrived and bounds each frame (``MAXMSGSIZE``), not their sum: the limit here stops
+        this process from holding a copy of it on top, not libzmq from assembling it.
+        """
+        sock = self._socket
         try:
+            identity = sock.recv(flags=zmq.NOBLOCK, copy=True)
+        except zmq.Again:
+            return None
+        limits = self.config.limits
+        max_frames = limits.max_blobs + 2
+        frames: list = []
+        total = count = 0
+        over = False
+        while sock.getsockopt(zmq.RCVMORE):
+            frame = sock.recv(copy=False)  # a zero-copy view of libzmq's buffer, freed once dropped
+            count += 1
+            total += len(frame)
+            if not over and (count > max_frames or total > limits.max_message_bytes):
+                over = True
+                frames.clear()  # release what was kept; nothing more is kept
+            if not over:
+                frames.append(frame.buffer)
+        if not over:
+            return identity, frames
+        self.stats["oversize_messages"] += 1
+        if count > max_frames:
+            return identity, ProtocolError("too_large", f"message of more than {max_frames} frames "
+                                           f"(header, signature and at most {limits.max_blobs} blobs)", "blobs")
+        return identity, ProtocolError("too_large", f"message of {total} bytes, at most {limits.max_message_bytes}",
+                                       "frames")
+
+    def _handle(self, identity: bytes, frames: list | ProtocolError) -> None:
+        try:
+            if isinstance(frames, ProtocolError):
+                raise frames
             msg = protocol.decode(frames, self.signer, self.guard, self.config.limits)
         except ProtocolError as exc:
             self.stats["refused"] += 1
@@ -322,9 +402,14 @@ class EngineServer:
             self._reply(peer, protocol.error_message(exc, msg.id))
         except JobNotFound as exc:
             self._reply(peer, protocol.make("error", msg.id, code="not_found", message=str(exc), field="job_id"))
+        except StorageError as exc:
+            self._storage_failed(exc)
+            self._reply(peer, protocol.make("error", msg.id, code="storage", message=str(exc)[:1000]))
         except Exception as exc:  # a bug in a handler must not end the loop
+            self.stats["dropped_messages"] += 1
             logger.exception("internal error handling %s", msg.type)
-            self._reply(peer, protocol.make("error", msg.id, code="internal", message=f"{type(exc).__name__}: {exc}"[:1000]))
+            self._reply(peer, protocol.make("error", msg.id, code="internal",
+                                            message=protocol.printable(f"{type(exc).__name__}: {exc}", 1000)))
 
     def _peer(self, identity: bytes) -> _Peer:
         now = time.monotonic()
@@ -362,6 +447,7 @@ class EngineServer:
         if fields.get("preset") is not None and fields["preset"] not in self.config.presets:
             raise ProtocolError("invalid", f"unknown preset {fields['preset']!r}; known: {', '.join(self.config.presets)}", "preset")
         check_submit(fields)
+        self._check_prompt(fields)
         subscribe = fields.pop("subscribe")
         try:
             job, duplicate = self.store.submit(fields["request_id"], fields, label=fields["prompt"][:80])
@@ -377,6 +463,20 @@ class EngineServer:
                                         duplicate=duplicate, queue_position=self.store.queue_position(job.id)))
         if subscribe and duplicate:
             self._catch_up(peer, job)
+
+    def _check_prompt(self, fields: dict[str, Any]) -> None:
+        """Refuse now a prompt the bundled prior would refuse once the job runs (after waiting in the queue).
+
+        Only for the bundled prior: its vocabulary is known here without torch; a real prior
+        takes any text. The model is ``options.model``, else the server's default (its first).
+        """
+        model = fields["options"].get("model") or (self.config.models[0] if self.config.models else None)
+        if model != BUNDLED_MODEL or not fields["prompt"].strip():
+            return
+        try:
+            parse_prompt(fields["prompt"])
+        except UnknownPromptError as exc:
+            raise ProtocolError("invalid", f"the bundled prior cannot draw this prompt: {exc}", "prompt") from None
 
     def _on_subscribe(self, peer: _Peer, msg: Message) -> None:
         job = self.store.get(msg["job_id"])
@@ -437,16 +537,61 @@ class EngineServer:
     # -- jobs and their events
 
     def _schedule(self) -> None:
-        """Start queued jobs while the executor has room."""
-        if self.executor is None:
+        """Start queued jobs while the executor has room and the store's disk has space."""
+        if self.executor is None or self.executor.capacity() <= 0 or not self._storage_ok():
             return
         while self.executor.capacity() > 0:
-            job = self.store.claim_next()
+            try:
+                job = self.store.claim_next()
+            except StorageError as exc:  # rolled back: the job stays queued
+                self._storage_failed(exc)
+                return
             if job is None:
                 return
-            logger.info("starting job %s (attempt %d)", job.id, job.attempts)
-            self._on_event(WorkerEvent(job.id, "progress", {"stage": "starting", "state": "running"}))
+            logger.info("starting job %s (attempt %d of %d)", job.id, job.attempts, self.store.max_attempts)
+            self._on_event(WorkerEvent(job.id, "progress", {"stage": "starting", "state": "running",
+                                                            "message": f"attempt {job.attempts}"}))
             self.executor.start(job)
+
+    def _storage_ok(self) -> bool:
+        """Whether jobs may start: no storage error in the last second and ``min_free_bytes`` free."""
+        now = time.monotonic()
+        if now < self._storage_retry_at:
+            return False
+        try:
+            free = shutil.disk_usage(self.store.root).free
+        except OSError as exc:
+            free, why = 0, str(exc)
+        else:
+            why = f"{free / 2**20:.1f} MiB free, {self.config.min_free_bytes / 2**20:.1f} MiB needed"
+        if free >= self.config.min_free_bytes:
+            return True
+        self._storage_retry_at = now + STORAGE_RETRY_S
+        if self.store.counts()["queued"]:
+            logger.warning("not starting queued jobs: the job store's disk (%s) has too little space (%s)",
+                           self.store.root, why)
+        return False
+
+    def _storage_failed(self, exc: StorageError) -> None:
+        """Note a storage error: count it, log it, and start no job for a while."""
+        self.stats["storage_errors"] += 1
+        self._storage_retry_at = time.monotonic() + STORAGE_RETRY_S
+        logger.error("%s", exc)
+
+    def _record_ends(self) -> None:
+        """Record the job ends the store could not take when they happened (its subscribers already know them)."""
+        if not self._unrecorded or time.monotonic() < self._storage_retry_at:
+            return
+        for job_id, (state, code, message) in list(self._unrecorded.items()):
+            try:
+                self.store.finish(job_id, state, code, message)
+            except (JobConflict, JobNotFound):
+                pass  # ended or deleted meanwhile
+            except StorageError as exc:
+                self._storage_failed(exc)
+                return
+            self._unrecorded.pop(job_id, None)
+            logger.info("recorded the end of job %s (%s) now that the store accepts writes", job_id, state)
 
     def _drain_events(self) -> None:
         if self.executor is not None:
@@ -458,20 +603,59 @@ class EngineServer:
             try:
                 self._on_event(event)
             except Exception:  # one bad event must not stop the others or the loop
-                logger.exception("bad worker event %s for job %s", event.type, event.job_id)
+                self.stats["dropped_events"] += 1
+                logger.exception("dropped worker event %s for job %s", event.type, event.job_id)
 
     def _on_event(self, event: WorkerEvent) -> None:
+        if event.type == "lost":
+            event = self._resume_or_fail(event)
+            if event is None:
+                return
         msg = protocol.make(event.type, job_id=event.job_id, **event.fields)
         if event.type == "progress":
             self._last_progress[event.job_id] = dict(event.fields)
-            self.store.set_progress(event.job_id, {k: v for k, v in event.fields.items() if k != "state"})
+            try:
+                self.store.set_progress(event.job_id, {k: v for k, v in event.fields.items() if k != "state"})
+            except StorageError as exc:  # a snapshot only: the event still goes out
+                self._storage_failed(exc)
         elif event.type in RELIABLE:
             self._last_progress.pop(event.job_id, None)
+            end = (event.type, None, None)
             if event.type == "failed":
-                self.store.finish(event.job_id, "failed", event.fields.get("code", "failed"), event.fields.get("message", ""))
-            else:
-                self.store.finish(event.job_id, event.type)
+                end = ("failed", event.fields.get("code", "failed"), event.fields.get("message", ""))
+            try:
+                self.store.finish(event.job_id, *end)
+            except StorageError as exc:
+                # Only this job fails, and its subscribers hear why; the store records it once it can.
+                self._storage_failed(exc)
+                end = ("failed", "storage", f"{exc}; the job could not be recorded as {event.type}")
+                self._unrecorded[event.job_id] = end
+                msg = protocol.make("failed", job_id=event.job_id, code=end[1], message=end[2])
         self._publish(msg)
+
+    def _resume_or_fail(self, event: WorkerEvent) -> WorkerEvent | None:
+        """A job whose worker died: back in the queue to resume from its checkpoint, or failed after max_attempts."""
+        job = self.store.get(event.job_id)
+        reason = event.fields.get("message", "the worker died")
+        if job.terminal:
+            return None
+        if job.cancel_requested:
+            return WorkerEvent(job.id, "cancelled", {})
+        if job.attempts >= self.store.max_attempts:
+            return WorkerEvent(job.id, "failed", {
+                "code": event.fields.get("code", "worker_died"),
+                "message": f"{reason} (attempt {job.attempts} of {self.store.max_attempts}; not retried)"})
+        try:
+            self.store.requeue(job.id)
+        except StorageError as exc:
+            return WorkerEvent(job.id, "failed", {"code": "storage", "message": f"{reason}; it could not be "
+                                                  f"queued again to resume: {exc}"})
+        self.stats["resumed"] += 1
+        logger.warning("job %s: %s; resuming it from its last checkpoint (attempt %d of %d next)",
+                       job.id, reason, job.attempts + 1, self.store.max_attempts)
+        return WorkerEvent(job.id, "progress", {
+            "stage": "requeued", "state": "queued",
+            "message": f"{reason}; resuming from the last checkpoint (attempt {job.attempts + 1} of {self.store.max_attempts})"})
 
     def _publish(self, msg: Message) -> None:
         """Give a job event to every client subscribed to its job."""
@@ -495,9 +679,15 @@ class EngineServer:
             self._drop_peer(peer.identity, f"{len(peer.reliable)} messages unread")
 
     def _send_now(self, identity: bytes, msg: Message) -> bool:
-        """Send one message; False when the client's pipe is full. A vanished client raises EHOSTUNREACH."""
+        """Send one message; False when the client's pipe is full (True when sent, or dropped as unsendable)."""
         try:
-            self._socket.send_multipart([identity, *protocol.encode(msg, self.signer)], flags=zmq.NOBLOCK, copy=False)
+            frames = protocol.encode(msg, self.signer)
+        except (ValueError, TypeError) as exc:  # UnicodeEncodeError is a ValueError: drop it, never block the queue
+            self.stats["unsendable"] += 1
+            logger.error("dropped an unencodable %s to client %s: %s", msg.type, identity.hex(), exc)
+            return True
+        try:
+            self._socket.send_multipart([identity, *frames], flags=zmq.NOBLOCK, copy=False)
         except zmq.Again:
             return False
         except zmq.ZMQError as exc:

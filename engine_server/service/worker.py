@@ -14,10 +14,12 @@ without ever blocking on the work:
 Cancel: the child's runner checks a flag between steps and ends the job; if it has not
 within ``cancel_grace_s``, the parent terminates the child (SIGTERM, then SIGKILL), reports
 ``cancelled`` and starts a fresh child. A child that dies mid-job (kill -9, the kernel's
-OOM killer, a crash) turns the job ``failed`` (``worker_died``, with the signal or exit
-status) and the next job gets a fresh child. In the child, a non-finite loss fails the job
-with ``non_finite`` and an out-of-memory error with ``out_of_memory``. When the server
-process dies, the child sees its stdin close and exits at once.
+OOM killer, a crash) is reported as ``lost`` (``worker_died``, with the signal or exit
+status): the server puts the job back in the queue to resume from its checkpoint on a
+fresh child, up to its attempt limit. In the child, a non-finite loss fails the job with
+``non_finite``, an out-of-memory error with ``out_of_memory`` and a full, read-only or
+failing disk with ``storage``. When the server process dies, the child sees its stdin
+close and exits at once.
 """
 from __future__ import annotations
 
@@ -291,7 +293,7 @@ class LocalWorker:
                 self.stats["children_lost"] += 1
                 hint = "; the kernel's out-of-memory killer also does this" if slot.proc.returncode == -signal.SIGKILL else ""
                 logger.error("worker child %d %s while running job %s", slot.pid, how, job_id)
-                self._events.append(WorkerEvent(job_id, "failed", {
+                self._events.append(WorkerEvent(job_id, "lost", {
                     "code": "worker_died", "message": f"the worker process {how} while running the job{hint}"}))
         elif not self._closed:
             logger.warning("idle worker child %d %s", slot.pid, how)
@@ -384,7 +386,7 @@ def _is_oom(exc: BaseException) -> bool:
 
 def child_main(spec: dict[str, Any]) -> int:
     """The child process: warm up, then run the jobs the parent sends, one at a time."""
-    from engine_server.service.jobs import JobFailure, load_request, write_result
+    from engine_server.service.jobs import JobFailure, as_storage_error, load_request, write_result
     from engine_server.service.runner import EngineRunner
 
     out = os.fdopen(os.dup(1), "wb", buffering=0)
@@ -444,7 +446,10 @@ def child_main(spec: dict[str, Any]) -> int:
         except FloatingPointError as exc:
             end = ("failed", {"code": "non_finite", "message": str(exc)})
         except Exception as exc:
-            if _is_oom(exc):
+            storage = as_storage_error(exc)
+            if storage is not None:
+                end = ("failed", {"code": "storage", "message": f"{storage} (writing the job's files in {job_dir})"})
+            elif _is_oom(exc):
                 end = ("failed", {"code": "out_of_memory", "message": f"out of memory: {str(exc)[:500]}"})
             else:
                 logging.getLogger(__name__).exception("job %s failed", job_id)

@@ -159,15 +159,29 @@ class ReplayGuard:
     Memory is bounded: past ``max_entries`` remembered nonces the oldest are forgotten
     and every timestamp up to the newest forgotten one is refused from then on, so a
     forgotten nonce can never be replayed (under a flood the window only narrows).
+
+    Restarts: the nonces live in memory only, so a receiver that restarts passes
+    ``not_before`` (its start time) and every message stamped earlier is refused: a
+    message captured before the restart cannot be replayed after it. This was chosen over
+    persisting the nonce window because a persisted window is only safe if every
+    accepted nonce is written (and fsynced) before its message is acted on: a disk
+    write per message, lost anyway on a kill -9 between accepting and writing, and
+    impossible on a full disk. The cost of the floor is small: a request signed
+    before the restart and delivered after it is refused with ``replay`` and sent again
+    with a fresh timestamp, and a client whose clock lags the server's by d seconds
+    is refused for the first d seconds after a restart only.
     """
 
-    def __init__(self, window_s: float = 300.0, max_entries: int = 200_000, clock=time.time):
+    def __init__(self, window_s: float = 300.0, max_entries: int = 200_000, clock=time.time,
+                 not_before: float | None = None):
         self.window_s = float(window_s)
         self.max_entries = int(max_entries)
         self._clock = clock
         self._seen: set[str] = set()
         self._heap: list[tuple[float, str]] = []
         self._floor = float("-inf")
+        self.not_before = not_before
+        """Timestamps before this (the receiver's start) are refused; None: no floor."""
 
     def __len__(self) -> int:
         return len(self._seen)
@@ -177,6 +191,9 @@ class ReplayGuard:
         now = self._clock()
         if abs(now - ts) > self.window_s:
             return "ts", f"timestamp is {now - ts:+.1f} s from the receiver's clock (window ±{self.window_s:g} s)"
+        if self.not_before is not None and ts < self.not_before:
+            return "ts", (f"timestamp is {self.not_before - ts:.3f} s older than the receiver's start "
+                          "(a message from before a restart is never accepted; send it again)")
         if ts <= self._floor:
             return "ts", "timestamp is older than the replay memory (too many messages in the window)"
         self._expire(now)

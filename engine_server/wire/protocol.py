@@ -15,10 +15,12 @@ A message is a ZeroMQ multipart message ``[header, signature, *blobs]``:
   ``"blob"`` key is always a blob reference.
 
 Nothing on the wire is ever unpickled. :func:`decode` checks, in order: frame count
-and sizes, the signature (before any parsing), the JSON, the version, the replay
-window, the type, the blob references, then the type's fields against :class:`Limits`;
-any failure raises :class:`ProtocolError` naming the bad field, which the server turns
-into an ``error`` reply. Clients run the same checks on what they send.
+and sizes, the signature (before any parsing), the JSON, what no field may hold anywhere
+(nesting deeper than ``MAX_DEPTH``, strings or names that are not valid Unicode, integers
+beyond ``±MAX_INT``: see :func:`check_tree`), the version, the replay window, the type,
+the blob references, then the type's fields against :class:`Limits`; any failure raises
+:class:`ProtocolError` naming the bad field, which the server turns into an ``error``
+reply. Nothing else escapes :func:`decode`. Clients run the same checks on what they send.
 
 No torch, bpy or numpy import at module level (this file is copied into the Blender
 add-on); numpy is used lazily when present, to convert and check arrays.
@@ -74,6 +76,10 @@ BLOB_FORMATS = ("png", "glb")
 """Opaque blob formats allowed on the wire."""
 MAX_NDIM = 4
 """Most dimensions of a wire array."""
+MAX_DEPTH = 32
+"""Deepest nesting of JSON objects and lists in a header (the deepest real field is 5 levels down)."""
+MAX_INT = 2**63
+"""Largest integer magnitude anywhere in a header: every number must fit a float and an int64."""
 
 _ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,63}")
 _NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]{0,63}")
@@ -159,11 +165,61 @@ class ProtocolError(Exception):
     """
 
     def __init__(self, code: str, message: str, field: str | None = None, parent: str | None = None):
+        # The message and field may quote the input: made encodable and short, so the reply always is.
+        message = printable(message, 1024)
+        field = printable(field, 256) if field is not None else None
         super().__init__(f"{code}: {message}" + (f" (field {field})" if field else ""))
         self.code = code
         self.message = message
         self.field = field
         self.parent = parent
+
+
+def printable(text: str, max_chars: int) -> str:
+    """``text`` cut to ``max_chars`` and made encodable as UTF-8 (lone surrogates become ``\\udc80`` escapes)."""
+    text = str(text)[:max_chars]
+    return text if text.isascii() else text.encode("utf-8", "backslashreplace").decode("utf-8")[:max_chars]
+
+
+def _is_unicode(text: str) -> bool:
+    """Whether a str is valid Unicode text (no lone surrogates, which UTF-8 cannot encode)."""
+    if text.isascii():
+        return True
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def check_tree(value: Any, parent: str | None = None) -> None:
+    """Refuse what no field may hold, before any field is read; raises ProtocolError naming the place.
+
+    Nesting deeper than MAX_DEPTH (so later checks never recurse far), keys or strings with
+    lone surrogates (a ``"\\udc80"`` escape decodes to one; no UTF-8 reply could quote it),
+    integers beyond ±MAX_INT (no float holds 10**400: converting it raises OverflowError).
+    Iterative: a hostile depth cannot exhaust the stack here.
+    """
+    stack: list[tuple[Any, str, int]] = [(value, "", 0)]
+    while stack:
+        item, path, depth = stack.pop()
+        if isinstance(item, (dict, list)):
+            if depth >= MAX_DEPTH:
+                raise ProtocolError("invalid", f"nested deeper than {MAX_DEPTH} levels", path or "header", parent)
+            if isinstance(item, dict):
+                for key, sub in item.items():
+                    where = f"{path}.{key}" if path else key
+                    if not _is_unicode(key):
+                        raise ProtocolError("invalid", "field name is not valid Unicode (lone surrogate)", where, parent)
+                    stack.append((sub, where, depth + 1))
+            else:
+                stack.extend((sub, f"{path}[{i}]", depth + 1) for i, sub in enumerate(item))
+        elif isinstance(item, str):
+            if not _is_unicode(item):
+                raise ProtocolError("invalid", "string is not valid Unicode (lone surrogate)", path or "header", parent)
+        elif type(item) is int and not -MAX_INT <= item <= MAX_INT:
+            raise ProtocolError("invalid", f"integer out of range (more than {MAX_INT.bit_length() - 1} bits)",
+                                path or "header", parent)
 
 
 # ----------------------------------------------------------------------------- blob values
@@ -326,7 +382,7 @@ def make(type: str, parent: str | None = None, **fields: Any) -> Message:
 
 def error_message(exc: ProtocolError, parent: str | None = None) -> Message:
     """The ``error`` reply for a refused message."""
-    return make("error", parent=parent or exc.parent, code=exc.code, message=exc.message[:1024], field=exc.field)
+    return make("error", parent=parent or exc.parent, code=exc.code, message=exc.message, field=exc.field)
 
 
 def to_wire(value: Any, blobs: list, path: str = "") -> Any:
@@ -426,13 +482,14 @@ def decode(
         raise ProtocolError("malformed", f"header must be a JSON object, got {type(header).__name__}", "header")
     msg_id = header.get("id")
     parent = msg_id if isinstance(msg_id, str) and _ID_RE.fullmatch(msg_id) else None
+    check_tree(header, parent)
     v = header.get("v")
     if type(v) is not int or v not in SUPPORTED_VERSIONS:
         raise ProtocolError("version", f"protocol version {str(v)[:20]!r} not supported; supported: {list(SUPPORTED_VERSIONS)}", "v", parent)
     if parent is None:
         raise ProtocolError("malformed", "id must be a string of 1-64 letters, digits or . _ : -", "id")
     ts, nonce = header.get("ts"), header.get("nonce")
-    if type(ts) not in (int, float):
+    if type(ts) not in (int, float):  # finite and within ±MAX_INT: check_tree and the parser saw to it
         raise ProtocolError("malformed", "ts must be a number (Unix time in seconds)", "ts", parent)
     if not isinstance(nonce, str) or not _NONCE_RE.fullmatch(nonce):
         raise ProtocolError("malformed", "nonce must be 16-64 lowercase hex digits", "nonce", parent)
@@ -613,8 +670,11 @@ def _kind(value: Any) -> str:
 def _number(value: Any, name: str, lo: float, hi: float, open_low: bool = False) -> float:
     if type(value) not in (int, float):
         raise ProtocolError("invalid", f"must be a number, got {_kind(value)}", name)
-    if not math.isfinite(value) or value < lo or value > hi or (open_low and value == lo):
-        raise ProtocolError("invalid", f"{value} is outside {'(' if open_low else '['}{lo}, {hi}]", name)
+    # Compared before any conversion: int-float comparisons are exact, float(10**400) raises.
+    finite = -MAX_INT <= value <= MAX_INT if type(value) is int else math.isfinite(value)
+    if not finite or value < lo or value > hi or (open_low and value == lo):
+        shown = str(value) if finite else "a number"
+        raise ProtocolError("invalid", f"{shown} is outside {'(' if open_low else '['}{lo}, {hi}]", name)
     return float(value)
 
 
@@ -986,6 +1046,7 @@ def check_fields(msg_type: str, fields: Mapping[str, Any], limits: Limits = DEFA
         wire = to_wire(dict(fields), blobs, "")
     except ValueError as exc:
         raise ProtocolError("invalid", str(exc)) from None
+    check_tree(wire)
     used = [False] * len(blobs)
     resolved = from_wire(wire, blobs, used, "")
     if msg_type not in (CLIENT_TYPES if from_client else SERVER_TYPES):

@@ -91,3 +91,11 @@ def test_replay_guard_memory_bounded_without_reopening_replays():
     assert g.check(f"{3:032x}", 0.3) is not None
     assert g.check(f"{19:032x}", 1.9)[0] == "nonce"
     assert g.check("f" * 32, 5.0) is None
+
+
+def test_replay_guard_refuses_messages_stamped_before_the_receivers_start():
+    now = [1000.0]
+    guard = ReplayGuard(window_s=300, clock=lambda: now[0], not_before=1000.0)
+    field, reason = guard.check("ab" * 16, 999.5)  # inside the window, but from before the restart
+    assert field == "ts" and "restart" in reason
+    assert guard.check("cd" * 16, 1000.0) is None

@@ -400,3 +400,55 @@ def test_protocol_works_without_numpy():
              "m = P.make('submit', request_id='r', kind='refine', prompt='p', mesh={'vertices': v, 'faces': bad})\n"
              "try:\n    P.decode(P.encode(m, s), s, ReplayGuard())\nexcept P.ProtocolError as e:\n    print(e.field)\n")
     assert r.returncode == 0 and r.stdout.strip() == "mesh.faces", r.stderr
+
+
+# ----------------------------------------------------------------------------- inputs that once ended the server
+
+_HUGE = "1" + "0" * 400  # 10**400: no float holds it
+
+
+@pytest.mark.parametrize("head, field", [
+    ('{"v":1,"type":"ping","id":"a1","parent":null,"ts":%s,"nonce":"%s"}' % (_HUGE, "ab" * 16), "ts"),
+    ('{"v":1,"type":"submit","id":"a1","parent":null,"ts":%%s,"nonce":"%s","request_id":"r","kind":"text",'
+     '"prompt":"a","placement":[[1,0,0,0],[0,%s,0,0],[0,0,1,0],[0,0,0,1]]}' % ("cd" * 16, _HUGE), "placement[1][1]"),
+    ('{"v":1,"type":"submit","id":"a1","parent":null,"ts":%%s,"nonce":"%s","request_id":"r","kind":"text",'
+     '"prompt":"a","rig":[{"matrix_world":[[1,0,0,0],[0,1,0,0],[0,0,1,0],[0,0,0,1]],"fov_y_deg":%s,"width":8,'
+     '"height":8}]}' % ("ef" * 16, _HUGE), "rig[0].fov_y_deg"),
+    ('{"v":1,"type":"ping","id":"a1","parent":null,"ts":%%s,"nonce":"%s","\\udc80":1}' % ("01" * 16), "\\udc80"),
+    ('{"v":1,"type":"submit","id":"a1","parent":null,"ts":%%s,"nonce":"%s","request_id":"r","kind":"text",'
+     '"prompt":"a \\ud800 cube"}' % ("23" * 16), "prompt"),
+    ('{"v":1,"type":"ping","id":"a1","parent":null,"ts":%%s,"nonce":"%s","x":%s}' % ("45" * 16, "[" * 600 + "]" * 600),
+     "x" + "[0]" * 31),
+])
+def test_huge_numbers_lone_surrogates_and_deep_nesting_are_refused_naming_the_field(head, field):
+    if "%s" in head:
+        head = head % time.time()
+    head = head.encode()
+    err = refusal([head, SIGNER.sign([head])], Limits(max_header_bytes=2**20))
+    assert (err.code, err.field) == ("invalid", field), (err.code, err.field, err.message)
+    assert err.parent == "a1"
+    frames = encode(protocol.error_message(err), SIGNER)  # the reply is always encodable
+    assert decode(frames, SIGNER, ReplayGuard(), protocol.RECEIVE_LIMITS, from_client=False)["field"] == field
+
+
+def test_json_too_deep_for_the_parser_is_malformed():
+    head = ('{"v":1,"type":"ping","id":"a1","parent":null,"ts":%s,"nonce":"%s","x":%s}'
+            % (time.time(), "67" * 16, "[" * 100_000 + "]" * 100_000)).encode()
+    err = refusal([head, SIGNER.sign([head])], Limits(max_header_bytes=2**20))
+    assert (err.code, err.field) == ("malformed", "header")
+
+
+def test_client_side_check_refuses_huge_numbers_and_surrogates_too():
+    with pytest.raises(ProtocolError) as info:
+        protocol.check_fields("submit", {"request_id": "r", "kind": "text", "prompt": "a",
+                                         "placement": [[10**400, 0, 0, 0]] + np.eye(4).tolist()[1:]})
+    assert info.value.field == "placement[0][0]"
+    with pytest.raises(ProtocolError) as info:
+        protocol.check_fields("submit", {"request_id": "r", "kind": "text", "prompt": "\udc80"})
+    assert info.value.field == "prompt"
+
+
+def test_error_text_quoting_the_input_is_always_encodable():
+    err = ProtocolError("invalid", "bad value \udc80" + "x" * 5000, "a.\udcff" + "y" * 1000)
+    assert len(err.message) <= 1024 and len(err.field) <= 256 and "\\udc80" in err.message
+    encode(protocol.error_message(err), SIGNER)

@@ -1,0 +1,445 @@
+"""A real ``serve --protocol-only`` process under hostile input, with a client written from the protocol's description.
+
+The client here builds frames with zmq, hmac and json directly (not
+``engine_server.wire``), so a mistake shared by the server and the project's client
+cannot hide: structured fuzzing of every input class that once ended the server, an
+unsigned multi-frame flood with the server's RSS read from /proc, a replay across a
+restart, and a full disk (a small tmpfs in a private mount namespace).
+"""
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import os
+import random
+import secrets
+import signal
+import struct
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import zmq
+
+pytestmark = pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="needs Linux /proc")
+
+DOMAIN = b"engine-server/v1\x00"
+"""The MAC's domain prefix (wire/auth.py docstring: HMAC-SHA256 over the length-prefixed frames)."""
+MIB = 2**20
+
+
+# ----------------------------------------------------------------------------- a minimal independent client
+
+
+def sign(key: bytes, parts) -> bytes:
+    mac = hmac.new(key, DOMAIN, hashlib.sha256)
+    mac.update(struct.pack(">I", len(parts)))
+    for part in parts:
+        mac.update(struct.pack(">Q", len(part)))
+        mac.update(part)
+    return mac.hexdigest().encode()
+
+
+def envelope(mtype: str, **fields) -> dict:
+    return {"v": 1, "type": mtype, "id": secrets.token_hex(8), "parent": None, "ts": time.time(),
+            "nonce": secrets.token_hex(16), **fields}
+
+
+class Peer:
+    """A DEALER sending hand-made frames; replies are checked against the key and parsed as plain JSON."""
+
+    def __init__(self, endpoint: str, key: bytes):
+        self.key = key
+        self.sock = zmq.Context.instance().socket(zmq.DEALER)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.setsockopt(zmq.SNDHWM, 100_000)
+        self.sock.connect(endpoint)
+
+    def send(self, head: bytes, blobs=(), signed: bool | bytes = True) -> None:
+        """Signed (True), unsigned (False), or signed as if the header were ``signed`` (bytes)."""
+        signature = b""
+        if signed is not False:
+            signature = sign(self.key, [head if signed is True else signed, *blobs])
+        self.sock.send_multipart([head, signature, *blobs])
+
+    def request(self, header: dict, blobs=(), timeout: float = 5.0) -> dict:
+        self.send(json.dumps(header).encode(), blobs)
+        reply = self.recv(timeout)
+        assert reply is not None, f"no reply to {header['type']}"
+        return reply
+
+    def recv(self, timeout: float = 5.0) -> dict | None:
+        if not self.sock.poll(int(timeout * 1000)):
+            return None
+        head, sig, *blobs = self.sock.recv_multipart()
+        assert hmac.compare_digest(sign(self.key, [head, *blobs]), sig), "reply with a bad signature"
+        return json.loads(head.decode("utf-8"))
+
+    def close(self) -> None:
+        self.sock.close(linger=0)
+
+
+def start_server(tmp: Path, *extra: str, bind: str = "tcp://127.0.0.1:*", prefix: tuple[str, ...] = (),
+                 data: Path | None = None) -> tuple[subprocess.Popen, str, Path]:
+    """``engine_server serve --protocol-only`` on loopback; its stderr goes to tmp/server.log."""
+    log = tmp / "server.log"
+    with open(log, "ab") as err:
+        proc = subprocess.Popen(
+            [*prefix, sys.executable, "-m", "engine_server", "serve", "--protocol-only", "--bind", bind,
+             "--data", str(data or tmp / "data"), "--key-file", str(tmp / "key"), "--heartbeat", "0.5", *extra],
+            stdout=subprocess.PIPE, stderr=err, text=True)
+    line = proc.stdout.readline()
+    if not line.startswith("listening on "):
+        proc.kill()
+        raise AssertionError(f"server did not start: {line!r} {log.read_text()[-3000:]}")
+    return proc, line.split()[-1], log
+
+
+@pytest.fixture
+def processes():
+    procs: list[subprocess.Popen] = []
+    yield procs
+    for p in procs:
+        if p.poll() is None:
+            p.kill()
+        p.wait(10)
+        p.stdout.close()
+
+
+def read_key(tmp: Path) -> bytes:
+    return (tmp / "key").read_text().strip().encode()
+
+
+def rss_bytes(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no VmRSS")
+
+
+# ----------------------------------------------------------------------------- structured fuzz cases
+
+_HUGE = ["1" + "0" * 400, "-" + "9" * 30, str(2**64), "1" + "0" * 4000]
+"""Integers beyond any float or int64, as JSON text (one past Python's 4300-digit parse limit: 10**4000 is not)."""
+_SURROGATES = ["\\udc80", "\\ud800", "a\\udfffb", "\\ud83d"]
+"""Lone surrogates as JSON escapes: valid JSON, not valid Unicode."""
+_JUNK = ["null", "true", "-1", "1.5", "\"\"", "\"x\"", "[]", "{}", "[1,\"a\"]", "{\"blob\":0}",
+         "{\"blob\":3,\"format\":\"png\"}", "{\"a\":{\"b\":[null]}}", "1e308", "-0.0"]
+_MATRIX = "[[1,0,0,0],[0,1,0,0],[0,0,1,0],[0,0,0,1]]"
+
+
+def _env_text(mtype: str, ts: str | None = None) -> str:
+    return (f'"v":1,"type":"{mtype}","id":"{secrets.token_hex(8)}","parent":null,'
+            f'"ts":{ts or repr(time.time())},"nonce":"{secrets.token_hex(16)}"')
+
+
+def _submit(rest: str) -> str:
+    return "{" + _env_text("submit") + ',"request_id":"r' + secrets.token_hex(4) + '","kind":"text","prompt":"a red cube"' \
+        + rest + "}"
+
+
+def _matrix_with(value: str, rng: random.Random) -> str:
+    rows = [[("1" if i == j else "0") for j in range(4)] for i in range(4)]
+    rows[rng.randrange(4)][rng.randrange(4)] = value
+    return "[" + ",".join("[" + ",".join(r) + "]" for r in rows) + "]"
+
+
+def fuzz_case(rng: random.Random, kind: str) -> tuple[bytes, list[bytes], bool | bytes]:
+    """(header, blobs, how to sign) of one hostile message of class ``kind``: signed or not, or the header signed."""
+    blobs: list[bytes] = []
+    if kind == "huge_int":
+        value = rng.choice(_HUGE)
+        where = rng.choice(["ts", "placement", "fov", "matrix", "seed", "option", "limit", "width", "shape"])
+        if where == "ts":
+            head = "{" + _env_text("ping", ts=value) + "}"
+        elif where == "placement":
+            head = _submit(',"placement":' + _matrix_with(value, rng))
+        elif where == "fov":
+            head = _submit(',"rig":[{"matrix_world":' + _MATRIX + ',"fov_y_deg":' + value + ',"width":8,"height":8}]')
+        elif where == "matrix":
+            head = _submit(',"rig":[{"matrix_world":' + _matrix_with(value, rng) + ',"fov_y_deg":40,"width":8,"height":8}]')
+        elif where == "seed":
+            head = _submit(',"seed":' + value)
+        elif where == "option":
+            head = _submit(',"options":{"coarse_steps":' + value + "}")
+        elif where == "limit":
+            head = "{" + _env_text("jobs") + ',"limit":' + value + "}"
+        elif where == "width":
+            head = _submit(',"rig":[{"matrix_world":' + _MATRIX + ',"fov_y_deg":40,"width":' + value + ',"height":8}]')
+        else:
+            blobs = [bytes(12)]
+            head = "{" + _env_text("submit") + ',"request_id":"r1","kind":"refine","prompt":"a red cube","mesh":' \
+                '{"vertices":{"blob":0,"dtype":"float32","shape":[' + value + ',3]},"faces":[]}}'
+    elif kind == "surrogate":
+        s = rng.choice(_SURROGATES)
+        head = rng.choice([
+            "{" + _env_text("ping") + ',"' + s + '":1}',
+            _submit(',"negative_prompt":"' + s + '"').replace('"a red cube"', '"a red ' + s + ' cube"'),
+            "{" + _env_text("hello") + ',"client":"' + s + '"}',
+            "{" + _env_text("subscribe") + ',"job_id":"' + s + '"}',
+            _submit(',"options":{"' + s + '":1}'),
+            _submit(',"options":{"x":"' + s + '"}'),
+            "{" + _env_text("ping") + ',"ts2":{"' + s + '":["' + s + '"]}}',
+            '{"v":1,"type":"ping","id":"' + s + '","parent":null,"ts":' + repr(time.time()) + ',"nonce":"' + s + '"}',
+        ])
+    elif kind == "deep":
+        depth = rng.choice([33, 64, 600, 999, 5000, 50_000])
+        opener, closer = rng.choice([("[", "]"), ('{"a":', "}")])
+        field = rng.choice(["x", "options", "placement", "rig", "mesh"])
+        head = "{" + _env_text(rng.choice(["ping", "submit"])) + ',"' + field + '":' + opener * depth + "1" + closer * depth + "}"
+    elif kind == "wrong_type":
+        junk = rng.choice(_JUNK)
+        head = rng.choice([
+            _submit(',"' + rng.choice(["seed", "preset", "mode", "image", "placement", "rig", "mesh", "options",
+                                      "subscribe", "negative_prompt"]) + '":' + junk),
+            "{" + _env_text("submit") + ',"request_id":' + junk + ',"kind":"text","prompt":"a"}',
+            "{" + _env_text("submit") + ',"request_id":"r","kind":' + junk + ',"prompt":"a"}',
+            "{" + _env_text(rng.choice(["subscribe", "cancel", "result", "delete"])) + ',"job_id":' + junk + "}",
+            "{" + _env_text("jobs") + ',"' + rng.choice(["state", "limit"]) + '":' + junk + "}",
+            "{" + _env_text("hello") + ',"versions":' + junk + "}",
+            '{"v":' + junk + ',"type":"ping","id":"a","parent":null,"ts":1,"nonce":"' + secrets.token_hex(16) + '"}',
+            "{" + _env_text("ping").replace('"parent":null', '"parent":' + junk) + "}",
+            _submit(',"rig":[{"matrix_world":' + junk + ',"fov_y_deg":40,"width":8,"height":8}]'),
+            _submit(',"options":{"a":' + junk + "}"),
+        ])
+    elif kind == "blob":
+        n = rng.randint(0, 3)
+        blobs = [rng.randbytes(rng.choice([0, 3, 12, 36, 100])) for _ in range(n)]
+        dtype = rng.choice(["float32", "int32", "float64", "complex64", "uint8", "x"])
+        shape = rng.choice(["[3,3]", "[1,3]", "[-1,3]", "[0]", "[2,2,2,2,2]", "\"3\"", "[1.5,3]", "[]"])
+        ref = '{"blob":' + str(rng.randint(-1, 4)) + ',"dtype":"' + dtype + '","shape":' + shape + "}"
+        head = rng.choice([
+            "{" + _env_text("submit") + ',"request_id":"r","kind":"refine","prompt":"a red cube","mesh":{"vertices":'
+            + ref + ',"faces":' + ref.replace('"blob":', '"blob":1,"x":') + "}}",
+            "{" + _env_text("submit") + ',"request_id":"r","kind":"refine","prompt":"a red cube","mesh":{"vertices":'
+            + ref + ',"faces":{"blob":1,"dtype":"int32","shape":[1,3]}}}',
+            _submit(',"image":{"blob":' + str(rng.randint(-1, 3)) + ',"format":"' + rng.choice(["png", "glb", "tiff"]) + '"}')
+            .replace('"kind":"text"', '"kind":"image"'),
+            "{" + _env_text("ping") + "}",  # blobs nobody references
+        ])
+        if head.endswith('"}') and '"type":"ping"' in head and not blobs:
+            blobs = [b"unreferenced"]
+        if rng.random() < 0.3:
+            blobs = [b"\x89PNG\r\n\x1a\n" + rng.randbytes(40)] + blobs
+    elif kind == "oversize":  # over the message limit in sum or count, each frame under the socket's
+        choice = rng.randrange(3)
+        if choice == 0:
+            blobs = [bytes(rng.randint(600, 1000) * 1024) for _ in range(rng.randint(2, 4))]  # > 1 MiB in all
+        elif choice == 1:
+            blobs = [b"x"] * rng.randint(9, 40)  # more blobs than max_blobs
+        else:
+            head = "{" + _env_text("ping") + ',"pad":"' + "p" * (300 * 1024) + '"}'  # header over its limit
+            return head.encode(), blobs, True
+        head = "{" + _env_text("ping") + "}"
+    elif kind == "garbage":
+        choice = rng.randrange(4)
+        if choice == 0:
+            return rng.randbytes(rng.randint(0, 200)), [rng.randbytes(9) for _ in range(rng.randint(0, 2))], rng.random() < 0.5
+        if choice == 1:
+            return json.dumps(envelope("ping")).encode(), [], False  # unsigned
+        if choice == 2:  # one bit flipped after signing
+            head = json.dumps(envelope("jobs")).encode()
+            flipped = bytearray(head)
+            flipped[rng.randrange(len(flipped))] ^= 1 << rng.randrange(8)
+            return bytes(flipped), [], head
+        return b"\xff\xfe" + rng.randbytes(20), [], True
+    else:
+        raise ValueError(kind)
+    return head.encode("utf-8"), blobs, True
+
+
+FUZZ_KINDS = ("huge_int", "surrogate", "deep", "wrong_type", "blob", "oversize", "garbage")
+
+
+@pytest.mark.slow  # 10,000 messages through a real process: ~10 s on 2 busy cores
+def test_fuzz_10000_hostile_messages_each_refused_and_the_server_still_takes_a_job(tmp_path, processes):
+    proc, endpoint, log = start_server(tmp_path, "--max-message-mb", "1", "--max-queued", "100000")
+    processes.append(proc)
+    peer = Peer(endpoint, read_key(tmp_path))
+    try:
+        rng = random.Random(18)
+        cases = [(kind, *fuzz_case(rng, kind)) for kind in (FUZZ_KINDS[i % len(FUZZ_KINDS)] for i in range(10_000))]
+        codes: dict[str, dict[str, int]] = {k: {} for k in FUZZ_KINDS}
+        batch = 100
+        for start in range(0, len(cases), batch):
+            chunk = cases[start:start + batch]
+            for _, head, blobs, signed in chunk:
+                peer.send(head, blobs, signed)
+            for kind, head, _, _ in chunk:
+                reply = peer.recv(timeout=15.0)
+                assert reply is not None, f"no reply to a {kind} case near #{start}: {head[:200]!r}"
+                # A wrong type may happen to be valid (null for an optional field): then any reply but internal.
+                assert reply["type"] == "error" or kind == "wrong_type", (kind, reply, head[:200])
+                assert reply.get("code") != "internal", (kind, reply, head[:300])
+                code = reply.get("code", reply["type"])
+                codes[kind][code] = codes[kind].get(code, 0) + 1
+            assert proc.poll() is None, f"the server exited near case #{start}"
+        print("fuzz replies by class and code:", json.dumps(codes))
+        for kind in ("huge_int", "surrogate", "deep"):  # the classes that once ended the process
+            assert set(codes[kind]) <= {"invalid", "malformed", "too_large"}, (kind, codes[kind])
+        assert set(codes["oversize"]) == {"too_large"}, codes["oversize"]
+        # A frame over the socket's own per-frame limit makes libzmq drop the connection: no reply, no harm.
+        peer.send(json.dumps(envelope("ping")).encode(), [bytes(MIB + 100)])
+        assert peer.recv(timeout=1.0) is None
+        peer.close()
+        peer = Peer(endpoint, read_key(tmp_path))
+        # Still serving: a valid job is accepted and listed.
+        accepted = peer.request(envelope("submit", request_id="after-fuzz", kind="text", prompt="a red cube"))
+        assert accepted["type"] == "accepted" and accepted["state"] == "queued", accepted
+        listing = peer.request(envelope("jobs"))
+        assert accepted["job_id"] in [j["job_id"] for j in listing["jobs"]]
+        assert proc.poll() is None
+        assert "Traceback" not in log.read_text()
+    finally:
+        peer.close()
+
+
+# ----------------------------------------------------------------------------- memory before authentication
+
+
+@pytest.mark.slow  # ~5 s: 1.5 GB through loopback
+def test_unsigned_multi_frame_flood_keeps_the_servers_memory_bounded(tmp_path, processes):
+    limit_mb = 16
+    proc, endpoint, _ = start_server(tmp_path, "--max-message-mb", str(limit_mb))
+    processes.append(proc)
+    peer = Peer(endpoint, read_key(tmp_path))
+    try:
+        assert peer.request(envelope("ping"))["type"] == "pong"
+        baseline = rss_bytes(proc.pid)
+        peak = [baseline]
+        done = threading.Event()
+
+        def sample():
+            while not done.is_set():
+                peak[0] = max(peak[0], rss_bytes(proc.pid))
+                time.sleep(0.005)
+
+        sampler = threading.Thread(target=sample, daemon=True)
+        sampler.start()
+        # Each message: 3 frames of 10 MiB (each under the socket's per-frame limit, 30 MiB in all:
+        # over the message limit), unsigned. libzmq assembles one such message before handing out its
+        # first frame; the server must not hold a copy of it on top, nor keep any of it once read.
+        frame = bytes(10 * MIB)
+        head = json.dumps(envelope("ping")).encode()
+        replies = 0
+        for _ in range(50):
+            peer.sock.send_multipart([head, b"", frame, frame, frame], copy=False)
+            reply = peer.recv(timeout=10.0)
+            assert reply is not None and reply["code"] == "too_large", reply
+            replies += 1
+        done.set()
+        sampler.join()
+        growth = peak[0] - baseline
+        print(f"flood: {replies} unsigned messages of 30 MiB, limit {limit_mb} MiB: RSS baseline "
+              f"{baseline / MIB:.1f} MiB, peak {peak[0] / MIB:.1f} MiB, growth {growth / MIB:.1f} MiB")
+        assert growth < 2 * limit_mb * MIB, f"RSS grew {growth / MIB:.1f} MiB (limit {limit_mb} MiB)"
+        assert peer.request(envelope("ping"))["type"] == "pong"
+    finally:
+        peer.close()
+
+
+# ----------------------------------------------------------------------------- replay after a restart
+
+
+def test_a_message_captured_before_a_restart_is_refused_after_it(tmp_path, processes):
+    proc, endpoint, _ = start_server(tmp_path)
+    processes.append(proc)
+    key = read_key(tmp_path)
+    peer = Peer(endpoint, key)
+    try:
+        captured = json.dumps(envelope("submit", request_id="replayed", kind="text", prompt="a red cube")).encode()
+        peer.send(captured)
+        first = peer.recv()
+        assert first["type"] == "accepted", first
+        peer.send(captured)  # the same frames again, same server: the nonce is remembered
+        assert (peer.recv()["code"]) == "replay"
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(10)
+        proc, again, _ = start_server(tmp_path, bind=endpoint)
+        processes.append(proc)
+        assert again == endpoint
+        peer.close()
+        peer = Peer(endpoint, key)
+        peer.send(captured)  # well inside the 300 s window, but from before the restart
+        reply = peer.recv()
+        assert (reply["type"], reply["code"], reply["field"]) == ("error", "replay", "ts"), reply
+        assert "restart" in reply["message"]
+        assert peer.request(envelope("ping"))["type"] == "pong"  # fresh messages are fine
+    finally:
+        peer.close()
+
+
+# ----------------------------------------------------------------------------- a full disk
+
+
+def _private_tmpfs_refusal() -> str | None:
+    """Why a tmpfs cannot be mounted in a private mount namespace here, or None when it can."""
+    if os.geteuid() != 0:
+        return "needs root to mount a tmpfs in a private mount namespace (unshare -m)"
+    probe = subprocess.run(["unshare", "-m", "--propagation", "private", "sh", "-c",
+                            "d=$(mktemp -d) && mount -t tmpfs -o size=1m tmpfs $d && umount $d && rmdir $d"],
+                           capture_output=True, text=True)
+    if probe.returncode != 0:
+        return f"the kernel refused a tmpfs in a private mount namespace: {probe.stderr.strip()[:200]}"
+    return None
+
+
+def fill(path: Path) -> int:
+    """Write zeros to ``path`` until the disk is full; returns the bytes written."""
+    written = 0
+    with open(path, "wb", buffering=0) as f:
+        chunk = bytes(MIB)
+        while True:
+            try:
+                written += f.write(chunk)
+            except OSError:
+                break
+        while True:  # the last partial megabyte
+            try:
+                written += f.write(b"\0" * 4096)
+            except OSError:
+                return written
+
+
+def test_a_full_disk_refuses_a_submit_with_storage_and_the_server_serves_on(tmp_path, processes):
+    reason = _private_tmpfs_refusal()
+    if reason:
+        pytest.skip(reason)
+    data = tmp_path / "data"
+    data.mkdir()
+    # The data folder is a 16 MiB tmpfs seen only by the server (and through /proc/PID/root).
+    prefix = ("unshare", "-m", "--propagation", "private", "sh", "-c",
+              f"mount -t tmpfs -o size=16m tmpfs {data} && exec \"$0\" \"$@\"")
+    proc, endpoint, log = start_server(tmp_path, prefix=prefix, data=data)
+    processes.append(proc)
+    inside = Path(f"/proc/{proc.pid}/root") / str(data).lstrip("/")
+    assert (inside / "jobs.sqlite3").exists() and not (data / "jobs.sqlite3").exists()  # the private tmpfs
+    peer = Peer(endpoint, read_key(tmp_path))
+    try:
+        first = peer.request(envelope("submit", request_id="before", kind="text", prompt="a red cube"))
+        assert first["type"] == "accepted", first
+        filled = fill(inside / "filler")
+        assert filled > 8 * MIB
+        image_blob = bytes(64 * 1024)
+        refused = peer.request(envelope("submit", request_id="while-full", kind="refine", prompt="a red cube",
+                                        mesh={"vertices": {"blob": 0, "dtype": "float32", "shape": [4096, 3]},
+                                              "faces": {"blob": 1, "dtype": "int32", "shape": [1, 3]}}),
+                               [image_blob[:4096 * 12], struct.pack("<3i", 0, 1, 2)])
+        assert (refused["type"], refused["code"]) == ("error", "storage"), refused
+        assert "disk full" in refused["message"]
+        assert peer.request(envelope("ping"))["type"] == "pong"
+        listing = peer.request(envelope("jobs"))
+        assert [j["request_id"] for j in listing["jobs"]] == ["before"]
+        (inside / "filler").unlink()
+        again = peer.request(envelope("submit", request_id="while-full", kind="refine", prompt="a red cube",
+                                      mesh={"vertices": {"blob": 0, "dtype": "float32", "shape": [4096, 3]},
+                                            "faces": {"blob": 1, "dtype": "int32", "shape": [1, 3]}}),
+                             [image_blob[:4096 * 12], struct.pack("<3i", 0, 1, 2)])
+        assert again["type"] == "accepted", again
+        assert proc.poll() is None and "Traceback" not in log.read_text()
+    finally:
+        peer.close()
