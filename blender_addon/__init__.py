@@ -39,6 +39,7 @@ def register() -> None:
     bpy.types.Scene.generate3d = bpy.props.PointerProperty(type=props.Generate3DSettings)
     bpy.types.STATUSBAR_HT_header.append(panel.draw_status)
     atexit.register(runtime.close_at_exit)
+    runtime.preload()
 
 
 def unregister() -> None:

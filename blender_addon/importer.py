@@ -20,6 +20,8 @@ logger = logging.getLogger(__name__)
 
 PREVIEW_IMAGE = "Generate3D Preview"
 """Name of the image holding the latest preview render."""
+PREVIEW_SIZE = 256
+"""Pixels of the preview image's longer side after enlarging a small render."""
 
 
 def fill_mesh(mesh: bpy.types.Mesh, vertices: np.ndarray, faces: np.ndarray, uvs: np.ndarray | None = None) -> None:
@@ -163,8 +165,20 @@ def remove_object(name: str) -> None:
 
 
 def show_preview(png: bytes) -> bpy.types.Image:
-    """Put the latest preview render into the image PREVIEW_IMAGE (created once, then replaced in place)."""
+    """Put the latest preview render into the image PREVIEW_IMAGE (created once, then replaced in place), enlarged
+    with nearest-neighbour sampling to about PREVIEW_SIZE pixels: the panel shows crisp pixels, not a blurred
+    32 px render."""
     image = image_from_png(PREVIEW_IMAGE, png, existing=bpy.data.images.get(PREVIEW_IMAGE))
+    width, height = image.size
+    factor = PREVIEW_SIZE // max(width, height, 1)
+    if factor > 1:
+        px = np.empty(width * height * image.channels, dtype=np.float32)
+        image.pixels.foreach_get(px)
+        big = px.reshape(height, width, image.channels).repeat(factor, axis=0).repeat(factor, axis=1)
+        image.scale(width * factor, height * factor)  # resizes the buffer; its filtered pixels are replaced next
+        image.pixels.foreach_set(big.ravel())
+        image.update()
+        image.pack()  # the enlarged pixels are what the .blend keeps
     if hasattr(image, "preview_ensure"):
         image.preview_ensure()
         if image.preview is not None:

@@ -9,24 +9,25 @@ import bpy
 from bpy.props import EnumProperty, StringProperty
 
 from . import props, scene_io
+from . import runtime as rt
 from .runtime import (
-    close_session, ensure_session, ensure_timer, flush_reports, import_job, prefs, runtime, stop_timer, wait_for,
+    close_session, connect_later, ensure_session, ensure_timer, flush_reports, import_job, prefs, runtime, session_for,
+    stop_timer, wait_for,
 )
 from .session import JobView, SessionError
 
+
 class _JobOperator:
-    """Shared submit-then-wait (background) or submit-then-return (UI) logic."""
+    """Shared submit-then-return (UI: the submit runs on a helper thread) or submit-then-wait (background) logic."""
 
     def _run(self, context, kind: str, **fields) -> set[str]:
         try:
-            session = ensure_session(context)
-            job = session.submit(kind, **fields)
+            job = rt.submit(context, kind, **fields)
         except SessionError as exc:
-            self.report({"ERROR"}, str(exc))
+            self.report({"ERROR"}, f"Generate 3D: {exc}")
             return {"CANCELLED"}
-        if not bpy.app.background:
-            ensure_timer()
-            self.report({"INFO"}, f"Generate 3D: '{job.name}' queued")
+        if not runtime.wait:  # the timer reports whether the engine took it
+            self.report({"INFO"}, f"Generate 3D: sending '{fields.get('name')}' to the engine")
             return {"FINISHED"}
         try:
             wait_for(context, job, prefs(context).job_timeout_s)
@@ -35,12 +36,14 @@ class _JobOperator:
         failed = flush_reports(self)
         return {"CANCELLED"} if failed or job.imported is None else {"FINISHED"}
 
-    def _common(self, context, steps_option: str = "coarse_steps") -> dict:
-        """Fields every job shares; the steps override sets the job's main optimisation (``steps_option``)."""
+    def _common(self, context, kind: str, steps_option: str = "coarse_steps") -> dict:
+        """Fields every job shares; the steps override sets the job's main optimisation (``steps_option``), the
+        output controls their options; the free-text overrides win over both."""
         s = context.scene.generate3d
-        options = scene_io.parse_overrides(s.overrides)
+        options = props.output_options(s, kind)
         if s.steps:
             options[steps_option] = s.steps
+        options.update(scene_io.parse_overrides(s.overrides))
         return {"negative_prompt": s.negative_prompt or None, "seed": s.seed or None,
                 "preset": props.chosen_preset(s), "options": options or None}
 
@@ -52,13 +55,16 @@ class GENERATE3D_OT_connect(bpy.types.Operator):
     bl_label = "Connect / Start Engine"
 
     def execute(self, context):
-        close_session()
         try:
+            if not runtime.wait:  # the timer reports how it went
+                connect_later(context)
+                self.report({"INFO"}, f"Generate 3D: connecting to {runtime.session.endpoint}")
+                return {"FINISHED"}
+            close_session()
             session = ensure_session(context)
         except SessionError as exc:
-            self.report({"ERROR"}, str(exc))
+            self.report({"ERROR"}, f"Generate 3D: {exc}")
             return {"CANCELLED"}
-        ensure_timer()
         welcome = session.welcome or {}
         self.report({"INFO"}, f"Generate 3D: connected to {welcome.get('server', session.endpoint)} "
                               f"on {welcome.get('device', '?')}")
@@ -97,7 +103,7 @@ class GENERATE3D_OT_generate(_JobOperator, bpy.types.Operator):
     def execute(self, context):
         s = context.scene.generate3d
         try:
-            fields = self._common(context)
+            fields = self._common(context, "image" if s.image is not None else "text")
             if s.image is not None:
                 fields["image"] = scene_io.image_png(s.image)
         except (ValueError, RuntimeError) as exc:
@@ -106,7 +112,7 @@ class GENERATE3D_OT_generate(_JobOperator, bpy.types.Operator):
         if s.use_rig:
             rig = scene_io.camera_rig(context.selected_objects, context.scene)
             if not rig:
-                self.report({"ERROR"}, "Generate 3D: 'Selected Cameras as Rig' is on but no perspective camera is selected")
+                self.report({"ERROR"}, "Generate 3D: 'Cameras as Rig' is on but no perspective camera is selected")
                 return {"CANCELLED"}
             fields["rig"] = rig
         # The engine takes the rig relative to the placement and keeps it for a later import.
@@ -137,7 +143,7 @@ class GENERATE3D_OT_refine(_JobOperator, bpy.types.Operator):
             self.report({"ERROR"}, f"Generate 3D: '{obj.name}' has no faces to refine")
             return {"CANCELLED"}
         try:
-            fields = self._common(context, steps_option="refine_steps")
+            fields = self._common(context, "refine", steps_option="refine_steps")
         except ValueError as exc:
             self.report({"ERROR"}, f"Generate 3D: {exc}")
             return {"CANCELLED"}
@@ -161,10 +167,14 @@ class GENERATE3D_OT_cancel(bpy.types.Operator):
     def execute(self, context):
         session = runtime.session
         job_id = self.job_id or session.active()[-1].job_id
+        if not runtime.wait:  # the timer reports the engine's answer
+            session.cancel_later(job_id)
+            ensure_timer()
+            return {"FINISHED"}
         try:
             state = session.cancel(job_id)
         except SessionError as exc:
-            self.report({"ERROR"}, str(exc))
+            self.report({"ERROR"}, f"Generate 3D: {exc}")
             return {"CANCELLED"}
         self.report({"INFO"}, f"Generate 3D: cancel requested ({state})")
         return {"FINISHED"}
@@ -178,11 +188,14 @@ class GENERATE3D_OT_refresh_jobs(bpy.types.Operator):
 
     def execute(self, context):
         try:
-            ensure_session(context).refresh()
+            if runtime.wait:
+                ensure_session(context).refresh()
+            else:  # the timer applies the list when it arrives
+                session_for(context).refresh_later()
+                ensure_timer()
         except SessionError as exc:
-            self.report({"ERROR"}, str(exc))
+            self.report({"ERROR"}, f"Generate 3D: {exc}")
             return {"CANCELLED"}
-        ensure_timer()
         return {"FINISHED"}
 
 
@@ -197,7 +210,7 @@ class GENERATE3D_OT_import_result(bpy.types.Operator):
 
     def execute(self, context):
         try:
-            session = ensure_session(context)
+            session = session_for(context)
             job = session.jobs.get(self.job_id) or JobView(self.job_id, name="Generated")
             session.jobs.setdefault(job.job_id, job)
             obj = import_job(context, session, job)

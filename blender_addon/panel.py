@@ -27,37 +27,55 @@ class GENERATE3D_PT_main(bpy.types.Panel):
         if session is None:
             row.operator("generate3d.connect", icon="PLUGIN")
         else:
-            row.label(text=runtime.status or session.endpoint, icon="LINKED" if session.connected else "UNLINKED")
+            icon = "LINKED" if session.connected else "TIME" if session.pending else "UNLINKED"
+            row.label(text=runtime.status or session.endpoint, icon=icon)
+            row.operator("generate3d.connect", text="", icon="FILE_REFRESH")
             row.operator("generate3d.disconnect", text="", icon="X")
+        # Labels above their fields: nothing is cut off at the sidebar's default width.
         col = layout.column(align=True)
+        col.label(text="Prompt")
         col.prop(s, "prompt", text="")
-        col.prop(s, "negative_prompt", text="", icon="REMOVE")
-        layout.template_ID(s, "image", open="image.open")
-        col = layout.column()
-        col.prop(s, "preset")
-        col.prop(s, "seed")
-        col.prop(s, "steps")
-        col.prop(s, "overrides")
-        col.prop(s, "use_rig")
-        col.prop(s, "at_cursor")
-        layout.operator("generate3d.generate", icon="SHADERFX")
+        col.label(text="Negative Prompt")
+        col.prop(s, "negative_prompt", text="")
+        col = layout.column(align=True)
+        col.label(text="Reference Image")
+        col.template_ID(s, "image", open="image.open")
+        col = layout.column(align=True)
+        col.label(text="Preset")
+        col.prop(s, "preset", text="")
         row = layout.row(align=True)
-        row.prop(s, "refine_mode", text="")
-        row.operator("generate3d.refine_selected", icon="MODIFIER")
+        row.prop(s, "seed")
+        row.prop(s, "steps")
+        row = layout.row(align=True)
+        row.prop(s, "texture_size", text="")
+        row.prop(s, "guidance_scale")
+        col = layout.column(align=True)
+        col.label(text="Preset Overrides (name=value)")
+        col.prop(s, "overrides", text="")
+        row = layout.row()
+        row.prop(s, "use_rig")
+        row.prop(s, "at_cursor", text="At Cursor")
+        layout.operator("generate3d.generate", icon="SHADERFX")
+        col = layout.column(align=True)
+        col.prop(s, "refine_mode", text="")
+        col.operator("generate3d.refine_selected", icon="MODIFIER")
         if session is not None:
             active = session.active()
             if active:
                 job = active[-1]
                 box = layout.box()
-                box.label(text=runtime.status, icon="TIME")
+                box.label(text=job.name, icon="TIME")
+                stage = f"{job.stage or job.state}" + (f" {job.step}/{job.total}" if job.total else "")
+                box.label(text=f"Stage: {stage}")
+                text = f"{100 * job.overall:.0f} % of the job"
                 if hasattr(box, "progress"):  # Blender 4.0+
-                    box.progress(factor=job.fraction, text=f"{100 * job.fraction:.0f} %")
+                    box.progress(factor=job.overall, text=text)
                 else:
-                    box.label(text=f"{100 * job.fraction:.0f} %")
+                    box.label(text=text)
                 box.operator("generate3d.cancel", icon="CANCEL")
         image = bpy.data.images.get(PREVIEW_IMAGE)
         if image is not None and image.preview is not None:
-            layout.template_icon(icon_value=image.preview.icon_id, scale=8.0)
+            layout.template_icon(icon_value=image.preview.icon_id, scale=10.0)
 
 
 class GENERATE3D_PT_jobs(bpy.types.Panel):
@@ -78,8 +96,12 @@ class GENERATE3D_PT_jobs(bpy.types.Panel):
         if session is None:
             return
         for job in list(session.jobs.values())[::-1][:MAX_LISTED_JOBS]:
-            row = layout.row(align=True)
-            row.label(text=f"{job.name} - {job.state}", icon="CHECKMARK" if job.state == "done" else "BLANK1")
+            col = layout.column(align=True)
+            row = col.row(align=True)
+            icon = {"done": "CHECKMARK", "failed": "ERROR", "cancelled": "CANCEL"}.get(job.state, "TIME")
+            row.label(text=f"{job.name} - {job.state}", icon=icon)
+            if job.state == "failed" and job.message:  # the failure's code and message
+                col.label(text=job.message)
             if job.state == "done":
                 op = row.operator("generate3d.import_result", text="", icon="IMPORT")
                 op.job_id = job.job_id

@@ -26,6 +26,22 @@ def chosen_preset(settings) -> str | None:
     return value if value and value != ENGINE_DEFAULT else None
 
 
+TEXTURE_SIZES = [("PRESET", "Preset", "The preset's texture size")] + [
+    (str(n), f"{n} px", f"Bake a {n} x {n} texture") for n in (256, 512, 1024, 2048, 4096)]
+"""Texture sizes offered (the engine takes 16-8192 as the ``texture_size`` option)."""
+
+
+def output_options(settings, kind: str) -> dict:
+    """The output controls as engine options: ``texture_size`` (a preset override) and, for the kinds whose
+    pipelines take it, ``guidance_scale``; nothing for the controls left at the preset's value."""
+    options: dict = {}
+    if settings.texture_size != "PRESET":
+        options["texture_size"] = int(settings.texture_size)
+    if settings.guidance_scale > 0 and kind != "refine":
+        options["guidance_scale"] = float(settings.guidance_scale)
+    return options
+
+
 REFINE_MODES = [("full", "Geometry + Texture", "Change the shape and the texture"),
                 ("texture", "Texture Only", "Keep the shape, repaint the texture")]
 
@@ -71,13 +87,18 @@ class Generate3DSettings(bpy.types.PropertyGroup):
     seed: IntProperty(name="Seed", default=0, min=0, description="Random seed (0: the engine picks one)")
     preset: EnumProperty(name="Preset", items=preset_items,
                          description="Quality preset, as the connected engine names them")
-    use_rig: BoolProperty(name="Selected Cameras as Rig", default=False,
+    use_rig: BoolProperty(name="Cameras as Rig", default=False,
                           description="Send the selected cameras' placement, field of view and resolution")
     at_cursor: BoolProperty(name="Place at 3D Cursor", default=True,
                             description="Put the new object at the 3D cursor (else at the world origin)")
     refine_mode: EnumProperty(name="Refine", items=REFINE_MODES, default="full")
-    steps: IntProperty(name="Steps Override", default=0, min=0, max=100000,
+    steps: IntProperty(name="Steps", default=0, min=0, max=100000,
                        description="Optimisation steps (0: the preset's)")
+    texture_size: EnumProperty(name="Texture", items=TEXTURE_SIZES, default="PRESET",
+                               description="Baked texture size (Preset: the preset's)")
+    guidance_scale: FloatProperty(name="Guidance", default=0.0, min=0.0, max=100.0, precision=1,
+                                  description="Classifier-free guidance scale of the prior for Generate "
+                                              "(0: the model's default); Refine uses the model's")
     overrides: StringProperty(name="Overrides", default="",
                               description="More preset overrides as name=value pairs, e.g. 'render_resolution=32 refine_steps=0'")
 

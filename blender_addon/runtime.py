@@ -1,24 +1,30 @@
 """The add-on's runtime: the session, the UI timer that drains the engine's inbox, and the import of results.
 
-Only Blender's main thread runs anything here. In the UI, one ``bpy.app.timers``
-function (:func:`_timer`) calls :func:`drain` and returns its next delay (short while
-a job runs, long when idle, backing off while the engine is unreachable). In
-background mode (``blender -b``, the ``bpy`` module) timers never fire, so the
-operators call :func:`wait_for`, which drains in a loop until their job ends or the
-background job timeout passes: scripts and tests get the finished object when the
-operator returns. The operator classes (operators.py) and the panel read and drive
+Only Blender's main thread runs anything here. In the UI, the requests a click starts
+(connect, submit, cancel, list jobs) run on the session's helper threads
+(:meth:`Session.start`, no bpy there) and the operators return at once; one
+``bpy.app.timers`` function (:func:`_timer`) calls :func:`drain`, which takes their
+outcomes and the engine's events, and returns its next delay (short while something
+runs, long when idle, backing off after failures). The status line follows the
+engine's heartbeat ("engine lost" a few seconds after it stops answering). In
+background mode (``blender -b``, the ``bpy`` module; ``runtime.wait``) timers never
+fire, so the operators connect and submit directly and call :func:`wait_for`, which
+drains in a loop, printing progress lines, until their job ends, the background job
+timeout passes or Ctrl-C cancels it: scripts and tests get the finished object when
+the operator returns. The operator classes (operators.py) and the panel read and drive
 this module; it imports neither.
 """
 from __future__ import annotations
 
 import logging
+import signal
 import time
 from dataclasses import dataclass, field
 
 import bpy
 
 from . import importer
-from .session import JobView, Session, SessionError
+from .session import START_HINT, JobView, Pending, Session, SessionError, client_modules
 
 logger = logging.getLogger(__name__)
 
@@ -45,6 +51,11 @@ class Runtime:
     """One line for the panel and the status bar."""
     backoff_s: float = IDLE_DELAY_S
     """Current timer delay after failures."""
+    wait: bool = field(default_factory=lambda: bool(bpy.app.background))
+    """Operators connect, submit and wait for their job on the spot (background mode, where timers never fire);
+    else they hand requests to helper threads and return at once."""
+    lost_reported: bool = False
+    """The artist was told that the engine stopped answering (told again after it answers once more)."""
 
 
 runtime = Runtime()
@@ -64,30 +75,63 @@ def state_dir() -> str:
         return bpy.utils.user_resource("CONFIG", path="generate_3d", create=True)
 
 
-def ensure_session(context, connect: bool = True) -> Session:
-    """The open session, creating and connecting one from the preferences (and starting a local engine if allowed)."""
+def _auto_start(context) -> str:
+    """The engine command to start when none answers, or "" when the preferences do not allow it."""
+    p = prefs(context)
+    return p.engine_command if p.auto_start else ""
+
+
+def session_for(context) -> Session:
+    """The open session, or a new one made from the preferences (no request sent: nothing waits on the engine)."""
     if runtime.session is not None:
         return runtime.session
     p = prefs(context)
-    endpoint = p.endpoint.strip()
     online = bool(getattr(bpy.app, "online_access", True))
     key_file = bpy.path.abspath(p.key_file) if p.key_file.strip() else None
-    session = Session(endpoint, key_file, timeout=p.timeout_s, state_dir=state_dir(), allow_online=online)
-    if connect:
+    runtime.session = Session(p.endpoint.strip(), key_file, timeout=p.timeout_s, state_dir=state_dir(),
+                              allow_online=online)
+    runtime.lost_reported = False
+    return runtime.session
+
+
+def ensure_session(context) -> Session:
+    """The open session, connected (starting a local engine if allowed); blocks up to the request timeout, so only
+    background mode and scripts call it."""
+    session = session_for(context)
+    if session.welcome is None:
         try:
-            try:
-                session.connect()
-            except SessionError:
-                if not (p.auto_start and session.protocol.is_loopback(endpoint)):
-                    raise
-                session.start_engine(p.engine_command, wait_s=max(10.0, 6 * p.timeout_s))
+            session.connect(_auto_start(context))
         except SessionError:
-            session.close()
+            close_session()
             raise
-    runtime.session = session
-    runtime.status = f"connected to {session.welcome.get('server', 'engine')} ({session.welcome.get('device', '?')})" \
-        if session.welcome else ""
+        runtime.status = _connected_status(session)
     return session
+
+
+def connect_later(context) -> Pending:
+    """Connect on a helper thread (starting a local engine if allowed); :func:`drain` reports how it went."""
+    close_session()
+    pending = session_for(context).connect_later(_auto_start(context))
+    runtime.status = f"connecting to {runtime.session.endpoint}..."
+    ensure_timer()
+    return pending
+
+
+def submit(context, kind: str, **fields) -> JobView | Pending:
+    """Submit a job: at once when ``runtime.wait`` (returns the JobView, raises SessionError), else on a helper
+    thread (returns the Pending; :func:`drain` adds the job or reports why the engine did not take it)."""
+    if runtime.wait:
+        return ensure_session(context).submit(kind, **fields)
+    session = session_for(context)
+    pending = session.submit_later(kind, auto_start=_auto_start(context), **fields)
+    runtime.status = f"sending '{fields.get('name', kind)}' to the engine..."
+    ensure_timer()
+    return pending
+
+
+def _connected_status(session: Session) -> str:
+    welcome = session.welcome or {}
+    return f"connected to {welcome.get('server', 'engine')} ({welcome.get('device', '?')})"
 
 
 def close_session() -> None:
@@ -137,6 +181,8 @@ def drain(context, timeout: float = 0.0) -> float:
     session = runtime.session
     if session is None:
         return IDLE_DELAY_S
+    for pending in session.finished():
+        _take(session, pending)
     for event in session.drain(timeout):
         job = session.jobs.get(event.job_id)
         if job is None:
@@ -162,15 +208,49 @@ def drain(context, timeout: float = 0.0) -> float:
             importer.remove_object(_preview_name(job))
             runtime.reports.append(("WARNING", f"Generate 3D: '{job.name}' cancelled"))
     active = session.active()
+    runtime.status = _status(session, active)
+    if session.lost and not runtime.lost_reported:
+        runtime.lost_reported = True
+        runtime.reports.append(("ERROR", f"Generate 3D: the engine at {session.endpoint} stopped answering; "
+                                         f"jobs continue there if it still runs, else {START_HINT}"))
+    elif session.connected:
+        runtime.lost_reported = False
+    return BUSY_DELAY_S if active or session.pending else IDLE_DELAY_S
+
+
+def _take(session: Session, pending: Pending) -> None:
+    """Apply the outcome of a request that ran on a helper thread (main thread)."""
+    if pending.error:
+        what = f"'{pending.job_name}' was not submitted" if pending.what == "submit" else f"{pending.what} failed"
+        message = pending.error if pending.error.startswith(pending.what) else f"{what}: {pending.error}"
+        runtime.reports.append(("ERROR", f"Generate 3D: {message}"))
+    elif pending.what == "submit":
+        job = session.add_job(pending.outcome)
+        runtime.reports.append(("INFO", f"Generate 3D: '{job.name}' queued"))
+    elif pending.what == "connect":
+        welcome = pending.outcome or {}
+        runtime.reports.append(("INFO", f"Generate 3D: connected to {welcome.get('server', session.endpoint)} "
+                                        f"on {welcome.get('device', '?')}"))
+    elif pending.what == "jobs":
+        session.apply_listing(pending.outcome)
+    elif pending.what == "cancel":
+        job_id, state = pending.outcome
+        runtime.reports.append(("INFO", f"Generate 3D: cancel requested ({state})"))
+
+
+def _status(session: Session, active: list[JobView]) -> str:
+    """The panel's and status bar's line: what runs, or how the engine is."""
+    if session.pending:
+        return runtime.status
+    if session.lost:
+        return f"engine lost: no heartbeat from {session.endpoint}"
     if active:
         job = active[-1]
-        runtime.status = f"{job.name}: {job.stage or job.state} {job.step}/{job.total}" if job.total else \
-            f"{job.name}: {job.stage or job.state}"
-    elif session.connected:
-        runtime.status = "engine idle"
-    else:
-        runtime.status = f"engine at {session.endpoint} not answering"
-    return BUSY_DELAY_S if active else IDLE_DELAY_S
+        step = f" {job.step}/{job.total}" if job.total else ""
+        return f"{job.name}: {job.stage or job.state}{step} ({100 * job.overall:.0f} % of the job)"
+    if session.connected:
+        return "engine idle"
+    return f"not connected to {session.endpoint}"
 
 
 def _preview_name(job: JobView) -> str:
@@ -203,20 +283,50 @@ def import_job(context, session: Session, job: JobView) -> bpy.types.Object:
 
 
 def wait_for(context, job: JobView, timeout_s: float) -> JobView:
-    """Background mode: drain until ``job`` ends and its result is imported, or cancel it after ``timeout_s``."""
+    """Background mode: drain until ``job`` ends and its result is imported, printing a line whenever its stage or
+    whole percent changes; after ``timeout_s``, or on Ctrl-C, cancel it on the engine and raise SessionError."""
     deadline = time.monotonic() + timeout_s
     session = runtime.session
-    while not job.terminal:
-        left = deadline - time.monotonic()
-        if left <= 0:
-            try:
-                session.cancel(job.job_id)
-            except SessionError as exc:
-                logger.warning("%s", exc)
-            importer.remove_object(_preview_name(job))
-            raise SessionError(f"'{job.name}' did not finish within {timeout_s:g} s (job {job.job_id} cancelled)")
-        drain(context, timeout=min(0.5, left))
+    interrupted: list[int] = []
+    previous = _catch_sigint(interrupted)
+    shown = None
+    try:
+        while not job.terminal:
+            left = deadline - time.monotonic()
+            if left <= 0 or interrupted:
+                _cancel_waited(session, job)
+                why = "interrupted (Ctrl-C)" if interrupted else f"did not finish within {timeout_s:g} s"
+                raise SessionError(f"'{job.name}' {why} (job {job.job_id} cancelled)")
+            drain(context, timeout=min(0.5, left))
+            line = (job.stage or job.state, int(100 * job.overall))
+            if line != shown and not job.terminal:
+                shown = line
+                step = f" {job.step}/{job.total}" if job.total else ""
+                print(f"Generate 3D: {job.name}: {line[0]}{step}, {line[1]} % of the job", flush=True)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)
+    print(f"Generate 3D: {job.name}: {job.state}" + (f" ({job.message})" if job.state == "failed" else ""), flush=True)
     return job
+
+
+def _catch_sigint(flag: list[int]):
+    """Make Ctrl-C set ``flag`` instead of ending Blender; returns the handler to put back (None: not on the main
+    thread, nothing changed)."""
+    try:
+        previous = signal.getsignal(signal.SIGINT)
+        signal.signal(signal.SIGINT, lambda signum, frame: flag.append(signum))
+    except ValueError:  # not the main thread
+        return None
+    return previous if previous is not None else signal.SIG_DFL
+
+
+def _cancel_waited(session: Session, job: JobView) -> None:
+    try:
+        session.cancel(job.job_id)
+    except SessionError as exc:
+        logger.warning("%s", exc)
+    importer.remove_object(_preview_name(job))
 
 
 def _flush_reports_ui() -> None:
@@ -246,6 +356,15 @@ def _redraw() -> None:
         for area in window.screen.areas:
             if area.type in ("VIEW_3D", "STATUSBAR"):
                 area.tag_redraw()
+
+
+def preload() -> None:
+    """Import the engine client now (about 0.1 s, once), so that the artist's first click does not pay for it;
+    a missing pyzmq is reported on that click instead."""
+    try:
+        client_modules()
+    except SessionError as exc:
+        logger.info("engine client not loaded: %s", exc)
 
 
 def close_at_exit() -> None:

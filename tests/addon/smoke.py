@@ -17,6 +17,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
+import socket
 import sys
 import threading
 import time
@@ -43,6 +45,8 @@ def _args() -> argparse.Namespace:
                    help="the engine executes jobs (else jobs stay queued and Generate must time out cleanly)")
     p.add_argument("--skip-refine", action="store_true")
     p.add_argument("--rig-check", action="store_true", help="generate with two rig cameras around the cursor")
+    p.add_argument("--ui-path", action="store_true",
+                   help="also drive the operators as the UI does (helper threads + the timer's drain) and Ctrl-C")
     p.add_argument("--expect-wheel", action="store_true", help="the zip bundles pyzmq: Blender must have installed it")
     p.add_argument("--autostart-command", default="",
                    help="engine command line for the auto-start check ({endpoint} is filled in); empty: skipped")
@@ -148,6 +152,52 @@ def _object_facts(obj) -> dict:
     return facts
 
 
+def _ui_path(rt, settings, endpoint: str, p) -> tuple[bool, dict]:
+    """Press Connect and Generate as in the UI (``runtime.wait`` off) against an engine that is down or silent:
+    each press and each timer drain must return within 100 ms; the reports must name the problem and the fix."""
+    rt.runtime.wait = False
+    p.endpoint = endpoint
+    settings.prompt = "a red cube"
+    presses, drains, reports = {}, [], []
+    try:
+        for name, op in (("connect", bpy.ops.generate3d.connect), ("generate", bpy.ops.generate3d.generate)):
+            start = time.monotonic()
+            op()
+            presses[name] = time.monotonic() - start
+        deadline = time.monotonic() + 4 * p.timeout_s + 5
+        while time.monotonic() < deadline and (rt.runtime.session.pending or len(reports) < 2):
+            start = time.monotonic()
+            rt.drain(bpy.context)
+            drains.append(time.monotonic() - start)
+            reports += [m for level, m in rt.runtime.reports if level == "ERROR"]
+            rt.runtime.reports.clear()
+            time.sleep(0.05)
+        status = rt.runtime.status
+    finally:
+        if rt.runtime.session is not None:
+            bpy.ops.generate3d.disconnect()
+        rt.runtime.wait = True
+    ok = (max(presses.values()) < 0.1 and max(drains) < 0.1 and len(reports) == 2
+          and all("did not answer" in m and "engine-server serve" in m for m in reports))
+    return ok, {"press_s": presses, "longest_drain_s": max(drains), "drains": len(drains), "reports": reports,
+                "status": status}
+
+
+def _preview_facts(preview) -> tuple[bool, dict | None]:
+    """The preview is enlarged (longer side >= 128 px) with nearest-neighbour sampling: equal pixels in blocks."""
+    import numpy as np
+
+    if preview is None:
+        return False, None
+    w, h = preview.size
+    px = np.empty(w * h * preview.channels, dtype=np.float32)
+    preview.pixels.foreach_get(px)
+    px = px.reshape(h, w, preview.channels)
+    block = 256 // 32 if max(w, h) >= 256 else 1  # the bundled prior renders 32 px
+    crisp = block > 1 and bool(np.array_equal(px[::block, ::block].repeat(block, 0).repeat(block, 1), px))
+    return max(w, h) >= 128 and crisp, {"size": [w, h], "nearest_blocks": crisp}
+
+
 def _frustum_fov_y(camera, scene) -> float:
     """The camera's vertical field of view from Blender's own frustum corners (sensor fit applied)."""
     import math
@@ -200,10 +250,19 @@ def main() -> int:
         p.timeout_s = 2.0
         p.job_timeout_s = args.job_timeout
 
-        # Engine down: a clear report, bounded time, no hang.
+        # Engine down: a clear report naming the fix, at once (nothing listens: a refused connect), no hang.
         p.endpoint = args.dead_endpoint
         _, err, took = _op_error(lambda: bpy.ops.generate3d.connect())
-        checks.add("engine_down_reports", bool(err) and "did not answer" in err and took < 10, f"{took:.1f} s: {err}")
+        checks.add("engine_down_reports", bool(err) and "did not answer" in err and "engine-server serve" in err
+                   and "Start Engine Automatically" in err and took < 0.1 and rt.runtime.session is None,
+                   f"{took:.3f} s: {err}")
+        if args.ui_path:  # the operators as the UI runs them: requests on helper threads, the timer drains
+            checks.add("ui_engine_down", *_ui_path(rt, bpy.context.scene.generate3d, args.dead_endpoint, p))
+            with socket.socket() as silent:  # a "slow" engine: it accepts connections but never answers
+                silent.bind(("127.0.0.1", 0))
+                silent.listen(8)
+                slow = f"tcp://127.0.0.1:{silent.getsockname()[1]}"
+                checks.add("ui_engine_slow", *_ui_path(rt, bpy.context.scene.generate3d, slow, p))
         p.endpoint = args.endpoint
 
         result, err, took = _op_error(lambda: bpy.ops.generate3d.connect())
@@ -261,8 +320,7 @@ def main() -> int:
                     and bytes(tex.packed_file.data) == engine_png
                 checks.add("generated_object", True, facts)
             preview = bpy.data.images.get(rt.importer.PREVIEW_IMAGE)
-            checks.add("preview_image", preview is not None and preview.size[0] > 0,
-                       list(preview.size) if preview is not None else None)
+            checks.add("preview_image", *_preview_facts(preview))
             checks.add("no_preview_object_left", not any(n.endswith("(preview)") for n in bpy.data.objects.keys()),
                        sorted(bpy.data.objects.keys()))
         else:
@@ -328,6 +386,19 @@ def main() -> int:
             result, err, took = _op_error(lambda: bpy.ops.generate3d.generate())
             checks.add("engine_error_reports", result is None and bool(err) and took < args.job_timeout
                        and set(bpy.data.objects.keys()) == before, {"seconds": took, "error": err})
+            s.prompt, overrides = args.prompt, s.overrides
+            s.overrides = f"{overrides} guidance=bogus"  # taken at submit, refused by the job's run: a failed job
+            result, err, took = _op_error(lambda: bpy.ops.generate3d.generate())
+            s.overrides = overrides
+            failed = list(rt.runtime.session.jobs.values())[-1]
+            rt.runtime.session.jobs.clear()  # as after a restart: the engine's list brings the reason back
+            listed = {j.job_id: j for j in rt.runtime.session.refresh()}
+            again = listed.get(failed.job_id)
+            checks.add("jobs_list_failure_code", failed.state == "failed" and again is not None
+                       and again.state == "failed" and again.message.startswith("invalid_option: ")
+                       and again.message == failed.message and failed.message in err,
+                       {"error": err, "submitted": failed.message,
+                                                             "listed": again.message if again else None})
 
         # A reference image travels as PNG: a red square on the bundled prior's plain cyan background.
         ref = bpy.data.images.new("reference", 16, 16)
@@ -359,6 +430,21 @@ def main() -> int:
                        {"seconds": took, "error": err, "job_state": job.state,
                         "new_objects": sorted(set(bpy.data.objects.keys()) - before)})
 
+        if args.expect_worker and args.ui_path:  # Ctrl-C while a background operator waits: the job is cancelled
+            s.prompt, s.image = args.prompt, None
+            p.job_timeout_s = args.job_timeout
+            interrupt = threading.Timer(1.5, lambda: os.kill(os.getpid(), signal.SIGINT))
+            interrupt.start()
+            result, err, took = _op_error(lambda: bpy.ops.generate3d.generate())
+            interrupt.join()
+            job = list(rt.runtime.session.jobs.values())[-1]
+            state, deadline = "", time.monotonic() + 15
+            while time.monotonic() < deadline and state != "cancelled":
+                state = next((j.state for j in rt.runtime.session.refresh() if j.job_id == job.job_id), "")
+                time.sleep(0.3)
+            checks.add("ctrl_c_cancels", result is None and "interrupted (Ctrl-C)" in err and state == "cancelled"
+                       and took < 10, {"seconds": took, "error": err, "engine_state": state})
+
         if args.autostart_command:  # no engine at the endpoint: the add-on starts one, and stops it on disable
             bpy.ops.generate3d.disconnect()
             p.endpoint = args.autostart_endpoint
@@ -368,6 +454,20 @@ def main() -> int:
             proc = rt.runtime.session.process if rt.runtime.session is not None else None
             checks.add("autostart_engine", result == {"FINISHED"} and proc is not None and proc.poll() is None,
                        {"error": err, "seconds": took})
+            if proc is not None:  # the engine dies: the status follows the heartbeat and the artist is told
+                rt.drain(bpy.context)
+                idle = rt.runtime.status
+                proc.terminate()
+                proc.wait(10)
+                start, lost_reports = time.monotonic(), []
+                while time.monotonic() - start < 10 and not rt.runtime.status.startswith("engine lost"):
+                    rt.drain(bpy.context, timeout=0.2)
+                    lost_reports += [m for _, m in rt.runtime.reports]
+                    rt.runtime.reports.clear()
+                checks.add("engine_lost_status", idle == "engine idle" and rt.runtime.status.startswith("engine lost")
+                           and any("engine-server serve" in m for m in lost_reports),
+                           {"before": idle, "after": rt.runtime.status, "seconds": time.monotonic() - start,
+                            "reports": lost_reports})
         else:
             proc = None
 

@@ -57,7 +57,7 @@ def bpy_checks(addon_build, engine, tmp_path_factory) -> dict:
     autostart = (f"{sys.executable} -m engine_server serve --protocol-only --bind {{endpoint}} "
                  f"--data {tmp / 'autostart-data'} --key-file {engine[1]}")
     return _run([sys.executable, str(SMOKE), *_smoke_args(addon_build.extension_zip, engine, report),
-                 "--expect-wheel", "--rig-check", "--autostart-command", autostart,
+                 "--expect-wheel", "--rig-check", "--ui-path", "--autostart-command", autostart,
                  "--autostart-endpoint", f"tcp://127.0.0.1:{port}"], env, report)
 
 
@@ -126,7 +126,28 @@ def test_connect_starts_a_local_engine_and_disable_stops_it(bpy_checks):
 
 def test_engine_down_is_a_clear_report_not_a_hang(bpy_checks):
     detail = _ok(bpy_checks, "engine_down_reports")
-    assert "did not answer" in detail
+    assert "did not answer" in detail and "engine-server serve" in detail
+
+
+@pytest.mark.parametrize("check", ["ui_engine_down", "ui_engine_slow"])
+def test_nothing_pressed_blocks_the_ui_when_the_engine_is_down_or_silent(bpy_checks, check):
+    detail = _ok(bpy_checks, check)
+    assert max(detail["press_s"].values()) < 0.1 and detail["longest_drain_s"] < 0.1, detail
+    assert len(detail["reports"]) == 2 and all("engine-server serve" in r for r in detail["reports"]), detail
+
+
+def test_status_says_engine_lost_when_the_heartbeat_stops(bpy_checks):
+    detail = _ok(bpy_checks, "engine_lost_status")
+    assert detail["seconds"] < 8, detail
+
+
+def test_jobs_list_keeps_a_failed_jobs_code_and_message(bpy_checks):
+    listed = _ok(bpy_checks, "jobs_list_failure_code")["listed"]
+    assert listed.startswith("invalid_option: ") and "guidance" in listed
+
+
+def test_ctrl_c_in_background_cancels_the_job_on_the_engine(bpy_checks):
+    assert _ok(bpy_checks, "ctrl_c_cancels")["engine_state"] == "cancelled"
 
 
 def test_preset_menu_lists_the_engines_presets_once_connected(bpy_checks):
@@ -206,7 +227,8 @@ def test_refine_selected_never_modifies_the_original(bpy_checks):
 
 def test_engine_error_becomes_an_operator_report(bpy_checks):
     detail = _ok(bpy_checks, "engine_error_reports")
-    assert "elephant" in detail["error"] and "invalid_request" in detail["error"]
+    # refused at submit, with the engine's code and the field it names
+    assert "elephant" in detail["error"] and "refused the job (" in detail["error"] and "field prompt" in detail["error"]
 
 
 def test_background_job_timeout_cancels_the_job(bpy_checks):

@@ -74,3 +74,48 @@ def test_the_result_the_addon_imports_carries_name_texture_and_arrays_and_no_glb
     fetched = session.result(job.job_id)
     assert fetched.glb == b"" and fetched.texture == png_bytes(8, 8) and fetched.meta["name"] == "red_cube"
     assert set(fetched.arrays) == {"vertices", "faces"}
+
+
+def test_overall_progress_weights_the_stages_of_the_jobs_kind():
+    from blender_addon.session import STAGE_WEIGHTS, JobView
+
+    job = JobView("j", kind="text", state="running", stage="coarse", step=50, total=100)
+    weights = STAGE_WEIGHTS["text"]
+    assert job.fraction == 0.5
+    assert job.overall == pytest.approx(0.5 * weights["coarse"] / sum(weights.values()))
+    job.stage, job.step, job.total = "texture", 0, 1  # coarse, extract and refine are behind it
+    assert job.overall == pytest.approx((weights["coarse"] + weights["extract"] + weights["refine"]) / sum(weights.values()))
+    job.state = "done"
+    assert job.overall == 1.0
+    assert JobView("k", kind="refine", state="running", stage="queued").overall == 0.0
+
+
+def test_submit_later_returns_at_once_and_the_job_arrives_with_drain(server, session):
+    srv, _ = server
+    pending = session.submit_later("text", name="a red cube", prompt="a red cube")
+    pending.thread.join(10)
+    (ended,) = session.finished()
+    assert ended is pending and not ended.error and session.pending == []
+    job = session.add_job(ended.outcome)
+    assert srv.store.load_request(job.job_id)["prompt"] == "a red cube"
+
+
+def test_a_stopped_engine_is_refused_at_once_with_the_fix_named(tmp_path):
+    import socket
+    import time
+
+    from blender_addon.session import SessionError
+
+    with socket.socket() as probe:  # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    key = tmp_path / "key"
+    load_or_create_key(key)
+    s = Session(f"tcp://127.0.0.1:{port}", str(key), timeout=5.0)
+    try:
+        start = time.monotonic()
+        with pytest.raises(SessionError, match="engine-server serve.*Start Engine Automatically"):
+            s.connect()
+        assert time.monotonic() - start < 0.1
+    finally:
+        s.close()

@@ -8,7 +8,10 @@ Not a pytest test (it needs a display): run by hand, e.g.
 
 Everything happens in ``bpy.app.timers`` callbacks, as in an artist's session: the
 operators are invoked with a window/area context, the add-on's own timer drains the
-engine, and the script only watches. Opening a saved .blend (e.g. the factory startup
+engine, and the script only watches. First it presses Connect and Generate with no engine at
+``--dead-endpoint`` and records how long each press and the longest gap between this
+script's 0.1 s ticks took (the UI thread was blocked for that long), and the reports the
+add-on gave. After the job it presses Ctrl-Z once and records whether the object went. Opening a saved .blend (e.g. the factory startup
 saved with ``blender -b --factory-startup --python-expr "import bpy; bpy.ops.wm.save_as_mainfile(filepath='START.blend')"``)
 keeps the splash screen away. Writes DIR/panel-running.png, DIR/panel-done.png
 and DIR/ui-report.json, then quits (exit status 1 if the job did not finish).
@@ -36,13 +39,14 @@ def _args() -> argparse.Namespace:
     p.add_argument("--prompt", default="a red cube")
     p.add_argument("--overrides", default="coarse_steps=60 tet_resolution=32 texture_size=128 preview_every=5")
     p.add_argument("--timeout", type=float, default=300.0)
+    p.add_argument("--dead-endpoint", default="tcp://127.0.0.1:9")
     p.add_argument("--tab-click", type=int, nargs=2, metavar=("X", "Y"),
                    help="window coordinates of the sidebar's Generate tab (Blender 3.x; needs --enable-event-simulate)")
     return p.parse_args(argv)
 
 
 ARGS = _args()
-STATE = {"t0": time.monotonic(), "phase": "start", "report": {}}
+STATE = {"t0": time.monotonic(), "phase": "start", "report": {}, "last_tick": None, "gaps": []}
 
 
 def _view3d():
@@ -68,9 +72,24 @@ def _finish(code: int) -> None:
     os._exit(code)
 
 
-def _setup() -> None:
+def _install() -> None:
     bpy.ops.preferences.addon_install(filepath=ARGS.zip, overwrite=True)
     bpy.ops.preferences.addon_enable(module=ADDON_ID)
+    p = bpy.context.preferences.addons[ADDON_ID].preferences
+    p.endpoint, p.key_file = ARGS.dead_endpoint, ARGS.key_file
+    bpy.context.scene.generate3d.prompt = ARGS.prompt
+    window, area, region = _view3d()
+    presses = {}
+    with bpy.context.temp_override(window=window, area=area, region=region):
+        for name, op in (("connect", bpy.ops.generate3d.connect), ("generate", bpy.ops.generate3d.generate)):
+            start = time.monotonic()
+            op()
+            presses[name] = round(time.monotonic() - start, 4)
+    STATE["report"]["engine_down_press_s"] = presses
+    STATE["down_t0"] = time.monotonic()
+
+
+def _setup() -> None:
     p = bpy.context.preferences.addons[ADDON_ID].preferences
     p.endpoint, p.key_file = ARGS.endpoint, ARGS.key_file
     s = bpy.context.scene.generate3d
@@ -93,7 +112,20 @@ def _setup() -> None:
 def _tick():
     rt = sys.modules.get(f"{ADDON_ID}.runtime")
     try:
+        now = time.monotonic()
+        if STATE["last_tick"] is not None:
+            STATE["gaps"].append(now - STATE["last_tick"])
+        STATE["last_tick"] = now
         if STATE["phase"] == "start":
+            _install()
+            STATE["phase"] = "engine_down"
+            return 0.1
+        if STATE["phase"] == "engine_down":
+            session = rt.runtime.session
+            if session is not None and session.pending or time.monotonic() - STATE["down_t0"] < 1.0:
+                return 0.1
+            STATE["report"]["engine_down_status"] = rt.runtime.status
+            STATE["report"]["engine_down_longest_tick_gap_s"] = round(max(STATE["gaps"]), 4)
             _setup()
             STATE["phase"] = "running"
             return 0.5
@@ -112,6 +144,11 @@ def _tick():
                 obj = bpy.data.objects[job.imported]
                 STATE["report"]["object"] = {"faces": len(obj.data.polygons), "material": obj.data.materials[0].name}
             _screenshot("panel-done.png")
+            if job.imported:  # one Ctrl-Z takes the new object away
+                window, area, region = _view3d()
+                with bpy.context.temp_override(window=window, area=area, region=region):
+                    bpy.ops.ed.undo()
+                STATE["report"]["one_undo_removes_object"] = job.imported not in bpy.data.objects
             _finish(0 if job.imported else 1)
         if time.monotonic() - STATE["t0"] > ARGS.timeout:
             STATE["report"]["error"] = "timed out"
