@@ -58,6 +58,7 @@ class Peer:
         self.sock.setsockopt(zmq.LINGER, 0)
         self.sock.setsockopt(zmq.SNDHWM, 100_000)
         self.sock.connect(endpoint)
+        self.events: list[dict] = []  # job events that arrived while a request waited for its reply
 
     def send(self, head: bytes, blobs=(), signed: bool | bytes = True) -> None:
         """Signed (True), unsigned (False), or signed as if the header were ``signed`` (bytes)."""
@@ -67,10 +68,15 @@ class Peer:
         self.sock.send_multipart([head, signature, *blobs])
 
     def request(self, header: dict, blobs=(), timeout: float = 5.0) -> dict:
+        """Send and return the reply linked to it (job events meanwhile are kept in ``events``)."""
         self.send(json.dumps(header).encode(), blobs)
-        reply = self.recv(timeout)
-        assert reply is not None, f"no reply to {header['type']}"
-        return reply
+        deadline = time.monotonic() + timeout
+        while True:
+            reply = self.recv(max(0.0, deadline - time.monotonic()))
+            assert reply is not None, f"no reply to {header['type']}"
+            if reply.get("parent") == header["id"] or (reply["type"] == "error" and reply.get("parent") is None):
+                return reply
+            self.events.append(reply)
 
     def recv(self, timeout: float = 5.0) -> dict | None:
         if not self.sock.poll(int(timeout * 1000)):
@@ -84,14 +90,16 @@ class Peer:
 
 
 def start_server(tmp: Path, *extra: str, bind: str = "tcp://127.0.0.1:*", prefix: tuple[str, ...] = (),
-                 data: Path | None = None) -> tuple[subprocess.Popen, str, Path]:
-    """``engine_server serve --protocol-only`` on loopback; its stderr goes to tmp/server.log."""
+                 data: Path | None = None, worker: bool = False) -> tuple[subprocess.Popen, str, Path]:
+    """``engine_server serve`` on loopback, ``--protocol-only`` unless ``worker`` (one CPU worker, one thread);
+    its stderr goes to tmp/server.log."""
     log = tmp / "server.log"
+    mode = ["--device", "cpu", "--threads", "1"] if worker else ["--protocol-only"]
     with open(log, "ab") as err:
         proc = subprocess.Popen(
-            [*prefix, sys.executable, "-m", "engine_server", "serve", "--protocol-only", "--bind", bind,
+            [*prefix, sys.executable, "-m", "engine_server", "serve", *mode, "--bind", bind,
              "--data", str(data or tmp / "data"), "--key-file", str(tmp / "key"), "--heartbeat", "0.5", *extra],
-            stdout=subprocess.PIPE, stderr=err, text=True)
+            stdout=subprocess.PIPE, stderr=err, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
     line = proc.stdout.readline()
     if not line.startswith("listening on "):
         proc.kill()
@@ -441,5 +449,57 @@ def test_a_full_disk_refuses_a_submit_with_storage_and_the_server_serves_on(tmp_
                              [image_blob[:4096 * 12], struct.pack("<3i", 0, 1, 2)])
         assert again["type"] == "accepted", again
         assert proc.poll() is None and "Traceback" not in log.read_text()
+    finally:
+        peer.close()
+
+
+def _events_until(peer: Peer, job_id: str, done, timeout: float) -> list[dict]:
+    """The job's events (progress, failed, ...) until ``done(event)`` holds."""
+    deadline = time.monotonic() + timeout
+    seen = []
+    while time.monotonic() < deadline:
+        msg = peer.events.pop(0) if peer.events else peer.recv(timeout=0.2)
+        if msg is None or msg.get("job_id") != job_id:
+            continue
+        seen.append(msg)
+        if done(msg):
+            return seen
+    raise AssertionError(f"job {job_id}: condition not reached in {timeout} s; saw {[m['type'] for m in seen][-20:]}")
+
+
+@pytest.mark.slow  # a real worker (torch import, bundled prior) and two jobs: ~60 s on 2 busy cores
+def test_a_full_disk_fails_the_running_job_with_storage_and_the_queued_one_runs_once_space_is_back(tmp_path, processes):
+    reason = _private_tmpfs_refusal()
+    if reason:
+        pytest.skip(reason)
+    data = tmp_path / "data"
+    data.mkdir()
+    prefix = ("unshare", "-m", "--propagation", "private", "sh", "-c",
+              f"mount -t tmpfs -o size=96m tmpfs {data} && exec \"$0\" \"$@\"")
+    proc, endpoint, log = start_server(tmp_path, "--min-free-mb", "16", prefix=prefix, data=data, worker=True)
+    processes.append(proc)
+    inside = Path(f"/proc/{proc.pid}/root") / str(data).lstrip("/")
+    peer = Peer(endpoint, read_key(tmp_path))
+    try:
+        running = peer.request(envelope("submit", request_id="running", kind="text", prompt="a red cube", options={
+            "coarse_steps": 400, "tet_resolution": 24, "texture_size": 64, "checkpoint_every": 1, "preview_every": 1}))
+        queued = peer.request(envelope("submit", request_id="queued", kind="text", prompt="a blue sphere", options={
+            "coarse_steps": 4, "tet_resolution": 24, "texture_size": 64}))
+        assert (running["type"], queued["type"], queued["state"]) == ("accepted", "accepted", "queued")
+        _events_until(peer, running["job_id"], lambda m: m["type"] == "progress" and m.get("stage") == "coarse", 120)
+        fill(inside / "filler")
+        end = _events_until(peer, running["job_id"], lambda m: m["type"] in ("done", "failed", "cancelled"), 60)[-1]
+        assert (end["type"], end.get("code")) == ("failed", "storage"), end
+        assert "disk full" in end["message"] or "No space left" in end["message"], end
+        time.sleep(2.0)  # the queued job must not start on a full disk
+        assert peer.request(envelope("ping"))["type"] == "pong"
+        states = {j["request_id"]: j["state"] for j in peer.request(envelope("jobs"))["jobs"]}
+        assert states["queued"] == "queued", states
+        (inside / "filler").unlink()
+        end = _events_until(peer, queued["job_id"], lambda m: m["type"] in ("done", "failed", "cancelled"), 120)[-1]
+        assert end["type"] == "done", end
+        jobs = {j["request_id"]: j for j in peer.request(envelope("jobs"))["jobs"]}
+        assert (jobs["running"]["state"], jobs["running"].get("error_code")) == ("failed", "storage"), jobs["running"]
+        assert proc.poll() is None
     finally:
         peer.close()
