@@ -76,6 +76,11 @@ class FetchedResult:
     """Facts about the run: ``name`` (the object's), ``placement``, seed, timings, ..."""
 
 
+def _stamped_before_restart(reply: Message) -> bool:
+    """Whether a reply refuses our request for a timestamp from before the server's start (it restarted meanwhile)."""
+    return reply.type == "error" and reply.get("code") == "replay" and reply.get("field") == "ts"
+
+
 def _rows(matrix: Any) -> Any:
     """A 4x4 matrix (numpy array, Blender ``mathutils.Matrix``, nested sequences) as lists of floats, row by row."""
     try:
@@ -299,6 +304,7 @@ class EngineClient:
             self._replies.clear()
 
     def _exchange(self, msg_type: str, fields: dict[str, Any], timeout: float, retries: int) -> Message:
+        restamped = False
         for attempt in range(retries + 1):
             msg = protocol.make(msg_type, **fields)
             self._waiting.add(msg.id)
@@ -306,7 +312,15 @@ class EngineClient:
             sent = self._send(msg)
             while True:
                 if self._replies:  # to this attempt or an earlier one: the request is idempotent
-                    return self._check_reply(self._replies.pop(msg.id, None) or self._replies.popitem()[1])
+                    reply = self._replies.pop(msg.id, None) or self._replies.popitem()[1]
+                    if _stamped_before_restart(reply) and not restamped:
+                        # Signed before the server restarted and delivered after: the same request, stamped now.
+                        restamped = True
+                        msg = protocol.make(msg_type, **fields)
+                        self._waiting.add(msg.id)
+                        sent = self._send(msg)
+                        continue
+                    return self._check_reply(reply)
                 left = deadline - time.monotonic()
                 if left <= 0:
                     break

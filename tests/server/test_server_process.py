@@ -109,3 +109,29 @@ def test_public_bind_without_auth_exits_with_a_reason(tmp_path):
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and "without authentication" in r.stderr
     assert not (tmp_path / "k").exists()
+
+
+def test_a_request_sent_while_the_server_restarts_is_stamped_again_and_succeeds(tmp_path, processes):
+    """A request signed before a restart is refused after it (replay); the client sends it again with a fresh stamp."""
+    import threading
+
+    key_file = tmp_path / "key"
+    proc, endpoint = start_server(tmp_path / "data", key_file)
+    processes.append(proc)
+    # A long heartbeat: the client keeps its socket (and the queued request) instead of reconnecting.
+    client = EngineClient(endpoint, key_file, heartbeat_s=30.0, timeout=20.0, retries=0)
+    try:
+        client.hello()
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        out: dict = {}
+        worker = threading.Thread(target=lambda: out.update(job=client.submit("text", "a red cube")))
+        worker.start()  # signed now, queued in the socket until the server is back
+        time.sleep(0.5)
+        proc, again = start_server(tmp_path / "data", key_file, endpoint)
+        processes.append(proc)
+        worker.join(30)
+        assert out.get("job"), "the submit did not succeed after the restart"
+        assert [j["job_id"] for j in client.jobs()] == [out["job"]]
+    finally:
+        client.close()
