@@ -503,3 +503,25 @@ def test_a_full_disk_fails_the_running_job_with_storage_and_the_queued_one_runs_
         assert proc.poll() is None
     finally:
         peer.close()
+
+
+@pytest.mark.slow  # a real worker: torch import and the bundled prior, ~20 s on 2 busy cores
+def test_a_job_whose_worker_dies_on_its_last_attempt_fails_with_the_reason(tmp_path, processes):
+    proc, endpoint, log = start_server(tmp_path, "--max-attempts", "1", worker=True)
+    processes.append(proc)
+    peer = Peer(endpoint, read_key(tmp_path))
+    try:
+        job = peer.request(envelope("submit", request_id="doomed", kind="text", prompt="a green cone", options={
+            "coarse_steps": 400, "tet_resolution": 24, "texture_size": 64}))["job_id"]
+        _events_until(peer, job, lambda m: m["type"] == "progress" and m.get("stage") == "coarse", 120)
+        workers = [int(p) for task in Path(f"/proc/{proc.pid}/task").iterdir()
+                   for p in (task / "children").read_text().split()]
+        assert len(workers) == 1, workers
+        os.kill(workers[0], signal.SIGKILL)
+        end = _events_until(peer, job, lambda m: m["type"] in ("done", "failed", "cancelled"), 30)[-1]
+        assert (end["type"], end["code"]) == ("failed", "worker_died"), end
+        assert "signal 9" in end["message"] and "attempt 1 of 1; not retried" in end["message"], end
+        summary = {j["job_id"]: j for j in peer.request(envelope("jobs"))["jobs"]}[job]
+        assert (summary["state"], summary["attempts"], summary["error_code"]) == ("failed", 1, "worker_died")
+    finally:
+        peer.close()

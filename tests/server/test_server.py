@@ -381,3 +381,19 @@ def test_refine_submit_stores_mesh_and_placement_and_a_text_submit_its_rig(make_
     with pytest.raises(RequestError) as info:
         client.submit("refine", "x", mesh={"vertices": vertices, "faces": faces + 30})
     assert info.value.field == "mesh.faces"
+
+
+def test_events_that_cannot_be_handled_or_sent_are_dropped_counted_and_the_loop_goes_on(make_server, make_client):
+    server = make_server()
+    client = make_client(server.endpoint)
+    job = client.submit("text", "a cube")
+    server.post("0123456789abcdef", "done")  # no such job: the store refuses to end it
+    server.post(job, "progress", stage="\udc80", step=1, total=2)  # no UTF-8 reply can carry it
+    deadline = time.monotonic() + 10
+    while server.stats["dropped_events"] < 1 or server.stats["unsendable"] < 1:
+        assert time.monotonic() < deadline, server.stats
+        client.poll_events(0.05)
+    server.post(job, "progress", stage="coarse", step=2, total=2)
+    events = drain(client, lambda ev: any(e.type == "progress" for e in ev))
+    assert [(e["stage"], e["step"]) for e in events if e.type == "progress"] == [("coarse", 2)]
+    assert client.ping() < 1.0 and server.stats["loop_errors"] == 0
