@@ -27,8 +27,7 @@ class GENERATE3D_PT_main(bpy.types.Panel):
         if session is None:
             row.operator("generate3d.connect", icon="PLUGIN")
         else:
-            icon = "LINKED" if session.connected else "TIME" if session.pending else "UNLINKED"
-            row.label(text=runtime.status or session.endpoint, icon=icon)
+            row.label(text=_engine_line(session), icon="LINKED" if session.connected else "UNLINKED")
             row.operator("generate3d.connect", text="", icon="FILE_REFRESH")
             row.operator("generate3d.disconnect", text="", icon="X")
         # Labels above their fields: nothing is cut off at the sidebar's default width.
@@ -47,14 +46,15 @@ class GENERATE3D_PT_main(bpy.types.Panel):
         row.prop(s, "seed")
         row.prop(s, "steps")
         row = layout.row(align=True)
+        row.label(text="Texture")
         row.prop(s, "texture_size", text="")
-        row.prop(s, "guidance_scale")
+        layout.prop(s, "guidance_scale")
         col = layout.column(align=True)
         col.label(text="Preset Overrides (name=value)")
         col.prop(s, "overrides", text="")
-        row = layout.row()
-        row.prop(s, "use_rig")
-        row.prop(s, "at_cursor", text="At Cursor")
+        col = layout.column(align=True)
+        col.prop(s, "use_rig")
+        col.prop(s, "at_cursor")
         layout.operator("generate3d.generate", icon="SHADERFX")
         col = layout.column(align=True)
         col.prop(s, "refine_mode", text="")
@@ -108,6 +108,17 @@ class GENERATE3D_PT_jobs(bpy.types.Panel):
             elif not job.terminal:
                 op = row.operator("generate3d.cancel", text="", icon="CANCEL")
                 op.job_id = job.job_id
+
+
+def _engine_line(session) -> str:
+    """The connection in a few words (the job's progress has its own box)."""
+    if session.pending:
+        return "connecting..." if session.welcome is None else "sending..."
+    if session.lost:
+        return "engine lost"
+    if session.connected:
+        return "engine busy" if session.active() else "engine idle"
+    return "not connected"
 
 
 def draw_status(self, context):

@@ -90,7 +90,7 @@ class Generate3DSettings(bpy.types.PropertyGroup):
     use_rig: BoolProperty(name="Cameras as Rig", default=False,
                           description="Send the selected cameras' placement, field of view and resolution")
     at_cursor: BoolProperty(name="Place at 3D Cursor", default=True,
-                            description="Put the new object at the 3D cursor (else at the world origin)")
+                            description="Stand the new object on the 3D cursor (else on the world origin)")
     refine_mode: EnumProperty(name="Refine", items=REFINE_MODES, default="full")
     steps: IntProperty(name="Steps", default=0, min=0, max=100000,
                        description="Optimisation steps (0: the preset's)")
