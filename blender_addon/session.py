@@ -285,11 +285,6 @@ class Session:
             self.pending.remove(p)
         return ended
 
-    @property
-    def busy(self) -> bool:
-        """A helper thread holds the client."""
-        return self._lock.locked()
-
     @contextmanager
     def _client(self):
         """Hold the client on the main thread; a helper holding it longer than a request's timeout is an error."""
