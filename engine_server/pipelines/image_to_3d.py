@@ -227,8 +227,9 @@ class ImageTo3DRequest(TextTo3DRequest):
     """Text hint for the prior (e.g. "a red cube"); empty: the image alone. Required without an image."""
     rig: list[Camera] | None = None
     """Cameras: the first is the reference image's camera, the others where views are generated."""
-    guidance_scale: float | None = 3.0
-    """Classifier-free guidance scale of the distillation; None uses the prior's recommended value."""
+    guidance_scale: float | None = None
+    """Classifier-free guidance scale of the distillation; None: the prior's recommended scale with a
+    reference view (its ``"image"`` stage scale: 3 for Zero123 and the bundled prior)."""
     image: str | Path | bytes | np.ndarray | None = None
     """Reference image: a file path, encoded PNG / JPEG bytes, or an (H, W, 3|4) array; None: the
     prior draws the reference view from the prompt (text -> views -> 3D, the ``multiview`` job)."""
@@ -249,6 +250,7 @@ class ImageTo3D(TextTo3D):
     """The image-to-3D pipeline. ``run(out_path)`` does every stage and writes the GLB."""
 
     STAGES = ("views", "coarse", "extract", "texture", "export")
+    GUIDANCE_STAGE = "image"
 
     request: ImageTo3DRequest
 
@@ -264,9 +266,13 @@ class ImageTo3D(TextTo3D):
         if getattr(prior, "kind", "image") == "text":
             raise ValueError(f"prior {request.model!r} is text-only; image-to-3D needs a novel-view "
                              "(image-conditioned) model such as the bundled one or a Zero123 folder")
+        from engine_server.guidance import prior_defaults
+
         res = int(getattr(prior, "resolution", 32))
-        ranges = dict(getattr(prior, "camera_ranges", {}) or {})
-        self.background_rgb = tuple(getattr(prior, "background_rgb", (0.0, 0.75, 0.75)))
+        defaults = prior_defaults(prior)
+        ranges = defaults.camera_ranges
+        # The reference and the fit sit on the prior's training background (white for Zero123), or white.
+        self.background_rgb = tuple(defaults.background_rgb or (1.0, 1.0, 1.0))
         if request.rig:
             ref_cam = request.rig[0]
             self.reference_c2w, self.reference_fov = ref_cam.c2w.float(), float(ref_cam.fov_y_deg)

@@ -195,7 +195,7 @@ KINDS: dict[str, Kind] = {
                       run_options=_TEXT_RUN + _VIEW_RUN, steps_option="coarse_steps", build=_image),
     "refine": Kind("refine", "engine_server.pipelines.refine:RefineMeshRequest",
                    "engine_server.pipelines.refine:RefineMesh",
-                   fields=("mesh", "mode", "placement"), needs=(("mesh",), ("prompt",)), run_options=("model",),
+                   fields=("mesh", "mode", "placement"), needs=(("mesh",), ("prompt",)), run_options=_TEXT_RUN,
                    steps_option="refine_steps", build=_refine),
 }
 """Job kind -> Kind; the keys are the wire's ``KINDS`` (a test holds them equal)."""

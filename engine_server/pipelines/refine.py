@@ -108,8 +108,11 @@ class RefineConfig:
     """Adam learning rate of the DMTet raw (tanh-bounded) vertex offsets."""
     regularizers: RegularizerWeights = field(default_factory=RegularizerWeights)
     """DMTet regulariser weights (full mode)."""
+    guidance: str = "sds"
+    """Distillation mode: "sds" or "vsd"."""
     guidance_scale: float | None = None
-    """Classifier-free guidance scale; None: the prior's ``recommended_guidance_scale``, else 3 (tuned on the bundled prior)."""
+    """Classifier-free guidance scale; None: the prior's recommended scale for refining in that mode
+    (``PriorDefaults.scale(mode, "refine")``: 100 for SDS with Stable Diffusion, 3 for the bundled prior)."""
     timesteps: TimestepSchedule = field(default_factory=lambda: TimestepSchedule(start=(0.5, 0.8), end=(0.2, 0.5)))
     """Annealed SDS timestep range (the mesh is already roughly right: less noise than a coarse stage)."""
     texture_size: int = 512
@@ -266,7 +269,7 @@ class MeshRefiner:
         checkpoint_dir: str | Path | None = None,
         texture_field: nn.Module | None = None,
     ) -> None:
-        from engine_server.guidance import GuidanceConfig, build_guidance
+        from engine_server.guidance import build_guidance, prior_defaults
 
         self.config = config or RefineConfig()
         self.device = torch.device(device)
@@ -276,17 +279,19 @@ class MeshRefiner:
         self.cancelled = cancelled or never_cancelled
         self.seed = int(seed)
         self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir else None
-        scale = self.config.guidance_scale or getattr(prior, "recommended_guidance_scale", None) or 3.0
-        self.guidance = build_guidance(prior, GuidanceConfig(mode="sds", guidance_scale=scale, seed=self.seed,
-                                                             timesteps=self.config.timesteps))
+        self.defaults = prior_defaults(prior)
+        self.guidance = build_guidance(prior, self.defaults.guidance_config(
+            self.config.guidance, self.config.guidance_scale, "refine", seed=self.seed,
+            timesteps=self.config.timesteps))
         # Fail on a prompt the prior cannot read now, before any work.
         self.guidance.prepare_inputs(cond, look_at(orbit_position(0.0, 0.0, 2.5))[None].to(self.device))
-        bg = getattr(prior, "background_rgb", None)
+        bg = self.defaults.background_rgb
         self.background = torch.tensor(bg if bg is not None else (1.0, 1.0, 1.0), dtype=torch.float32,
                                        device=self.device)
-        self.resolution = int(self.config.render_resolution or int(getattr(prior, "resolution", 64)))
+        self.resolution = int(self.config.render_resolution or self.defaults.render_size
+                              or int(getattr(prior, "resolution", 64)))
         self.gen = torch.Generator().manual_seed(self.seed)
-        self.cameras = CameraSampler(getattr(prior, "camera_ranges", None) or {}, None, self.gen)
+        self.cameras = CameraSampler(self.defaults.camera_ranges, None, self.gen)
         # The prior's own world-fixed lights; priors that declare none get the bundled model's studio lights.
         lighting = getattr(prior, "lighting", None)
         if not lighting:
@@ -515,6 +520,10 @@ class RefineMeshRequest:
     """Preset name (draft | standard | high)."""
     model: str = "bundled"
     """Prior: "bundled", a local diffusers folder or a hub id."""
+    guidance: str = "sds"
+    """Distillation mode: "sds" or "vsd"."""
+    guidance_scale: float | None = None
+    """Classifier-free guidance scale; None: the prior's recommended scale for refining in that mode."""
     overrides: dict = field(default_factory=dict)
     """Preset values (``refine_steps``, ``texture_size``, ...) or RefineConfig-only knobs (``sdf_lr``, ...)
     to override, e.g. {"refine_steps": 100}."""
@@ -544,6 +553,8 @@ class RefineMesh(JobPipeline):
         self.vertices, self.faces, self.uvs = check_input_mesh(request.vertices, request.faces, request.uvs)
         self.world_matrix = _check_world_matrix(request.world_matrix)
         self.config = RefineConfig.from_preset(request.preset, request.mode, **request.overrides)
+        self.config = dataclasses.replace(self.config, guidance=request.guidance, guidance_scale=(
+            self.config.guidance_scale if request.guidance_scale is None else request.guidance_scale))
         self.prior = self.use_prior(prior)
         self.cond = Conditioning(prompt=request.prompt, negative_prompt=request.negative_prompt)
         self.refiner = MeshRefiner(self.prior, self.cond, self.config, self.device, self.progress, self.cancelled,
@@ -571,7 +582,8 @@ class RefineMesh(JobPipeline):
             "mode": self.config.mode,
             "refine": asdict(self.config),
             "model": self.request.model,
-            "guidance": "sds",
+            "guidance": self.config.guidance,
+            "guidance_scale": self.refiner.guidance.config.guidance_scale,
             "input": {"vertices": int(len(self.vertices)), "faces": int(len(self.faces)),
                       "uvs_given": self.uvs is not None},
             "world_matrix": m.tolist(),

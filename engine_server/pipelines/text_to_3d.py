@@ -66,7 +66,7 @@ class TextTo3DRequest:
     rig: list[Camera] | None = None
     """Cameras to concentrate views around (Blender matrix_world + FOV); None: all around."""
     guidance_scale: float | None = None
-    """Classifier-free guidance scale; None uses the prior's recommended value."""
+    """Classifier-free guidance scale; None: the prior's recommended scale for the mode (and stage)."""
 
 
 def otsu_threshold(values: torch.Tensor, bins: int = 256) -> float:
@@ -97,19 +97,20 @@ class TextTo3D(JobPipeline):
 
     STAGES = ("coarse", "extract", "refine", "texture", "export")
     """Stage names of progress events, in order ("refine" only when the preset has refine_steps > 0)."""
+    GUIDANCE_STAGE: str | None = None
+    """The stage name under which the prior's defaults may tune the guidance scale apart (``PriorDefaults``)."""
 
     request: TextTo3DRequest
 
     def setup(self, prior) -> None:
-        from engine_server.guidance import Conditioning, GuidanceConfig, build_guidance
+        from engine_server.guidance import Conditioning, build_guidance, prior_defaults
 
         request = self.request
         self.preset: Preset = get_preset(request.preset, **request.overrides)
         self.prior = self.use_prior(prior)
-        scale = request.guidance_scale or getattr(self.prior, "recommended_guidance_scale", 7.5)
-        self.guidance = build_guidance(
-            self.prior, GuidanceConfig(mode=request.guidance, guidance_scale=scale, seed=request.seed)
-        )
+        self.defaults = prior_defaults(self.prior)
+        self.guidance = build_guidance(self.prior, self.defaults.guidance_config(
+            request.guidance, request.guidance_scale, self.GUIDANCE_STAGE, seed=request.seed))
         self.cond = Conditioning(prompt=request.prompt, negative_prompt=request.negative_prompt)
         # Fail on a prompt the prior cannot read now, before any optimisation (and cache its embedding).
         self.guidance.prepare_inputs(self.cond, look_at(orbit_position(0.0, 0.0, 2.5))[None].to(self.device))
@@ -122,11 +123,13 @@ class TextTo3D(JobPipeline):
             aabb=self.field.aabb,
         ).to(self.device)
         self.renderer = VolumeRenderer(RendererConfig(num_steps=self.preset.samples_per_ray, shading="albedo"))
-        bg = getattr(self.prior, "background_rgb", None)
+        bg = self.defaults.background_rgb
         # A prior trained on a fixed background must see that background; others get a learned one.
         self.background = (FixedBackground(bg) if bg is not None else MLPBackground()).to(self.device)
-        self.resolution = self.preset.render_resolution or int(getattr(self.prior, "resolution", 64))
-        self.cameras = CameraSampler(getattr(self.prior, "camera_ranges", {}) or {}, request.rig, self.gen)
+        # Latent priors get small renders, upsampled to their resolution for the encoder (the guidance's resize).
+        self.resolution = (self.preset.render_resolution or self.defaults.render_size
+                           or int(getattr(self.prior, "resolution", 64)))
+        self.cameras = CameraSampler(self.defaults.camera_ranges, request.rig, self.gen)
         params = [
             {"params": [self.field.encoder.table], "lr": self.preset.learning_rate},
             {"params": [p for n, p in self.field.named_parameters() if not n.startswith("encoder.")],
@@ -367,6 +370,7 @@ class TextTo3D(JobPipeline):
             "preset": asdict(self.preset) | {"hashgrid": asdict(self.preset.hashgrid)},
             "model": self.request.model,
             "guidance": self.request.guidance,
+            "guidance_scale": self.guidance.config.guidance_scale,
         }
 
     def run(self, out_path: str | Path) -> PipelineResult:

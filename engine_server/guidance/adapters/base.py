@@ -21,21 +21,16 @@ from engine_server.guidance.prior import (
 logger = logging.getLogger(__name__)
 
 
-def pipeline_components(index: dict) -> set[str]:
-    """Component names of a ``model_index.json``: the entries whose value is a [library, class] pair."""
-    return {k for k, v in index.items() if not k.startswith("_") and isinstance(v, list) and len(v) == 2}
-
-
 def load_unet(folder: Path, device: torch.device, dtype: torch.dtype) -> UNet2DConditionModel:
-    """The ``unet/`` component as a frozen UNet2DConditionModel on ``device``."""
+    """The ``unet/`` component as a frozen UNet2DConditionModel on ``device`` (weight variant for ``dtype``)."""
     unet = load_component(folder, "unet", UNet2DConditionModel.from_pretrained, "a diffusers UNet2DConditionModel",
-                          torch_dtype=dtype)
+                          dtype=dtype)
     return unet.to(device).eval().requires_grad_(False)
 
 
 def load_vae(folder: Path, device: torch.device, dtype: torch.dtype) -> AutoencoderKL:
-    """The ``vae/`` component as a frozen AutoencoderKL on ``device``."""
-    vae = load_component(folder, "vae", AutoencoderKL.from_pretrained, "a diffusers AutoencoderKL", torch_dtype=dtype)
+    """The ``vae/`` component as a frozen AutoencoderKL on ``device`` (weight variant for ``dtype``)."""
+    vae = load_component(folder, "vae", AutoencoderKL.from_pretrained, "a diffusers AutoencoderKL", dtype=dtype)
     return vae.to(device).eval().requires_grad_(False)
 
 
@@ -44,7 +39,7 @@ def load_clip_text(folder: Path, device: torch.device, dtype: torch.dtype):
     from transformers import CLIPTextModel, CLIPTokenizer
 
     text_encoder = load_component(folder, "text_encoder", CLIPTextModel.from_pretrained,
-                                  "a transformers CLIPTextModel")
+                                  "a transformers CLIPTextModel", dtype=dtype)
     text_encoder = text_encoder.to(device=device, dtype=dtype).eval().requires_grad_(False)
     tokenizer = load_component(folder, "tokenizer", CLIPTokenizer.from_pretrained, "a CLIP tokenizer")
     return text_encoder, tokenizer

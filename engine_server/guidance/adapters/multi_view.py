@@ -38,12 +38,12 @@ from engine_server.guidance.adapters.base import (
     load_noise_schedule,
     load_unet,
     load_vae,
-    pipeline_components,
 )
-from engine_server.guidance.config import Conditioning
+from engine_server.guidance.config import Conditioning, PriorDefaults, TimestepSchedule
 from engine_server.guidance.prior import (
     PriorInputs,
     PriorLoadError,
+    pipeline_components,
     read_component_config,
     register_prior,
 )
@@ -52,6 +52,19 @@ logger = logging.getLogger(__name__)
 
 MV_CLASS_NAMES = {"MVDreamPipeline", "MultiViewDiffusionPipeline"}
 CAMERA_DIM = 16
+
+MVDREAM_DEFAULTS = PriorDefaults(
+    guidance_scale={"sds": 50.0},
+    timesteps=TimestepSchedule(start=(0.98, 0.98), end=(0.02, 0.5), anneal_fraction=0.8),
+    camera_ranges={"distance": (2.2, 2.75), "fov": (40.0, 40.0), "elevation": (0.0, 30.0),
+                   "default_distance": 2.5, "default_fov": 40.0},
+    background_rgb=None,
+    render_size=256,
+    anchor="threestudio mvdream-sd21.yaml: guidance scale 50, t from 0.98 to 0.02-0.5 by 80% of the run, "
+    "elevation 0..30, relative distance 0.8-1.0 (times 1/tan(fov/2): 2.2-2.75 at its eval FOV 40), "
+    "64 then 256 px renders, learned background",
+)
+"""MVDream as threestudio distils it."""
 
 
 class MultiViewState:
@@ -107,6 +120,9 @@ class MultiViewPrior(TextConditioned, LatentDiffusionPrior):
     """Camera-conditioned multi-view text prior: N views denoised jointly, each with its camera."""
 
     kind = "multiview"
+    defaults = MVDREAM_DEFAULTS
+    camera_ranges = MVDREAM_DEFAULTS.camera_ranges
+    """The cameras of MVDream's training renders (as threestudio samples them)."""
 
     def __init__(self, unet, vae, text_encoder, tokenizer, schedule, device, dtype, num_views: int = 4,
                  source: str = "") -> None:
@@ -139,7 +155,7 @@ class MultiViewPrior(TextConditioned, LatentDiffusionPrior):
         from engine_server.guidance.prior import read_model_index
 
         index = read_model_index(folder)
-        missing = {"unet", "vae", "text_encoder", "tokenizer", "scheduler"} - pipeline_components(index)
+        missing = {"unet", "vae", "text_encoder", "tokenizer", "scheduler"} - set(pipeline_components(index))
         if missing:
             raise PriorLoadError(f"{folder}: model_index.json lacks components {sorted(missing)} of an MVDream folder")
         unet_cfg = read_component_config(folder, "unet")

@@ -36,14 +36,16 @@ from engine_server.guidance.adapters.base import (
     load_noise_schedule,
     load_unet,
     load_vae,
-    pipeline_components,
 )
-from engine_server.guidance.config import Conditioning
+from engine_server.guidance.config import Conditioning, PriorDefaults, TimestepSchedule
 from engine_server.guidance.prior import (
     EmbeddingCache,
     PriorInputs,
     PriorLoadError,
     load_component,
+    pick_weight_files,
+    pipeline_components,
+    preferred_variant,
     register_prior,
     tensor_key,
 )
@@ -55,6 +57,18 @@ PROJECTION_COMPONENTS = ("clip_camera_projection", "cc_projection")
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 CAMERA_FEATURES = 4
+
+ZERO123_DEFAULTS = PriorDefaults(
+    guidance_scale={"sds": 3.0},
+    timesteps=TimestepSchedule(start=(0.02, 0.98), end=(0.02, 0.98)),
+    camera_ranges={"distance": (1.5, 2.2), "fov": (49.1, 49.1), "elevation": (-10.0, 60.0),
+                   "default_distance": 2.0, "default_fov": 49.1},
+    background_rgb=(1.0, 1.0, 1.0),
+    render_size=None,
+    anchor="Zero123 (Liu et al. 2023): Objaverse renders on white, objects in [-0.5, 0.5]^3, cameras 1.5-2.2 "
+    "away at FOV 49.1; threestudio zero123.yaml: guidance scale 3, t 0.02-0.98, elevation -10..60",
+)
+"""Zero123-family priors as trained (cameras, background) and as threestudio distils them."""
 
 
 class CameraProjection(ModelMixin, ConfigMixin):
@@ -80,7 +94,7 @@ def load_camera_projection(folder: Path, device: torch.device, dtype: torch.dtyp
     else:
         raise PriorLoadError(f"{folder} has no {' or '.join(PROJECTION_COMPONENTS)}/ folder; expected the "
                              "Zero123 camera projection (a linear layer, CLIP embedding + 4 -> context) there")
-    state = _read_state_dict(sub)
+    state = _read_state_dict(sub, preferred_variant(dtype))
     weights = {k: v for k, v in state.items() if k.endswith("weight") and v.dim() == 2}
     if len(weights) != 1:
         raise PriorLoadError(f"{sub}: expected exactly one linear layer's weight, found {sorted(state)}")
@@ -94,20 +108,21 @@ def load_camera_projection(folder: Path, device: torch.device, dtype: torch.dtyp
     return layer.to(device=device, dtype=dtype).eval().requires_grad_(False)
 
 
-def _read_state_dict(sub: Path) -> dict[str, torch.Tensor]:
-    st = sorted(sub.glob("*.safetensors"))
-    if st:
+def _read_state_dict(sub: Path, preferred: str | None) -> dict[str, torch.Tensor]:
+    picked = pick_weight_files(sorted(p.name for p in sub.iterdir()), preferred)
+    if picked is None or len(picked[1]) != 1:
+        raise PriorLoadError(f"{sub} holds no single weights file (*.safetensors or *.bin, default or fp16 "
+                             f"variant); found {sorted(p.name for p in sub.iterdir())}")
+    path = sub / picked[1][0]
+    if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
-        return load_file(str(st[0]))
-    bins = sorted(sub.glob("*.bin"))
-    if bins:
-        return torch.load(bins[0], map_location="cpu", weights_only=True)
-    raise PriorLoadError(f"{sub} has no weights (*.safetensors or *.bin)")
+        return load_file(str(path))
+    return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def _is_zero123(index: dict, folder: Path) -> bool:
-    comps = pipeline_components(index)
+    comps = set(pipeline_components(index))
     if str(index.get("_class_name", "")) in ZERO123_CLASS_NAMES:
         return True
     return "image_encoder" in comps and "unet" in comps and any(c in comps for c in PROJECTION_COMPONENTS)
@@ -135,6 +150,11 @@ class NovelViewPrior(LatentDiffusionPrior):
     """Image-conditioned novel-view prior (Zero123 family)."""
 
     kind = "image"
+    defaults = ZERO123_DEFAULTS
+    background_rgb = ZERO123_DEFAULTS.background_rgb
+    """White: Zero123 was trained on white backgrounds (the reference and renders are composited on it)."""
+    camera_ranges = ZERO123_DEFAULTS.camera_ranges
+    """Zero123's training cameras (the reference view's default distance and FOV among them)."""
 
     def __init__(self, unet, vae, image_encoder, projection: nn.Linear, schedule, device, dtype,
                  image_mean=CLIP_MEAN, image_std=CLIP_STD, source: str = "") -> None:
@@ -163,7 +183,7 @@ class NovelViewPrior(LatentDiffusionPrior):
         unet = load_unet(folder, device, dtype)
         vae = load_vae(folder, device, dtype)
         image_encoder = load_component(folder, "image_encoder", CLIPVisionModelWithProjection.from_pretrained,
-                                       "a transformers CLIPVisionModelWithProjection")
+                                       "a transformers CLIPVisionModelWithProjection", dtype=dtype)
         image_encoder = image_encoder.to(device=device, dtype=dtype).eval().requires_grad_(False)
         projection = load_camera_projection(folder, device, dtype)
         schedule = load_noise_schedule(folder)

