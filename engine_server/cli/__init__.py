@@ -2,6 +2,7 @@
 
 - ``info``, ``bench``                      -> :mod:`engine_server.cli.info`
 - ``generate``, ``multiview``, ``refine``  -> :mod:`engine_server.cli.make`
+- ``doctor``                               -> :mod:`engine_server.cli.doctor`
 - ``serve``, ``jobs``                      -> :mod:`engine_server.cli.serve`
 - ``train-bundled``, ``eval-bundled``, ``export-bundled`` -> :mod:`engine_server.cli.bundled`
 
@@ -16,10 +17,10 @@ import logging
 import sys
 
 from engine_server import __version__
-from engine_server.cli import bundled, info, make, serve
+from engine_server.cli import bundled, doctor, info, make, serve
 from engine_server.cli.common import UsageError
 
-VERB_GROUPS = (info, make, serve, bundled)
+VERB_GROUPS = (info, make, doctor, serve, bundled)
 """Modules whose ``add_parsers(sub)`` register the verbs, in the order ``--help`` lists them."""
 
 

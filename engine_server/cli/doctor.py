@@ -1,0 +1,86 @@
+"""``engine-server doctor --model PATH_OR_ID``: what was found, its defaults, what each preset needs, one timed step."""
+from __future__ import annotations
+
+import argparse
+import json
+
+from engine_server.cli.common import UsageError, format_table, usage_from
+from engine_server.pipelines.presets import PRESETS
+
+
+def add_parsers(sub) -> None:
+    p = sub.add_parser("doctor", help="check a prior: family, layout, variant, defaults, memory per preset, one step")
+    p.add_argument("--model", default="bundled", metavar="PATH_OR_ID",
+                   help="prior: bundled, a diffusers folder, a single-file checkpoint or a hub id")
+    p.add_argument("--preset", default=None, choices=list(PRESETS), help="estimate this preset only (default: all)")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
+    p.add_argument("--json", action="store_true", help="print the same as one JSON object")
+    p.set_defaults(func=cmd_doctor)
+
+
+def diagnose(model: str, device: str = "auto", preset: str | None = None) -> dict:
+    """Everything ``doctor`` reports, as one JSON-able dict (``UsageError`` when the prior does not load)."""
+    from engine_server.devices import resolve_device
+    from engine_server.guidance import PriorLoadError, load_prior
+    from engine_server.guidance.diagnose import describe_prior, measure_step, memory_estimate
+
+    try:
+        prior = load_prior(model, device=resolve_device(device))
+    except PriorLoadError as exc:
+        raise usage_from(exc) from None
+    report = describe_prior(prior, model)
+    names = [preset] if preset else list(PRESETS)
+    step = measure_step(prior, PRESETS[names[0]].render_resolution)
+    report["step"] = step
+    report["presets"] = {
+        name: {
+            "views_per_step": PRESETS[name].views_per_step,
+            "render_size": PRESETS[name].render_resolution or step["render_size"],
+            "encoder_size": step["encoder_size"],
+            "estimate_gib": memory_estimate(report["parameters_gib"], step["saved_gib_per_view"],
+                                            PRESETS[name].views_per_step),
+        }
+        for name in names
+    }
+    report["estimate_covers"] = "the prior's weights + autograd-saved activations per view (field and renderer not)"
+    return report
+
+
+def format_report(r: dict) -> str:
+    """The report as aligned text."""
+    d = r["defaults"]
+    ranges = ", ".join(f"{k} {tuple(v) if isinstance(v, list) else v}" for k, v in d["camera_ranges"].items())
+    ts = d["timesteps"]
+    lines = [
+        f"model       {r['model']}",
+        f"source      {r['source']}",
+        f"family      {r['family']} ({r['kind']}), {r['prediction_type']}, {r['resolution']} px",
+        f"layout      {r['layout']}",
+        f"variants    {', '.join(f'{c}: {v}' for c, v in r['variants'].items()) or '-'}",
+        f"dtype       {r['dtype']} on {r['device']}, {r['parameters_gib']:.3f} GiB of weights",
+        "defaults    guidance scale " + ", ".join(f"{m} {s:g}" for m, s in d["guidance_scale"].items())
+        + "".join(f", {k} stage {s:g}" for k, s in d["stage_guidance_scale"].items()),
+        f"            timesteps {tuple(ts['start'])} -> {tuple(ts['end'])} over {ts['anneal_fraction']:g} of the run",
+        f"            background {'learned' if d['background_rgb'] is None else tuple(d['background_rgb'])}, "
+        f"render size {d['render_size'] or r['resolution']}",
+        f"            cameras {ranges or 'the engine defaults'}",
+        f"            from {d['anchor']}",
+    ]
+    s = r["step"]
+    peak = f", peak {s['peak_gib']:.2f} GiB" if s["peak_gib"] is not None else ""
+    lines.append(f"step        {s['views']} view(s) at {s['render_size']} px -> {s['encoder_size']} px: "
+                 f"{s['seconds']:.2f} s, {s['saved_gib_per_view']:.3f} GiB saved per view{peak}, "
+                 f"gradient {'finite' if s['finite'] else 'NOT FINITE'}")
+    rows = [{"preset": n, "views/step": p["views_per_step"], "render px": p["render_size"],
+             "encoder px": p["encoder_size"], "estimate GiB": round(p["estimate_gib"], 3)}
+            for n, p in r["presets"].items()]
+    lines += ["", format_table(rows), f"({r['estimate_covers']})"]
+    return "\n".join(lines)
+
+
+def cmd_doctor(args: argparse.Namespace) -> int:
+    report = diagnose(args.model, args.device, args.preset)
+    print(json.dumps(report, indent=2) if args.json else format_report(report))
+    if not report["step"]["finite"]:
+        raise UsageError("the guidance step gave a non-finite gradient")
+    return 0

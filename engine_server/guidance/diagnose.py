@@ -1,0 +1,160 @@
+"""What a loaded prior is and what a guidance step costs: the library half of ``engine-server doctor``.
+
+:func:`describe_prior` says which family, layout, weight variant, dtype and device were
+found and the prior's defaults; :func:`measure_step` runs one timed SDS step and measures
+what it keeps for the backward pass per view (autograd's saved tensors: the encoder's
+activations at the prior's resolution), plus the device's peak on CUDA;
+:func:`memory_estimate` turns both into the memory a number of views per step needs.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from engine_server.cameras import look_at, orbit_position
+from engine_server.guidance.config import Conditioning, prior_defaults
+from engine_server.guidance.prior import (
+    BUNDLED,
+    SINGLE_FILE_SUFFIXES,
+    pick_weight_files,
+    pipeline_components,
+    preferred_variant,
+    read_model_index,
+    variant_label,
+)
+from engine_server.guidance.score import build_guidance
+
+logger = logging.getLogger(__name__)
+
+GIB = 1024**3
+
+
+def prior_modules(prior) -> dict[str, nn.Module]:
+    """The networks a prior holds (its own attributes, and one level into a wrapped model), by name."""
+    found: dict[str, nn.Module] = {}
+    for name, value in vars(prior).items():
+        if isinstance(value, nn.Module):
+            found[name] = value
+        elif hasattr(value, "__dict__") and not isinstance(value, (torch.Tensor, type)):
+            found.update({f"{name}.{n}": v for n, v in vars(value).items() if isinstance(v, nn.Module)})
+    seen: set[int] = set()
+    return {n: m for n, m in found.items() if not (id(m) in seen or seen.add(id(m)))}
+
+
+def parameter_bytes(prior) -> int:
+    """Bytes of every parameter and buffer of the prior's networks."""
+    return sum(t.numel() * t.element_size() for m in prior_modules(prior).values()
+               for t in (*m.parameters(), *m.buffers()))
+
+
+def layout_of(model: str, source: str) -> str:
+    """How the prior was found: bundled weights, a single file, a hub id (through its cache) or a folder."""
+    path = Path(source)
+    if path.is_file() and path.suffix.lower() in SINGLE_FILE_SUFFIXES:
+        return "single-file checkpoint"
+    if "snapshots" in path.parts and any(p.startswith("models--") for p in path.parts):
+        return f"hub id {model!r} (Hugging Face cache)"
+    if model == BUNDLED:
+        return "bundled weights"
+    return "diffusers folder" if (path / "model_index.json").is_file() else "model folder"
+
+
+def weight_variants(source: str, dtype: torch.dtype) -> dict[str, str]:
+    """Per component of a diffusers folder, the weight variant and file loaded for ``dtype``."""
+    folder = Path(source)
+    if not (folder / "model_index.json").is_file():
+        return {}
+    out = {}
+    for component in pipeline_components(read_model_index(folder)):
+        sub = folder / component
+        if sub.is_dir():
+            picked = pick_weight_files(sorted(p.name for p in sub.iterdir()), preferred_variant(dtype))
+            if picked is not None:
+                out[component] = f"{variant_label(picked[0])} ({picked[1][0]})"
+    return out
+
+
+def describe_prior(prior, model: str) -> dict:
+    """Family, layout, variants, dtype, device, resolution, parameters and defaults of a loaded prior."""
+    source = str(getattr(prior, "source", model))
+    return {
+        "model": model,
+        "source": source,
+        "family": getattr(prior, "registry_name", type(prior).__name__),
+        "kind": prior.kind,
+        "layout": layout_of(model, source),
+        "variants": weight_variants(source, prior.dtype),
+        "dtype": str(prior.dtype).removeprefix("torch."),
+        "device": str(prior.device),
+        "resolution": int(prior.resolution),
+        "prediction_type": prior.prediction_type,
+        "parameters_gib": parameter_bytes(prior) / GIB,
+        "defaults": prior_defaults(prior).as_dict(),
+    }
+
+
+def _conditioning(prior, cameras: torch.Tensor) -> Conditioning:
+    """A prompt and a plain reference view, whichever the prior reads."""
+    ref = torch.ones(3, prior.resolution, prior.resolution)
+    ref[:, prior.resolution // 4: 3 * prior.resolution // 4, prior.resolution // 4: 3 * prior.resolution // 4] = \
+        torch.tensor([0.8, 0.1, 0.1]).view(3, 1, 1)
+    return Conditioning(prompt="a red cube", reference_image=ref, reference_c2w=cameras[0])
+
+
+def measure_step(prior, render_size: int | None = None, mode: str = "sds") -> dict:
+    """One timed guidance step of one object's views (1, or a multi-view prior's group) at ``render_size``.
+
+    Returns the views, the seconds of the step, the bytes autograd saved for the backward pass per
+    view (renders upsampled to the prior's resolution, then encoded), the peak device memory on
+    CUDA (else None) and the gradient norm (finite on a working prior).
+    """
+    defaults = prior_defaults(prior)
+    views = int(getattr(prior, "num_views", 1))
+    size = int(render_size or defaults.render_size or prior.resolution)
+    dist = float(defaults.camera_ranges.get("default_distance", 2.5))
+    cameras = torch.stack([look_at(orbit_position(360.0 * i / views, 15.0, dist)) for i in range(views)])
+    cameras = cameras.to(prior.device)
+    cond = _conditioning(prior, cameras)
+    guidance = build_guidance(prior, defaults.guidance_config(mode, seed=0))
+    guidance.prepare_inputs(cond, cameras)  # text / reference encoding is cached, not part of a step
+    images = torch.rand(views, 3, size, size, device=prior.device, requires_grad=True)
+    saved: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        saved.setdefault(t.untyped_storage().data_ptr(), t.untyped_storage().nbytes())
+        return t
+
+    cuda = prior.device.type == "cuda"
+    if cuda:
+        torch.cuda.synchronize(prior.device)
+        torch.cuda.reset_peak_memory_stats(prior.device)
+    start = time.perf_counter()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = guidance(images, cameras, cond, 0, 1)
+    out.loss.backward()
+    if cuda:
+        torch.cuda.synchronize(prior.device)
+    seconds = time.perf_counter() - start
+    grad = images.grad
+    return {
+        "views": views,
+        "render_size": size,
+        "encoder_size": int(prior.resolution),
+        "seconds": seconds,
+        "saved_gib_per_view": sum(saved.values()) / views / GIB,
+        "peak_gib": torch.cuda.max_memory_allocated(prior.device) / GIB if cuda else None,
+        "grad_norm": float(grad.norm()) if grad is not None else float("nan"),
+        "finite": bool(grad is not None and torch.isfinite(grad).all()),
+    }
+
+
+def memory_estimate(parameters_gib: float, saved_gib_per_view: float, views_per_step: int) -> float:
+    """GiB the prior needs for ``views_per_step`` views: its weights plus each view's saved activations.
+
+    The field and renderer are not included (they depend on the preset's samples per ray, not the prior).
+    """
+    return parameters_gib + views_per_step * saved_gib_per_view
