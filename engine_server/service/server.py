@@ -340,7 +340,8 @@ class EngineServer:
             except Exception as exc:  # one message must never end the loop
                 self.stats["dropped_messages"] += 1
                 logger.exception("dropped a message that made the server fail")
-                self._send_now(identity, protocol.make("error", code="internal", message=f"{type(exc).__name__}: {exc}"))
+                self._send_now(identity, protocol.make("error", code="internal",
+                                                       message=protocol.printable(f"{type(exc).__name__}: {exc}", 1000)))
 
     def _receive(self) -> tuple[bytes, list | ProtocolError] | None:
         """One message as (identity, frames), frame by frame; None when none waits.
