@@ -310,7 +310,14 @@ def test_fuzz_10000_hostile_messages_each_refused_and_the_server_still_takes_a_j
 
 
 @pytest.mark.slow  # ~5 s: 1.5 GB through loopback
-def test_unsigned_multi_frame_flood_keeps_the_servers_memory_bounded(tmp_path, processes):
+@pytest.mark.parametrize("frames", [
+    3,  # 30 MiB: the server holds no copy of a refused message on top of libzmq's, and keeps none of it
+    pytest.param(8, marks=pytest.mark.xfail(strict=True, reason=(
+        "libzmq assembles a whole multipart message before the first frame can be read and bounds each frame "
+        "(MAXMSGSIZE), not their number: an unsigned 80 MiB message in 10 MiB frames is held there whole. "
+        "Bounding it needs authentication at the connection (ZMTP CURVE/PLAIN), a protocol change"))),
+])
+def test_unsigned_multi_frame_flood_keeps_the_servers_memory_bounded(tmp_path, processes, frames):
     limit_mb = 16
     proc, endpoint, _ = start_server(tmp_path, "--max-message-mb", str(limit_mb))
     processes.append(proc)
@@ -328,21 +335,21 @@ def test_unsigned_multi_frame_flood_keeps_the_servers_memory_bounded(tmp_path, p
 
         sampler = threading.Thread(target=sample, daemon=True)
         sampler.start()
-        # Each message: 3 frames of 10 MiB (each under the socket's per-frame limit, 30 MiB in all:
-        # over the message limit), unsigned. libzmq assembles one such message before handing out its
-        # first frame; the server must not hold a copy of it on top, nor keep any of it once read.
+        # Each message: frames of 10 MiB (each under the socket's per-frame limit, over the message
+        # limit in all), unsigned. libzmq assembles one such message before handing out its first
+        # frame; the server must not hold a copy of it on top, nor keep any of it once read.
         frame = bytes(10 * MIB)
         head = json.dumps(envelope("ping")).encode()
         replies = 0
-        for _ in range(50):
-            peer.sock.send_multipart([head, b"", frame, frame, frame], copy=False)
+        for _ in range(50 if frames == 3 else 5):
+            peer.sock.send_multipart([head, b"", *[frame] * frames], copy=False)
             reply = peer.recv(timeout=10.0)
             assert reply is not None and reply["code"] == "too_large", reply
             replies += 1
         done.set()
         sampler.join()
         growth = peak[0] - baseline
-        print(f"flood: {replies} unsigned messages of 30 MiB, limit {limit_mb} MiB: RSS baseline "
+        print(f"flood: {replies} unsigned messages of {frames * 10} MiB, limit {limit_mb} MiB: RSS baseline "
               f"{baseline / MIB:.1f} MiB, peak {peak[0] / MIB:.1f} MiB, growth {growth / MIB:.1f} MiB")
         assert growth < 2 * limit_mb * MIB, f"RSS grew {growth / MIB:.1f} MiB (limit {limit_mb} MiB)"
         assert peer.request(envelope("ping"))["type"] == "pong"
