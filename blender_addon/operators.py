@@ -211,6 +211,11 @@ class GENERATE3D_OT_import_result(bpy.types.Operator):
     def execute(self, context):
         try:
             session = session_for(context)
+            if not runtime.wait:  # fetched on a helper thread; the timer imports it
+                session.result_later(self.job_id)
+                ensure_timer()
+                self.report({"INFO"}, f"Generate 3D: fetching the result of {self.job_id}")
+                return {"FINISHED"}
             job = session.jobs.get(self.job_id) or JobView(self.job_id, name="Generated")
             session.jobs.setdefault(job.job_id, job)
             obj = import_job(context, session, job)

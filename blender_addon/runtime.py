@@ -111,8 +111,9 @@ def ensure_session(context) -> Session:
 def connect_later(context) -> Pending:
     """Connect on a helper thread (starting a local engine if allowed); :func:`drain` reports how it went."""
     close_session()
-    pending = session_for(context).connect_later(_auto_start(context))
-    runtime.status = f"connecting to {runtime.session.endpoint}..."
+    session = session_for(context)
+    pending = session.connect_later(_auto_start(context))
+    runtime.status = _pending_line(session, pending)
     ensure_timer()
     return pending
 
@@ -124,7 +125,7 @@ def submit(context, kind: str, **fields) -> JobView | Pending:
         return ensure_session(context).submit(kind, **fields)
     session = session_for(context)
     pending = session.submit_later(kind, auto_start=_auto_start(context), **fields)
-    runtime.status = f"sending '{fields.get('name', kind)}' to the engine..."
+    runtime.status = _pending_line(session, pending)
     ensure_timer()
     return pending
 
@@ -182,7 +183,7 @@ def drain(context, timeout: float = 0.0) -> float:
     if session is None:
         return IDLE_DELAY_S
     for pending in session.finished():
-        _take(session, pending)
+        _take(context, session, pending)
     for event in session.drain(timeout):
         job = session.jobs.get(event.job_id)
         if job is None:
@@ -195,12 +196,10 @@ def drain(context, timeout: float = 0.0) -> float:
                                            uvs.numpy() if uvs is not None and uvs.dtype == "float32" else None,
                                            job.placement, rest=job.kind != "refine")
         elif event.type == "done":
-            try:
-                obj = import_job(context, session, job)
-                runtime.reports.append(("INFO", f"Generate 3D: created '{obj.name}'"))
-            except (SessionError, ValueError) as exc:
-                job.message = f"import failed: {exc}"
-                runtime.reports.append(("ERROR", f"Generate 3D: {job.name}: {job.message}"))
+            if runtime.wait:
+                _import(context, session, job)
+            else:  # fetched on a helper thread; :func:`_take` imports it
+                session.result_later(job.job_id)
         elif event.type == "failed":
             importer.remove_object(_preview_name(job))
             runtime.reports.append(("ERROR", f"Generate 3D: '{job.name}' failed: {job.message}"))
@@ -218,9 +217,25 @@ def drain(context, timeout: float = 0.0) -> float:
     return BUSY_DELAY_S if active or session.pending else IDLE_DELAY_S
 
 
-def _take(session: Session, pending: Pending) -> None:
+def _import(context, session: Session, job: JobView, fetched=None) -> None:
+    """Import a done job's result, reporting the new object or why it could not be made."""
+    try:
+        obj = import_job(context, session, job, fetched)
+        runtime.reports.append(("INFO", f"Generate 3D: created '{obj.name}'"))
+    except (SessionError, ValueError) as exc:
+        job.message = f"import failed: {exc}"
+        runtime.reports.append(("ERROR", f"Generate 3D: {job.name}: {job.message}"))
+
+
+def _take(context, session: Session, pending: Pending) -> None:
     """Apply the outcome of a request that ran on a helper thread (main thread)."""
-    if pending.error:
+    if pending.what == "result" and not pending.error:
+        job_id, fetched = pending.outcome
+        job = session.jobs.get(job_id)
+        if job is None:
+            job = session.add_job(JobView(job_id, kind=str(fetched.meta.get("kind") or "text"), state="done"))
+        _import(context, session, job, fetched)
+    elif pending.error:
         what = f"'{pending.job_name}' was not submitted" if pending.what == "submit" else f"{pending.what} failed"
         message = pending.error if pending.error.startswith(pending.what) else f"{what}: {pending.error}"
         runtime.reports.append(("ERROR", f"Generate 3D: {message}"))
@@ -238,10 +253,16 @@ def _take(session: Session, pending: Pending) -> None:
         runtime.reports.append(("INFO", f"Generate 3D: cancel requested ({state})"))
 
 
+def _pending_line(session: Session, pending: Pending) -> str:
+    return {"connect": f"connecting to {session.endpoint}...", "submit": f"sending '{pending.job_name}' to the engine...",
+            "result": "fetching a result...", "jobs": "listing the engine's jobs...",
+            "cancel": "asking the engine to cancel..."}.get(pending.what, f"{pending.what}...")
+
+
 def _status(session: Session, active: list[JobView]) -> str:
     """The panel's and status bar's line: what runs, or how the engine is."""
     if session.pending:
-        return runtime.status
+        return _pending_line(session, session.pending[0])
     if session.lost:
         return f"engine lost: no heartbeat from {session.endpoint}"
     if active:
@@ -257,11 +278,11 @@ def _preview_name(job: JobView) -> str:
     return f"{job.name} (preview)"
 
 
-def import_job(context, session: Session, job: JobView) -> bpy.types.Object:
-    """Fetch a done job's result (arrays + texture PNG, no GLB) and make it a new object: Principled BSDF,
-    packed texture, named as the engine named the GLB's node, at the job's placement (or the one the
+def import_job(context, session: Session, job: JobView, fetched=None) -> bpy.types.Object:
+    """Make a done job's result (arrays + texture PNG, no GLB; fetched now unless given) a new object: Principled
+    BSDF, packed texture, named as the engine named the GLB's node, at the job's placement (or the one the
     engine kept, for a job this Blender did not submit)."""
-    fetched = session.result(job.job_id)
+    fetched = fetched if fetched is not None else session.result(job.job_id)
     arrays = fetched.arrays
     if "vertices" not in arrays or "faces" not in arrays:
         raise SessionError(f"the result of {job.job_id} holds no mesh")

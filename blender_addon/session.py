@@ -411,13 +411,21 @@ class Session:
         return state
 
     def result(self, job_id: str) -> Any:
-        """The finished job's result (``FetchedResult``: arrays, texture PNG, meta; no GLB, nothing here reads one)."""
-        with self._client() as client:
-            self._check_listening()
-            try:
-                return client.result(job_id, timeout=max(self.timeout, 30.0), glb=False)
-            except self.client_mod.EngineError as exc:
-                raise SessionError(f"cannot fetch the result of {job_id}: {exc}") from None
+        """The finished job's result (``FetchedResult``: arrays, texture PNG, meta; no GLB, nothing here reads one).
+        Blocks up to the result timeout (UI: :meth:`result_later`)."""
+        with self._client():
+            return self._result(job_id)
+
+    def result_later(self, job_id: str) -> Pending:
+        """:meth:`result` on a helper thread; the ended Pending's ``outcome`` is (job id, FetchedResult)."""
+        return self.start("result", lambda: (job_id, self._result(job_id)))
+
+    def _result(self, job_id: str) -> Any:
+        self._check_listening()
+        try:
+            return self.client.result(job_id, timeout=max(self.timeout, 30.0), glb=False)
+        except self.client_mod.EngineError as exc:
+            raise SessionError(f"cannot fetch the result of {job_id}: {exc}") from None
 
     def refresh(self, limit: int = 50) -> list[JobView]:
         """Update the job list from the engine (jobs that ended while Blender was closed included).

@@ -430,6 +430,30 @@ def main() -> int:
                        {"seconds": took, "error": err, "job_state": job.state,
                         "new_objects": sorted(set(bpy.data.objects.keys()) - before)})
 
+        if args.expect_worker and args.ui_path:  # a whole job as the UI runs it: helper threads and the timer's drain
+            s.prompt, s.image = args.prompt, None
+            rt.runtime.wait = False
+            before, seen = set(bpy.data.objects.keys()), set(rt.runtime.session.jobs)
+            start = time.monotonic()
+            result = bpy.ops.generate3d.generate()
+            press = time.monotonic() - start
+            drains, job, deadline = [], None, time.monotonic() + args.job_timeout
+            while time.monotonic() < deadline and (job is None or job.imported is None and job.state != "failed"):
+                start = time.monotonic()
+                rt.drain(bpy.context)
+                drains.append(time.monotonic() - start)
+                if job is None:  # the engine's job, once the submit's helper thread is through
+                    job = next((j for i, j in rt.runtime.session.jobs.items() if i not in seen), None)
+                time.sleep(0.05)
+            rt.runtime.wait = True
+            new = sorted(set(bpy.data.objects.keys()) - before)
+            checks.add("ui_generate", result == {"FINISHED"} and press < 0.1 and job is not None
+                       and job.imported is not None and new == [job.imported],
+                       {"press_s": press, "drains": len(drains), "longest_drain_s": max(drains) if drains else None,
+                        "job": vars(job) if job is not None else None, "new_objects": new,
+                        "object": _object_facts(bpy.data.objects[new[0]]) if len(new) == 1 else None})
+            rt.runtime.reports.clear()
+
         if args.expect_worker and args.ui_path:  # Ctrl-C while a background operator waits: the job is cancelled
             s.prompt, s.image = args.prompt, None
             p.job_timeout_s = args.job_timeout

@@ -136,6 +136,13 @@ def test_nothing_pressed_blocks_the_ui_when_the_engine_is_down_or_silent(bpy_che
     assert len(detail["reports"]) == 2 and all("engine-server serve" in r for r in detail["reports"]), detail
 
 
+def test_a_job_run_as_the_ui_runs_it_never_blocks_and_lands_on_the_cursor(bpy_checks):
+    detail = _ok(bpy_checks, "ui_generate")
+    assert detail["press_s"] < 0.1 and detail["drains"] > 10, detail
+    facts = detail["object"]
+    assert facts["world_min"][2] == pytest.approx(facts["cursor"][2], abs=1e-5) and facts["selected"] and facts["active"]
+
+
 def test_status_says_engine_lost_when_the_heartbeat_stops(bpy_checks):
     detail = _ok(bpy_checks, "engine_lost_status")
     assert detail["seconds"] < 8, detail
