@@ -38,11 +38,13 @@ def diagnose(model: str, device: str = "auto", preset: str | None = None) -> dic
             "render_size": PRESETS[name].render_resolution or step["render_size"],
             "encoder_size": step["encoder_size"],
             "estimate_gib": memory_estimate(report["parameters_gib"], step["saved_gib_per_view"],
-                                            PRESETS[name].views_per_step),
+                                            step["recompute_gib_per_view"], PRESETS[name].views_per_step,
+                                            step["encode_chunk"]),
         }
         for name in names
     }
-    report["estimate_covers"] = "the prior's weights + autograd-saved activations per view (field and renderer not)"
+    report["estimate_covers"] = ("the prior's weights, the saved activations of each view and one chunk's "
+                                 "recomputed encoder block; the field and renderer not")
     return report
 
 
@@ -69,7 +71,8 @@ def format_report(r: dict) -> str:
     s = r["step"]
     peak = f", peak {s['peak_gib']:.2f} GiB" if s["peak_gib"] is not None else ""
     lines.append(f"step        {s['views']} view(s) at {s['render_size']} px -> {s['encoder_size']} px: "
-                 f"{s['seconds']:.2f} s, {s['saved_gib_per_view']:.3f} GiB saved per view{peak}, "
+                 f"{s['seconds']:.2f} s, {s['saved_gib_per_view']:.3f} GiB saved + {s['recompute_gib_per_view']:.3f} GiB "
+                 f"recomputed per chunk of {s['encode_chunk']}{peak}, "
                  f"gradient {'finite' if s['finite'] else 'NOT FINITE'}")
     rows = [{"preset": n, "views/step": p["views_per_step"], "render px": p["render_size"],
              "encoder px": p["encoder_size"], "estimate GiB": round(p["estimate_gib"], 3)}

@@ -221,6 +221,10 @@ class PriorDefaults:
                              f"{', '.join(sorted(self.guidance_scale))}")
         return self.guidance_scale[mode]
 
+    def render_resolution(self, prior_resolution: int) -> int:
+        """The render size for a prior of ``prior_resolution`` px: ``render_size``, never above the resolution."""
+        return min(self.render_size or prior_resolution, prior_resolution)
+
     def guidance_config(self, mode: str = SDS, scale: float | None = None, stage: str | None = None,
                         **changes) -> GuidanceConfig:
         """A ``GuidanceConfig`` of ``mode`` with these defaults; ``scale`` (the request's) wins when given."""

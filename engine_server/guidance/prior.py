@@ -5,8 +5,11 @@ novel-view model, an MVDream-style multi-view model, the project's bundled model
 behind the same few calls: encode renders to the space it denoises in, turn a
 ``Conditioning`` into its conditioning tensors, and predict the noise of a noisy
 batch. Adapters register under a name with ``@register_prior(name)``;
-``load_prior(name_or_path, device)`` picks one from a folder's ``model_index.json``,
-or by name for an adapter registered with its own ``folder`` (the bundled model).
+``load_prior(name_or_path, device)`` picks one from a folder's ``model_index.json``
+(a hub id's is read before any weight is fetched), by name for an adapter registered
+with its own ``folder`` (the bundled model), or, for a single-file checkpoint, the
+adapter with ``from_single_file``. Each component loads the weight variant its dtype
+prefers, falling back to the others (:func:`pick_weight_files`).
 """
 from __future__ import annotations
 

@@ -288,8 +288,8 @@ class MeshRefiner:
         bg = self.defaults.background_rgb
         self.background = torch.tensor(bg if bg is not None else (1.0, 1.0, 1.0), dtype=torch.float32,
                                        device=self.device)
-        self.resolution = int(self.config.render_resolution or self.defaults.render_size
-                              or int(getattr(prior, "resolution", 64)))
+        self.resolution = int(self.config.render_resolution
+                              or self.defaults.render_resolution(int(getattr(prior, "resolution", 64))))
         self.gen = torch.Generator().manual_seed(self.seed)
         self.cameras = CameraSampler(self.defaults.camera_ranges, None, self.gen)
         # The prior's own world-fixed lights; priors that declare none get the bundled model's studio lights.

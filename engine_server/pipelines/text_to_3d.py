@@ -127,8 +127,8 @@ class TextTo3D(JobPipeline):
         # A prior trained on a fixed background must see that background; others get a learned one.
         self.background = (FixedBackground(bg) if bg is not None else MLPBackground()).to(self.device)
         # Latent priors get small renders, upsampled to their resolution for the encoder (the guidance's resize).
-        self.resolution = (self.preset.render_resolution or self.defaults.render_size
-                           or int(getattr(self.prior, "resolution", 64)))
+        self.resolution = (self.preset.render_resolution
+                           or self.defaults.render_resolution(int(getattr(self.prior, "resolution", 64))))
         self.cameras = CameraSampler(self.defaults.camera_ranges, request.rig, self.gen)
         params = [
             {"params": [self.field.encoder.table], "lr": self.preset.learning_rate},

@@ -33,7 +33,7 @@ def test_help_builds_without_importing_torch_or_the_engine():
 
 def test_every_verb_is_registered_once():
     verbs = _verbs()
-    assert set(verbs) == {"info", "bench", "generate", "multiview", "refine", "serve", "jobs",
+    assert set(verbs) == {"info", "bench", "generate", "multiview", "refine", "doctor", "serve", "jobs",
                           "train-bundled", "eval-bundled", "export-bundled"}
 
 
@@ -43,6 +43,8 @@ def test_job_verbs_share_the_preset_names_and_flags(verb):
     flags = {opt: a for a in parser._actions for opt in a.option_strings}
     assert flags["--preset"].choices == list(PRESETS) and flags["--preset"].default == DEFAULT_PRESET
     assert {"--seed", "--model", "--device", "--steps"} <= set(flags)
+    assert {"--guidance", "--guidance-scale", "--negative-prompt", "--render-size"} <= set(flags)
+    assert flags["--guidance-scale"].default is None  # unset: the prior's own scale
 
 
 def test_bad_output_is_one_usage_line_with_status_2(tmp_path, capsys):

@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 from engine_server.guidance import GuidanceConfig, PriorDefaults, load_prior, prior_defaults
+from engine_server.guidance.adapters import StableDiffusionPrior
 from engine_server.guidance.config import FALLBACK_DEFAULTS
 
 
@@ -42,6 +43,8 @@ def test_the_request_scale_wins_and_the_stage_scale_applies():
     assert d.guidance_config("sds", None, "refine").guidance_scale == 20.0
     assert d.guidance_config("sds", 0.0, "refine").guidance_scale == 0.0  # an explicit 0 is a value, not "unset"
     assert d.guidance_config("sds").timesteps is d.timesteps
+    sd = prior_defaults(StableDiffusionPrior)
+    assert sd.render_resolution(512) == 256 and sd.render_resolution(16) == 16  # small renders, upsampled
     assert GuidanceConfig().guidance_scale == 100.0
 
 
@@ -63,7 +66,7 @@ def test_text_to_3d_uses_the_prior_defaults_unless_the_request_overrides(model_d
     run = TextTo3D(TextTo3DRequest(prompt="a red chair", model=folder, overrides={"coarse_steps": 2}))
     assert run.guidance.config.guidance_scale == 100.0
     assert run.guidance.config.timesteps.start == (0.02, 0.98)
-    assert run.resolution == 256  # rendered small, upsampled to the prior's resolution for the VAE
+    assert run.resolution == 16  # the prior's render size, capped at its (tiny) resolution
     assert run.cameras.fov == (40.0, 70.0)
     vsd = TextTo3D(TextTo3DRequest(prompt="a red chair", model=folder, guidance="vsd", guidance_scale=5.0,
                                    negative_prompt="blurry", overrides={"render_resolution": 32}))
@@ -79,7 +82,7 @@ def test_refine_uses_the_request_scale_and_mode(model_dir):
     folder = str(model_dir / "sd")
     default = RefineMesh(RefineMeshRequest(prompt="a cup", vertices=v, faces=f, mode="texture", model=folder))
     assert default.refiner.guidance.config.guidance_scale == 100.0  # the prior's SDS scale, not a fixed 3
-    assert default.refiner.resolution == 256
+    assert default.refiner.resolution == 16
     chosen = RefineMesh(RefineMeshRequest(prompt="a cup", vertices=v, faces=f, mode="texture", model=folder,
                                           guidance="vsd", guidance_scale=9.0))
     assert chosen.refiner.guidance.config.mode == "vsd" and chosen.refiner.guidance.config.guidance_scale == 9.0

