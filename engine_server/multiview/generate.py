@@ -3,9 +3,9 @@
     result = generate_views(prior, cameras, prompt="a red cube")            # camera-conditioned prior
     result = generate_views(prior, cameras, reference=ViewReference(img, c2w, fov))  # novel-view prior
 
-``prior`` is any guidance ``Prior`` (``load_prior(...)``): sampling is DDIM written against its
-``prepare_conditioning`` / ``predict_noise`` interface, with classifier-free guidance, so the
-bundled model, Zero123-family and MVDream-style adapters all work. Agreement between views
+``prior`` is any guidance ``Prior`` (``load_prior(...)``), sampled by :class:`PriorSampler`
+(diffusers' DDIM on the prior's own schedule and prediction type, classifier-free guidance), so
+the bundled model, Zero123-family and MVDream-style adapters all work. Agreement between views
 comes from the strategy (``MultiViewConfig.strategy``):
 
 - ``"anchor"``: a text request first draws an anchor view (the first camera) from the prompt;
@@ -19,13 +19,19 @@ A multi-view prior (``views_per_sample`` > 1, MVDream-style) samples the rig joi
 the strategy: groups of that many views are denoised together, its cross-view attention making them
 agree (the last group padded with repeats of its last camera); the result's strategy is ``"joint"``.
 
+A view drawn from the prompt alone (no reference image given) is checked against the prompt
+where the prior can say so (its ``check_views``; the bundled prior compares the silhouette and
+colour with what the caption implies): a wrong object is drawn again from fresh noise, up to
+``MultiViewConfig.max_redraws`` times, keeping the closest draw; ``MultiViewResult.redrawn``
+counts the views drawn again. The anchor is checked before any view is conditioned on it.
+
 Returned masks come from the prior's plain background colour; ``agreement`` is the per-view
 IoU of each silhouette with the visual hull of all of them (:func:`silhouette_agreement`).
 """
 from __future__ import annotations
 
 import logging
-import math
+import time
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -34,6 +40,7 @@ import torch
 
 from engine_server.cameras import Camera, azimuth_elevation
 from engine_server.multiview.rig import background_mask, silhouette_agreement
+from engine_server.multiview.sampler import PriorSampler
 
 logger = logging.getLogger(__name__)
 
@@ -56,6 +63,8 @@ class MultiViewConfig:
     """Seed of the starting noise."""
     mask_threshold: float = 0.15
     """A pixel is foreground when some channel is further than this from the background colour."""
+    max_redraws: int = 3
+    """Times a view whose object is not the prompt's is drawn again (0: views are not checked)."""
 
     def __post_init__(self) -> None:
         if self.strategy not in STRATEGIES:
@@ -64,6 +73,8 @@ class MultiViewConfig:
             raise ValueError(f"MultiViewConfig.steps must be >= 1, got {self.steps}")
         if self.guidance_scale < 0:
             raise ValueError(f"MultiViewConfig.guidance_scale must be >= 0, got {self.guidance_scale}")
+        if self.max_redraws < 0:
+            raise ValueError(f"MultiViewConfig.max_redraws must be >= 0, got {self.max_redraws}")
 
 
 @dataclass
@@ -94,6 +105,8 @@ class MultiViewResult:
     """(N,) IoU of each silhouette with the visual hull of all silhouettes (and the reference's)."""
     strategy: str = "anchor"
     """The sampling strategy used."""
+    redrawn: int = 0
+    """How many views were drawn again because their object was not the prompt's."""
     extras: dict = field(default_factory=dict)
     """Anything else worth logging (timings)."""
 
@@ -110,55 +123,6 @@ class MultiViewResult:
         """The views' cameras as :class:`Camera` objects."""
         r = self.images.shape[-1]
         return [Camera(c, float(f), r, r) for c, f in zip(self.c2w, self.fovs)]
-
-
-class DDIMSampler:
-    """Deterministic DDIM (eta 0) on a guidance ``Prior``'s noise predictions, with classifier-free guidance."""
-
-    def __init__(self, prior, steps: int = 20, guidance_scale: float = 2.0) -> None:
-        self.prior = prior
-        self.guidance_scale = guidance_scale
-        acp = prior.alphas_cumprod.detach().float().cpu()
-        total = int(prior.num_train_timesteps)
-        # Trailing spacing; timesteps whose signal is ~0 (zero terminal SNR) carry no x0 through an
-        # eps prediction, so sampling starts at the first one with some signal.
-        ts = [int(round(total - 1 - k * total / steps)) for k in range(steps)]
-        self.timesteps = [t for t in ts if acp[t] > 1e-4] or [ts[-1]]
-        self.acp = acp
-        probe = prior.encode_images(torch.zeros(1, 3, prior.resolution, prior.resolution, device=prior.device))
-        self.latent_shape = tuple(probe.shape[1:])
-
-    def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """Latents -> images (B, 3, R, R) in [0, 1]."""
-        decode = getattr(self.prior, "decode_latents", None)
-        if decode is not None:
-            return decode(latents)
-        return ((latents + 1.0) / 2.0).clamp(0, 1)  # pixel-space prior: encode is 2x - 1
-
-    @torch.no_grad()
-    def sample(self, cond, cameras: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-        """Images (B, 3, R, R) in [0, 1] for one ``Conditioning`` at cameras (B, 4, 4) from noise (B, *latent)."""
-        dev = self.prior.device
-        cameras = cameras.to(dev, torch.float32)
-        inputs = self.prior.prepare_conditioning(cond, cameras)
-        x = noise.to(dev, torch.float32)
-        b = x.shape[0]
-        s = self.guidance_scale
-        for i, t in enumerate(self.timesteps):
-            tt = torch.full((b,), t, dtype=torch.long, device=dev)
-            if s == 1.0:
-                eps = self.prior.predict_noise(x, tt, inputs.cond, cameras)
-            else:
-                both = self.prior.predict_noise(torch.cat([x, x]), torch.cat([tt, tt]), inputs.cfg_batch(),
-                                                torch.cat([cameras, cameras]))
-                eps_u, eps_c = both.chunk(2)
-                eps = eps_u + s * (eps_c - eps_u)
-            a = float(self.acp[t])
-            a_prev = float(self.acp[self.timesteps[i + 1]]) if i + 1 < len(self.timesteps) else 1.0
-            x0 = (x - math.sqrt(1 - a) * eps) / math.sqrt(a)
-            x0 = x0.clamp(-1.0, 1.0) if getattr(self.prior, "decode_latents", None) is None else x0
-            x = math.sqrt(a_prev) * x0 + math.sqrt(1 - a_prev) * eps
-        return self.decode(x)
 
 
 def _conditioning(prompt: str | None, ref: ViewReference | None):
@@ -191,8 +155,6 @@ def generate_views(
     Needs ``prompt`` (camera-conditioned prior) and/or ``reference`` (novel-view prior).
     ``progress(done, total)`` is called after each view (or batch of views) is drawn.
     """
-    import time
-
     config = config or MultiViewConfig()
     if prompt is None and reference is None:
         raise ValueError("generate_views needs a prompt or a reference view")
@@ -214,20 +176,48 @@ def generate_views(
     group = int(getattr(prior, "views_per_sample", 1) or 1)
     if group > 1 and reference is not None:
         raise ValueError("this multi-view prior draws views from a prompt only: it cannot take a reference image")
-    sampler = DDIMSampler(prior, config.steps, config.guidance_scale)
-    gen = torch.Generator().manual_seed(config.seed)
-    if config.shared_noise:
-        noise = torch.randn(1, *sampler.latent_shape, generator=gen).expand(n, *sampler.latent_shape)
-    else:
-        noise = torch.randn(n, *sampler.latent_shape, generator=gen)
+    sampler = PriorSampler(prior, config.steps, config.guidance_scale)
+
+    def draw_noise(k: int, gen: torch.Generator) -> torch.Tensor:
+        """Starting noise (k, C, h, w): one image for all k views with ``shared_noise``."""
+        return sampler.noise(1, gen).expand(k, -1, -1, -1) if config.shared_noise else sampler.noise(k, gen)
+
+    noise = draw_noise(n, torch.Generator().manual_seed(config.seed))
+    # Redraws take fresh noise from a stream of their own, so the first draw is the same with or without checks.
+    redraw_gen = torch.Generator().manual_seed(config.seed + 1)
+    # A user's reference image shows their object, not the prompt's: only prompt-drawn views are checked.
+    check = getattr(prior, "check_views", None) if prompt and reference is None and config.max_redraws else None
     t0 = time.perf_counter()
     images: list[torch.Tensor | None] = [None] * n
+    redrawn: set[int] = set()
+    unresolved: dict[int, str] = {}
+
+    def sample(idx: list[int], ref: ViewReference | None, start: torch.Tensor) -> torch.Tensor:
+        """Views (len(idx), 3, R, R) at cameras idx from noise start (len(idx), C, h, w)."""
+        pad = -len(idx) % group  # a multi-view prior denoises whole groups
+        batch, start = idx + idx[-1:] * pad, torch.cat([start, start[-1:].expand(pad, *start.shape[1:])])
+        return sampler.sample(_conditioning(prompt, ref), c2w[batch], start)[:len(idx)].cpu()
 
     def draw(idx: list[int], ref: ViewReference | None) -> None:
-        batch = idx + idx[-1:] * (-len(idx) % group)  # a multi-view prior denoises whole groups
-        out = sampler.sample(_conditioning(prompt, ref), c2w[batch], noise[batch])
+        out = sample(idx, ref, noise[idx])
+        if check is not None:
+            scores, problems = check(out, c2w[idx], fovs[idx], prompt)
+            for _ in range(config.max_redraws):
+                wrong = [k for k, p in enumerate(problems) if p is not None]
+                if not wrong:
+                    break
+                redo = [idx[k] for k in wrong]
+                logger.info("redrawing %d view(s): %s", len(redo),
+                            "; ".join(f"view {i}: {problems[k]}" for i, k in zip(redo, wrong)))
+                redrawn.update(redo)
+                again = sample(redo, ref, draw_noise(len(redo), redraw_gen))
+                new_scores, new_problems = check(again, c2w[redo], fovs[redo], prompt)
+                for j, k in enumerate(wrong):  # keep the closer draw
+                    if new_scores[j] > scores[k]:
+                        out[k], scores[k], problems[k] = again[j], new_scores[j], new_problems[j]
+            unresolved.update({idx[k]: p for k, p in enumerate(problems) if p is not None})
         for k, i in enumerate(idx):
-            images[i] = out[k].cpu()
+            images[i] = out[k]
         if progress is not None:
             progress(sum(im is not None for im in images), n)
 
@@ -258,6 +248,9 @@ def generate_views(
                 draw([best], ref)
                 known.append(ViewReference(images[best], c2w[best], float(fovs[best])))
                 remaining.remove(best)
+    if unresolved:
+        logger.warning("%d view(s) still differ from %r after %d redraws: %s", len(unresolved), prompt,
+                       config.max_redraws, "; ".join(f"view {i}: {p}" for i, p in sorted(unresolved.items())))
     imgs = torch.stack(images)
     bg = getattr(prior, "background_rgb", (0.0, 0.75, 0.75))
     masks = background_mask(imgs, bg, config.mask_threshold)
@@ -271,7 +264,8 @@ def generate_views(
             all_fovs = torch.cat([fovs, torch.tensor([float(reference.fov_y_deg)])])
     agreement = silhouette_agreement(all_masks, all_c2w, all_fovs)[:n]
     az, el = azimuth_elevation(c2w)
-    logger.info("generated %d views (%s) in %.1f s; silhouette agreement %s", n, strategy,
-                time.perf_counter() - t0, ", ".join(f"{v:.2f}" for v in agreement.tolist()))
-    return MultiViewResult(imgs, c2w, fovs, masks, agreement, strategy,
-                           {"seconds": time.perf_counter() - t0, "azimuth": az.tolist(), "elevation": el.tolist()})
+    logger.info("generated %d views (%s, %d redrawn) in %.1f s; silhouette agreement %s", n, strategy,
+                len(redrawn), time.perf_counter() - t0, ", ".join(f"{v:.2f}" for v in agreement.tolist()))
+    return MultiViewResult(imgs, c2w, fovs, masks, agreement, strategy, len(redrawn),
+                           {"seconds": time.perf_counter() - t0, "azimuth": az.tolist(), "elevation": el.tolist(),
+                            "unresolved": {str(i): p for i, p in sorted(unresolved.items())}})

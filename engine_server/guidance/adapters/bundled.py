@@ -32,6 +32,7 @@ from engine_server.guidance.prior import (
     tensor_key,
     to_epsilon,
 )
+from engine_server.models.bundled.evaluate import caption_match
 from engine_server.models.bundled.prior import DEFAULT_WEIGHTS_DIR, BundledPrior, Reference, UnknownPromptError
 
 logger = logging.getLogger(__name__)
@@ -76,6 +77,11 @@ class BundledPriorAdapter:
     def background_rgb(self) -> tuple[float, float, float]:
         """The plain background the model was trained on (pipelines render onto it)."""
         return self.bundled.background_rgb
+
+    @property
+    def scheduler_config(self) -> dict:
+        """The diffusers DDIM config the model is sampled with (zero-terminal-SNR, trailing spacing, v)."""
+        return dict(self.bundled.scheduler.config)
 
     @property
     def camera_ranges(self) -> dict:
@@ -126,7 +132,17 @@ class BundledPriorAdapter:
     def predict_noise(
         self, latents_t: torch.Tensor, t: torch.Tensor, embeddings: dict[str, Any], cameras: torch.Tensor
     ) -> torch.Tensor:
-        """eps (N, 3, H, W): one model call per run of views sharing a condition (CFG: uncond run, cond run)."""
+        """eps (N, 3, H, W) of noisy images (N, 3, H, W) at timesteps t (N,): the native output converted."""
+        out = self.predict_output(latents_t, t, embeddings, cameras)
+        return to_epsilon(out, latents_t, t, self.alphas_cumprod, self.prediction_type)
+
+    def predict_output(
+        self, latents_t: torch.Tensor, t: torch.Tensor, embeddings: dict[str, Any], cameras: torch.Tensor
+    ) -> torch.Tensor:
+        """The native v-prediction (N, 3, H, W): one model call per run of views sharing a condition.
+
+        Samplers step in this (at zero terminal SNR the first step's eps equals the input, v does not).
+        """
         captions, references = embeddings["caption"], embeddings["reference"]
         cameras = cameras.to(self.device, torch.float32)
         outs = []
@@ -139,5 +155,16 @@ class BundledPriorAdapter:
             outs.append(self.bundled.predict(latents_t[start:end], t[start:end], captions[start],
                                              cameras[start:end], references[start], guidance_scale=1.0))
             start = end
-        out = torch.cat(outs).float() if len(outs) > 1 else outs[0].float()
-        return to_epsilon(out, latents_t, t, self.alphas_cumprod, self.prediction_type)
+        return torch.cat(outs).float() if len(outs) > 1 else outs[0].float()
+
+    def check_views(
+        self, images: torch.Tensor, cameras: torch.Tensor, fovs: torch.Tensor, prompt: str
+    ) -> tuple[torch.Tensor, list[str | None]]:
+        """Whether views (N, 3, R, R) in [0, 1] at cameras (N, 4, 4), FOVs (N,) show ``prompt``'s object.
+
+        Returns a score (N,) (higher is closer) and per view None or what is wrong. See
+        :func:`engine_server.models.bundled.evaluate.caption_match`: the silhouette against the
+        training renderer's for the caption at that camera, and the colour word of the foreground.
+        """
+        caption = self._captions.get(prompt, lambda: self.bundled.parse_prompt(prompt))
+        return caption_match(images.float().cpu(), cameras.float().cpu(), fovs.float().cpu(), caption)

@@ -23,7 +23,7 @@ import torch
 
 from engine_server.models.bundled import procedural as P
 from engine_server.models.bundled.prior import BundledPrior, Reference
-from engine_server.models.bundled.vocab import COLOR_NAMES, COLORS, SHAPES, all_captions
+from engine_server.models.bundled.vocab import COLOR_NAMES, COLORS, SHAPES, Caption, all_captions
 from engine_server.multiview.rig import background_mask, mask_iou
 
 logger = logging.getLogger(__name__)
@@ -90,6 +90,42 @@ def background_error(rgb: torch.Tensor, gt_mask: torch.Tensor) -> float:
     err = (rgb - bg).abs().mean(dim=1)
     far = ~near
     return float(err[far].mean()) if far.any() else 0.0
+
+
+MIN_CAPTION_IOU = 0.5
+"""A view shows the caption's shape when its silhouette overlaps the training renderer's this much.
+
+Well below the evaluation's mean (about 0.87) so a right but rough object passes; a wrong object
+(a table drawn for a torus) lands near 0.4."""
+
+
+def caption_match(images: torch.Tensor, c2w: torch.Tensor, fov: torch.Tensor, caption: Caption,
+                  min_iou: float = MIN_CAPTION_IOU) -> tuple[torch.Tensor, list[str | None]]:
+    """Whether views (N, 3, R, R) in [0, 1] at cameras c2w (N, 4, 4), FOVs (N,) show ``caption``.
+
+    Shape: the foreground's IoU with the procedural render of the caption from the same camera
+    (the renderer the prior was trained on; foreground by the evaluation's rule); colour:
+    :func:`classify_color`. Returns a score (N,) (the IoU, minus 1 for a wrong colour) and per
+    view None or what is wrong.
+    """
+    n = images.shape[0]
+    masks = foreground_mask(images)
+    iou = torch.ones(n)
+    if caption.shape is not None:
+        r = P.render_shape(caption.shape, c2w, fov, images.shape[-1])
+        albedo = P.albedo_of(caption.color or "white").expand(n, 3)
+        iou = mask_iou(masks, foreground_mask(P.compose(r.shade, r.mask, albedo)))  # the evaluation's rule
+    score, problems = iou.clone(), []
+    for i in range(n):
+        wrong = []
+        if iou[i] < min_iou:
+            wrong.append(f"silhouette IoU {float(iou[i]):.2f} with a {caption.shape} below {min_iou}")
+        color = classify_color(images[i], masks[i]) if caption.color is not None else None
+        if caption.color is not None and color != caption.color:
+            wrong.append(f"colour {color}, not {caption.color}")
+            score[i] -= 1.0
+        problems.append("; ".join(wrong) or None)
+    return score, problems
 
 
 # ---------------------------------------------------------------- evaluation
