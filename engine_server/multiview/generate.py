@@ -10,7 +10,7 @@ comes from the strategy (``MultiViewConfig.strategy``):
 
 - ``"anchor"``: a text request first draws an anchor view (the first camera) from the prompt;
   every other view is then a novel view of the anchor (or of the reference image), all
-  conditioned on that one image, with the same starting noise. One batched sampling.
+  conditioned on that one image, with the same starting noise, in one batched sampling.
 - ``"sequential"``: views are drawn one after another, each conditioned on the nearest view
   already known (the anchor / reference first), so neighbours agree; slower (one sampling per view).
 - ``"independent"``: every view from the prompt / reference alone (the baseline agreement is measured against).
@@ -108,7 +108,8 @@ class MultiViewResult:
     redrawn: int = 0
     """How many views were drawn again because their object was not the prompt's."""
     extras: dict = field(default_factory=dict)
-    """Anything else worth logging (timings)."""
+    """Anything else worth logging: seconds, azimuth / elevation per view, ``unresolved`` {view: what is
+    still wrong} for views no redraw fixed."""
 
     def images_uint8(self) -> np.ndarray:
         """The views as (N, R, R, 3) uint8 (image files, wire arrays)."""
