@@ -71,7 +71,8 @@ def format_report(r: dict) -> str:
     s = r["step"]
     peak = f", peak {s['peak_gib']:.2f} GiB" if s["peak_gib"] is not None else ""
     lines.append(f"step        {s['views']} view(s) at {s['render_size']} px -> {s['encoder_size']} px: "
-                 f"{s['seconds']:.2f} s, {s['saved_gib_per_view']:.3f} GiB saved + {s['recompute_gib_per_view']:.3f} GiB "
+                 f"{s['seconds']:.2f} s, {s['saved_gib_per_view']:.3f} GiB saved + "
+                 f"{s['recompute_gib_per_view']:.3f} GiB "
                  f"recomputed per chunk of {s['encode_chunk']}{peak}, "
                  f"gradient {'finite' if s['finite'] else 'NOT FINITE'}")
     rows = [{"preset": n, "views/step": p["views_per_step"], "render px": p["render_size"],

@@ -11,10 +11,12 @@ Public API (others code against exactly this)::
     prior = load_prior(name_or_path, device="cuda", dtype=None, adapter=None)
         # name_or_path: "bundled" (the project's own model), a local diffusers folder
         # (any weight variant), a single-file SD checkpoint (.safetensors / .ckpt) or a
-        # Hugging Face hub id (model_index.json read and checked before any weight is fetched). The adapter comes from model_index.json:
+        # Hugging Face hub id (model_index.json read and checked before any weight is
+        # fetched). The adapter comes from model_index.json:
         #   StableDiffusion*Pipeline            -> "stable-diffusion" (kind "text")
         #   Zero123Pipeline / cc_projection     -> "novel-view"       (kind "image")
-        #   MVDreamPipeline                     -> "multi-view"       (kind "multiview")
+        #   MVDreamPipeline                     -> "multi-view"       (kind "multiview"; the published
+        #                                          MultiViewUNetModel is converted at load time)
         # dtype: fp16 on CUDA, fp32 on CPU by default. Missing files or a model of
         # another kind -> PriorLoadError naming the path and what was expected.
 

@@ -304,6 +304,15 @@ def pick_weight_files(names: list[str], preferred: str | None) -> tuple[str | No
     return None
 
 
+def read_weights(path: Path) -> dict[str, torch.Tensor]:
+    """A state dict from one ``*.safetensors`` or ``*.bin`` file (tensors only, on the CPU)."""
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
 def pipeline_components(index: dict) -> list[str]:
     """Component folders of a ``model_index.json``: entries whose value is a [library, class] pair with a class."""
     return [k for k, v in index.items() if not k.startswith("_") and isinstance(v, list) and len(v) == 2 and v[1]]

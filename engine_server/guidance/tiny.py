@@ -47,6 +47,8 @@ class TinySize:
     """Tokenizer / text encoder sequence length (77 in real CLIP)."""
     norm_groups: int = 32
     """GroupNorm groups in the UNet and VAE."""
+    vae_layers_per_block: int = 1
+    """ResNet layers per VAE encoder block (2 in Stable Diffusion's VAE)."""
 
 
 TINY = TinySize()
@@ -55,8 +57,9 @@ MEDIUM = TinySize(unet_channels=(128, 256, 256), latent_size=16, vae_channels=(3
                   attention_head_dim=32, layers_per_block=1, text_layers=2, max_tokens=32)
 """A CPU-friendly size where the denoiser dominates a guidance step (benchmarks)."""
 SD21 = TinySize(unet_channels=(320, 640, 1280, 1280), latent_size=64, vae_channels=(128, 256, 512, 512),
-                context_dim=1024, attention_head_dim=64, layers_per_block=2, text_layers=2, max_tokens=77)
-"""Stable Diffusion 2.1's UNet / VAE shape (random weights; only for GPU benchmarks)."""
+                context_dim=1024, attention_head_dim=64, layers_per_block=2, text_layers=2, max_tokens=77,
+                vae_layers_per_block=2)
+"""Stable Diffusion 2.1's UNet / VAE shape (random weights; a 2-layer text encoder; for benchmarks and doctor)."""
 
 
 def _unet(size: TinySize, in_channels: int = 4, **extra) -> UNet2DConditionModel:
@@ -88,7 +91,7 @@ def _vae(size: TinySize) -> AutoencoderKL:
         down_block_types=("DownEncoderBlock2D",) * n,
         up_block_types=("UpDecoderBlock2D",) * n,
         block_out_channels=size.vae_channels,
-        layers_per_block=1,
+        layers_per_block=size.vae_layers_per_block,
         latent_channels=4,
         norm_num_groups=min(size.norm_groups, min(size.vae_channels)),
         sample_size=size.latent_size * 2 ** (n - 1),
@@ -300,6 +303,92 @@ def make_multiview(folder: str | Path, size: TinySize = TINY, num_views: int = 4
         "scheduler": ["diffusers", "DDPMScheduler"],
     }, num_views=num_views)
     return folder
+
+
+RESNET_TO_LDM = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1",
+                 "norm2": "out_layers.0", "conv2": "out_layers.3", "conv_shortcut": "skip_connection"}
+"""diffusers ResnetBlock2D names -> ldm ResBlock names."""
+
+
+def ldm_unet_name(key: str, layers_per_block: int, up_attention: set[int]) -> str:
+    """The ldm / MVDream name of a diffusers UNet2DConditionModel parameter (camera embedding as MVDream's).
+
+    Blocks of ``layers_per_block`` ResNets; ``up_attention`` are the up blocks with attentions (their
+    upsampler sits after the attention, at index 2 of its ldm output block).
+    """
+    per = layers_per_block + 1
+    p = key.split(".")
+
+    def resnet(rest: list[str]) -> str:
+        return ".".join([RESNET_TO_LDM.get(rest[0], rest[0]), *rest[1:]])
+
+    if p[0] in ("time_embedding", "class_embedding"):
+        head = "time_embed" if p[0] == "time_embedding" else "camera_embed"
+        return f"{head}.{0 if p[1] == 'linear_1' else 2}." + ".".join(p[2:])
+    simple = {"conv_in": "input_blocks.0.0", "conv_norm_out": "out.0", "conv_out": "out.2"}
+    if p[0] in simple:
+        return f"{simple[p[0]]}." + ".".join(p[1:])
+    if p[0] == "mid_block":
+        index = {("resnets", "0"): 0, ("attentions", "0"): 1, ("resnets", "1"): 2}[(p[1], p[2])]
+        rest = p[3:]
+        return f"middle_block.{index}." + (resnet(rest) if p[1] == "resnets" else ".".join(rest))
+    block = int(p[1])
+    if p[0] == "down_blocks":
+        if p[2] == "downsamplers":
+            return f"input_blocks.{(block + 1) * per}.0.op." + ".".join(p[5:])
+        i = 1 + block * per + int(p[3])
+        return f"input_blocks.{i}." + ("0." + resnet(p[4:]) if p[2] == "resnets" else "1." + ".".join(p[4:]))
+    if p[2] == "upsamplers":
+        return f"output_blocks.{block * per + layers_per_block}.{2 if block in up_attention else 1}.conv." + \
+            ".".join(p[5:])
+    i = block * per + int(p[3])
+    return f"output_blocks.{i}." + ("0." + resnet(p[4:]) if p[2] == "resnets" else "1." + ".".join(p[4:]))
+
+
+def make_mvdream_published(folder: str | Path, size: TinySize = TINY,
+                           seed: int = 0) -> tuple[Path, UNet2DConditionModel]:
+    """A random MVDream folder in the published diffusers layout (``ashawkey/mvdream-sd2.1-diffusers``).
+
+    ``unet/`` is MVDream's ``MultiViewUNetModel``: its own config keys and ldm-style weight names
+    (``input_blocks``, ``middle_block``, ``output_blocks``, ``time_embed``, ``camera_embed``); the
+    scheduler a DDIM config. Returns the folder and the diffusers UNet its weights came from.
+    """
+    from diffusers import DDIMScheduler
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(seed)
+    _text_components(folder, size)
+    unet = _unet(size, class_embed_type="projection", projection_class_embeddings_input_dim=16,
+                 use_linear_projection=True)
+    up_attention = {i for i, t in enumerate(unet.config.up_block_types) if t.startswith("CrossAttn")}
+    state = {ldm_unet_name(k, size.layers_per_block, up_attention): v.contiguous()
+             for k, v in unet.state_dict().items()}
+    (folder / "unet").mkdir()
+    save_file(state, str(folder / "unet" / "diffusion_pytorch_model.safetensors"), metadata={"format": "pt"})
+    n = len(size.unet_channels)
+    (folder / "unet" / "config.json").write_text(json.dumps({
+        "_class_name": "MultiViewUNetModel", "image_size": size.latent_size, "in_channels": 4, "out_channels": 4,
+        "model_channels": size.unet_channels[0],
+        "channel_mult": [c // size.unet_channels[0] for c in size.unet_channels],
+        "attention_resolutions": [2**i for i in range(n - 1)], "num_res_blocks": size.layers_per_block,
+        "num_head_channels": size.attention_head_dim, "transformer_depth": 1, "context_dim": size.context_dim,
+        "use_checkpoint": False, "camera_dim": 16,
+    }, indent=2))
+    _vae(size).save_pretrained(str(folder / "vae"))
+    DDIMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                  clip_sample=False, set_alpha_to_one=False, steps_offset=1).save_pretrained(str(folder / "scheduler"))
+    _write_index(folder, "MVDreamPipeline", {
+        "unet": ["mv_unet", "MultiViewUNetModel"],
+        "vae": ["diffusers", "AutoencoderKL"],
+        "text_encoder": ["transformers", "CLIPTextModel"],
+        "tokenizer": ["transformers", "CLIPTokenizer"],
+        "scheduler": ["diffusers", "DDIMScheduler"],
+        "feature_extractor": [None, None],
+        "image_encoder": [None, None],
+    }, requires_safety_checker=False)
+    return folder, unet
 
 
 def make_novel_view(folder: str | Path, size: TinySize = TINY, projection_component: str = "clip_camera_projection",

@@ -9,6 +9,7 @@ import torch
 
 from engine_server.guidance import Conditioning, GuidanceConfig, PriorLoadError, build_guidance, load_prior, tiny
 from engine_server.guidance.adapters import NovelViewPrior, StableDiffusionPrior
+from engine_server.guidance.diagnose import layout_of, weight_variants
 from engine_server.guidance.prior import hub_files_to_fetch, pick_weight_files, weight_variant
 
 SD15_FILES = [  # the published stable-diffusion-v1-5 repo's listing (weights in every variant and format)
@@ -141,6 +142,8 @@ def test_hub_id_loads_offline_from_the_cache_through_the_same_code(model_dir, ca
     snapshot = tiny.write_hub_cache(folder, offline_cache, "tiny-org/tiny-sd")
     prior = load_prior("tiny-org/tiny-sd")
     assert isinstance(prior, StableDiffusionPrior) and prior.source == str(snapshot)
+    assert layout_of("tiny-org/tiny-sd", prior.source) == "hub id 'tiny-org/tiny-sd' (Hugging Face cache)"
+    assert weight_variants(prior.source, prior.dtype)["unet"].startswith("'fp16'")
     assert torch.isfinite(_step(prior, cameras)).all()
 
 
@@ -183,3 +186,34 @@ def test_single_file_checkpoints_go_through_diffusers_and_say_what_they_need(tmp
     picture.write_bytes(b"\x89PNG")
     with pytest.raises(PriorLoadError, match=r"ref.png is a file; expected a diffusers model folder .* single-file"):
         load_prior(picture)
+
+
+def test_published_mvdream_unet_is_converted_exactly_and_runs_a_step(cameras, tmp_path):
+    from diffusers.models.attention_processor import AttnProcessor2_0
+
+    from engine_server.guidance.adapters import MultiViewPrior
+
+    folder, source = tiny.make_mvdream_published(tmp_path / "mvdream-published")
+    assert json.loads((folder / "unet" / "config.json").read_text())["_class_name"] == "MultiViewUNetModel"
+    prior = load_prior(folder)
+    assert isinstance(prior, MultiViewPrior) and prior.num_views == 4
+    grad = _step(prior, cameras)
+    assert torch.isfinite(grad).all() and grad.abs().sum() > 0
+    x, t = torch.randn(4, 4, 8, 8), torch.full((4,), 500)
+    context, labels = torch.randn(4, 16, 32), torch.randn(4, 16)
+    prior.unet.set_attn_processor(AttnProcessor2_0())  # per-view attention, as the source UNet has
+    with torch.no_grad():
+        torch.testing.assert_close(prior.unet(x, t, context, class_labels=labels).sample,
+                                   source(x, t, context, class_labels=labels).sample, rtol=0, atol=0)
+
+
+def test_mvdream_weights_without_ldm_names_are_refused(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    folder, _ = tiny.make_mvdream_published(tmp_path / "mvdream-renamed")
+    path = folder / "unet" / "diffusion_pytorch_model.safetensors"
+    state = {k: v for k, v in load_file(str(path)).items() if not k.startswith("camera_embed.")}
+    save_file(state, str(path))
+    with pytest.raises(PriorLoadError, match=r"diffusion_pytorch_model.safetensors has no ldm-style MVDream UNet "
+                                             r"weights \(input_blocks.\*, camera_embed.\*\)"):
+        load_prior(folder)

@@ -14,13 +14,16 @@ folder whose ``model_index.json`` has ``"_class_name": "MVDreamPipeline"``,
 components ``unet``, ``vae``, ``text_encoder``, ``tokenizer``, ``scheduler``,
 and optionally ``"num_views": N`` (default 4).
 
-Real MVDream checkpoints (the original ``.ckpt`` or ports whose unet class is
-``MultiViewUNetModel``) need their weights converted to this layout first: the
-UNet weights map onto SD 2.1's diffusers names plus ``class_embedding.linear_1/2``
-for MVDream's ``camera_embed``. No conversion script is shipped yet; such a
-folder is refused with a ``PriorLoadError`` saying so. Cameras are Blender c2w;
-MVDream's own renders put azimuth 0 on +X, so a converted checkpoint may need an
-azimuth offset in the pipeline's camera rig.
+The published diffusers-format MVDream (``ashawkey/mvdream-sd2.1-diffusers``) ships its
+UNet as a ``MultiViewUNetModel``: MVDream's own config (``model_channels``,
+``channel_mult``, ``attention_resolutions``, ``num_head_channels``, ``context_dim``,
+``camera_dim`` ...) and ldm-style parameter names (``input_blocks.*``,
+``middle_block.*``, ``output_blocks.*``, ``time_embed.*``, ``camera_embed.*``). It is
+converted at load time: the config into the equivalent ``UNet2DConditionModel`` one
+(:func:`diffusers_unet_config`), the weights by diffusers' own ldm converter with
+``camera_embed.0/2`` as the projection class embedding's ``linear_1/2``. Cameras are
+Blender c2w; MVDream's own renders put azimuth 0 on +X, so the pipeline's camera rig
+may need an azimuth offset (not verified here: no real weights).
 """
 from __future__ import annotations
 
@@ -29,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from diffusers import UNet2DConditionModel
 from diffusers.models.attention_processor import AttnProcessor2_0
 
 from engine_server.guidance.adapters.base import (
@@ -43,9 +47,13 @@ from engine_server.guidance.config import Conditioning, PriorDefaults, TimestepS
 from engine_server.guidance.prior import (
     PriorInputs,
     PriorLoadError,
+    pick_weight_files,
     pipeline_components,
+    preferred_variant,
     read_component_config,
+    read_weights,
     register_prior,
+    variant_label,
 )
 
 logger = logging.getLogger(__name__)
@@ -106,6 +114,74 @@ def install_multiview_attention(unet, state: MultiViewState) -> int:
     return count
 
 
+MVDREAM_UNET_CLASS = "MultiViewUNetModel"
+MVDREAM_UNET_KEYS = ("image_size", "in_channels", "out_channels", "model_channels", "channel_mult",
+                     "attention_resolutions", "num_res_blocks", "context_dim", "camera_dim")
+"""Config keys of MVDream's UNet that its diffusers equivalent is built from."""
+
+
+def diffusers_unet_config(mv: dict) -> dict:
+    """The ``UNet2DConditionModel`` config equivalent to an MVDream ``MultiViewUNetModel`` config."""
+    missing = [k for k in MVDREAM_UNET_KEYS if k not in mv]
+    if missing:
+        raise PriorLoadError(f"an MVDream {MVDREAM_UNET_CLASS} config lacks {missing}; expected "
+                             f"{', '.join(MVDREAM_UNET_KEYS)} and num_head_channels (or num_heads)")
+    try:
+        channels = [int(mv["model_channels"]) * int(m) for m in mv["channel_mult"]]
+        factors = [2**i for i in range(len(channels))]
+        with_attention = {int(r) for r in mv["attention_resolutions"]}
+        head_channels = int(mv.get("num_head_channels", -1))
+        heads = [c // head_channels if head_channels > 0 else int(mv["num_heads"]) for c in channels]
+        return {
+            "sample_size": int(mv["image_size"]),
+            "in_channels": int(mv["in_channels"]),
+            "out_channels": int(mv["out_channels"]),
+            "block_out_channels": channels,
+            "layers_per_block": int(mv["num_res_blocks"]),
+            "down_block_types": ["CrossAttnDownBlock2D" if f in with_attention else "DownBlock2D" for f in factors],
+            "up_block_types": ["CrossAttnUpBlock2D" if f in with_attention else "UpBlock2D"
+                               for f in reversed(factors)],
+            "attention_head_dim": heads,
+            "cross_attention_dim": int(mv["context_dim"]),
+            "transformer_layers_per_block": int(mv.get("transformer_depth", 1)),
+            "use_linear_projection": True,
+            "class_embed_type": "projection",
+            "projection_class_embeddings_input_dim": int(mv["camera_dim"]),
+        }
+    except (KeyError, TypeError, ValueError) as exc:
+        raise PriorLoadError(f"an MVDream {MVDREAM_UNET_CLASS} config has a bad value ({type(exc).__name__}: "
+                             f"{exc}): {mv}") from exc
+
+
+def load_mvdream_unet(folder: Path, device: torch.device, dtype: torch.dtype) -> UNet2DConditionModel:
+    """The published ``MultiViewUNetModel`` (ldm-style names) converted into a ``UNet2DConditionModel``."""
+    from diffusers.loaders.single_file_utils import LDM_UNET_KEY, convert_ldm_unet_checkpoint
+
+    sub = folder / "unet"
+    config = diffusers_unet_config(read_component_config(folder, "unet"))
+    picked = pick_weight_files(sorted(p.name for p in sub.iterdir()), preferred_variant(dtype))
+    if picked is None:
+        raise PriorLoadError(f"{sub} holds no MultiViewUNetModel weights (*.safetensors or *.bin, default or fp16 "
+                             f"variant); found {sorted(p.name for p in sub.iterdir())}")
+    state: dict[str, torch.Tensor] = {}
+    for name in picked[1]:
+        state.update(read_weights(sub / name))
+    if "camera_embed.0.weight" not in state or not any(k.startswith("input_blocks.") for k in state):
+        raise PriorLoadError(f"{sub / picked[1][0]} has no ldm-style MVDream UNet weights (input_blocks.*, "
+                             f"camera_embed.*); found {sorted(state)[:5]}")
+    ldm = {LDM_UNET_KEY + k.replace("camera_embed.", "label_emb.0.", 1): v for k, v in state.items()}
+    try:
+        converted = convert_ldm_unet_checkpoint(ldm, config)
+        unet = UNet2DConditionModel(**config)
+        unet.load_state_dict(converted, strict=True)
+    except (KeyError, RuntimeError, ValueError) as exc:
+        raise PriorLoadError(f"could not convert {sub} ({MVDREAM_UNET_CLASS}, weights variant "
+                             f"{variant_label(picked[0])}) into a diffusers UNet: {type(exc).__name__}: {exc}") from exc
+    logger.info("converted the MVDream UNet of %s (%s weights)", folder, variant_label(picked[0]))
+    unet = unet.to(device) if dtype == torch.float32 else unet.to(device=device, dtype=dtype)
+    return unet.eval().requires_grad_(False)
+
+
 def _is_multiview(index: dict, folder: Path) -> bool:
     return str(index.get("_class_name", "")) in MV_CLASS_NAMES
 
@@ -113,8 +189,9 @@ def _is_multiview(index: dict, folder: Path) -> bool:
 @register_prior(
     "multi-view",
     matches=_is_multiview,
-    expects="an MVDreamPipeline folder (model_index.json, unet/ UNet2DConditionModel with a 16-d projection "
-    "class embedding for cameras, vae/, text_encoder/, tokenizer/, scheduler/)",
+    expects="an MVDreamPipeline folder (model_index.json, unet/ (MVDream's MultiViewUNetModel, or a "
+    "UNet2DConditionModel with a 16-d projection class embedding for cameras), vae/, text_encoder/, tokenizer/, "
+    "scheduler/)",
 )
 class MultiViewPrior(TextConditioned, LatentDiffusionPrior):
     """Camera-conditioned multi-view text prior: N views denoised jointly, each with its camera."""
@@ -151,7 +228,7 @@ class MultiViewPrior(TextConditioned, LatentDiffusionPrior):
 
     @classmethod
     def from_folder(cls, folder: Path, device: torch.device, dtype: torch.dtype) -> MultiViewPrior:
-        """Load an MVDream-style folder; refuses unconverted MVDream checkpoints with a clear error."""
+        """Load an MVDream folder: the published layout (its UNet converted) or the diffusers-native one."""
         from engine_server.guidance.prior import read_model_index
 
         index = read_model_index(folder)
@@ -159,20 +236,22 @@ class MultiViewPrior(TextConditioned, LatentDiffusionPrior):
         if missing:
             raise PriorLoadError(f"{folder}: model_index.json lacks components {sorted(missing)} of an MVDream folder")
         unet_cfg = read_component_config(folder, "unet")
-        if unet_cfg.get("_class_name") != "UNet2DConditionModel":
+        if unet_cfg.get("_class_name") == MVDREAM_UNET_CLASS:
+            unet = load_mvdream_unet(folder, device, dtype)
+        elif unet_cfg.get("_class_name") != "UNet2DConditionModel":
             raise PriorLoadError(
-                f"{folder}/unet is a {unet_cfg.get('_class_name')!r}; expected a diffusers UNet2DConditionModel "
-                "with class_embed_type='projection' (a real MVDream checkpoint must be converted to this layout "
-                "first; no conversion script is shipped yet)"
+                f"{folder}/unet is a {unet_cfg.get('_class_name')!r}; expected MVDream's {MVDREAM_UNET_CLASS} or "
+                "a diffusers UNet2DConditionModel with class_embed_type='projection'"
             )
-        if unet_cfg.get("class_embed_type") != "projection" or \
+        elif unet_cfg.get("class_embed_type") != "projection" or \
                 unet_cfg.get("projection_class_embeddings_input_dim") != CAMERA_DIM:
             raise PriorLoadError(
                 f"{folder}/unet has class_embed_type={unet_cfg.get('class_embed_type')!r}, "
                 f"projection_class_embeddings_input_dim={unet_cfg.get('projection_class_embeddings_input_dim')!r}; "
                 f"expected 'projection' and {CAMERA_DIM} (the camera embedding of a multi-view model)"
             )
-        unet = load_unet(folder, device, dtype)
+        else:
+            unet = load_unet(folder, device, dtype)
         vae = load_vae(folder, device, dtype)
         text_encoder, tokenizer = load_clip_text(folder, device, dtype)
         schedule = load_noise_schedule(folder)

@@ -46,6 +46,7 @@ from engine_server.guidance.prior import (
     pick_weight_files,
     pipeline_components,
     preferred_variant,
+    read_weights,
     register_prior,
     tensor_key,
 )
@@ -113,12 +114,7 @@ def _read_state_dict(sub: Path, preferred: str | None) -> dict[str, torch.Tensor
     if picked is None or len(picked[1]) != 1:
         raise PriorLoadError(f"{sub} holds no single weights file (*.safetensors or *.bin, default or fp16 "
                              f"variant); found {sorted(p.name for p in sub.iterdir())}")
-    path = sub / picked[1][0]
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        return load_file(str(path))
-    return torch.load(path, map_location="cpu", weights_only=True)
+    return read_weights(sub / picked[1][0])
 
 
 def _is_zero123(index: dict, folder: Path) -> bool:
