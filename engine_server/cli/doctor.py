@@ -64,7 +64,8 @@ def format_report(r: dict) -> str:
         + "".join(f", {k} stage {s:g}" for k, s in d["stage_guidance_scale"].items()),
         f"            timesteps {tuple(ts['start'])} -> {tuple(ts['end'])} over {ts['anneal_fraction']:g} of the run",
         f"            background {'learned' if d['background_rgb'] is None else tuple(d['background_rgb'])}, "
-        f"render size {d['render_size'] or r['resolution']}",
+        f"render size {min(d['render_size'] or r['resolution'], r['resolution'])} px (upsampled to "
+        f"{r['resolution']} px for the encoder)",
         f"            cameras {ranges or 'the engine defaults'}",
         f"            from {d['anchor']}",
     ]
