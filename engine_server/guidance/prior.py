@@ -109,6 +109,15 @@ class Prior(Protocol):
         """Noise estimate eps (N, C, h, w) float32 of noisy latents (N, C, h, w) at timesteps t (N,)."""
         ...
 
+    # Optional hooks, looked up with getattr by the multi-view sampler (engine_server/multiview):
+    #   scheduler_config: dict        the diffusers scheduler config the prior was trained with
+    #                                 (else <source>/scheduler/scheduler_config.json, else built
+    #                                 from alphas_cumprod);
+    #   predict_output(latents_t, t, embeddings, cameras) -> the network's raw output in its
+    #                                 prediction_type (else predict_noise's eps, converted back);
+    #   check_views(images, cameras, fovs, prompt) -> (score (N,), per view None or what is wrong),
+    #                                 so a wrong view is redrawn (only the bundled prior can tell today).
+
 
 # --------------------------------------------------------------------------- registry
 
