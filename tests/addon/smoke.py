@@ -455,12 +455,15 @@ def main() -> int:
             rt.runtime.reports.clear()
 
         if args.expect_worker and args.ui_path:  # Ctrl-C while a background operator waits: the job is cancelled
-            s.prompt, s.image = args.prompt, None
+            s.prompt, s.image, overrides = args.prompt, None, s.overrides
+            # Far more steps than the tiny job: still running when the signal comes, however idle the machine.
+            s.overrides = f"{overrides} coarse_steps=2000"
             p.job_timeout_s = args.job_timeout
             interrupt = threading.Timer(1.5, lambda: os.kill(os.getpid(), signal.SIGINT))
             interrupt.start()
             result, err, took = _op_error(lambda: bpy.ops.generate3d.generate())
             interrupt.join()
+            s.overrides = overrides
             job = list(rt.runtime.session.jobs.values())[-1]
             state, deadline = "", time.monotonic() + 15
             while time.monotonic() < deadline and state != "cancelled":
