@@ -13,7 +13,7 @@ from engine_server.wire import protocol
 from engine_server.wire.client import EngineClient, EngineTimeout, RequestError, ServerBusy
 from engine_server.service.jobs import Result
 from engine_server.service.server import ConfigError, EngineServer, ServerConfig
-from engine_server.wire.protocol import is_loopback as is_local_endpoint
+from engine_server.wire.protocol import is_loopback
 
 from .conftest import glb_bytes, png_bytes
 
@@ -334,9 +334,9 @@ def test_public_bind_without_auth_refuses_to_start(tmp_path, key_file):
     for bind in ("tcp://0.0.0.0:0", "tcp://*:5557", "tcp://192.168.1.5:5557", "tcp://eth0:5557"):
         with pytest.raises(ConfigError, match="without authentication"):
             EngineServer(ServerConfig(bind=bind, auth=False, data_dir=tmp_path / "d", key_file=key_file))
-    assert is_local_endpoint("tcp://127.0.0.1:5557") and is_local_endpoint("tcp://[::1]:5557")
-    assert is_local_endpoint("tcp://localhost:1") and is_local_endpoint("ipc:///tmp/x")
-    assert not is_local_endpoint("tcp://10.0.0.1:1") and not is_local_endpoint("pgm://x")
+    assert is_loopback("tcp://127.0.0.1:5557") and is_loopback("tcp://[::1]:5557")
+    assert is_loopback("tcp://localhost:1") and is_loopback("ipc:///tmp/x")
+    assert not is_loopback("tcp://10.0.0.1:1") and not is_loopback("pgm://x")
 
 
 def test_no_auth_mode_on_loopback(make_server, make_client):
