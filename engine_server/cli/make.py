@@ -111,8 +111,10 @@ def cmd_multiview(args: argparse.Namespace) -> int:
         Image.fromarray(m.numpy().astype(np.uint8) * 255).save(out / f"mask_{i:02d}.png")
         cams.append({"image": f"view_{i:02d}.png", "mask": f"mask_{i:02d}.png", "c2w": result.c2w[i].tolist(),
                      "fov_y_deg": float(result.fovs[i]), "agreement": float(result.agreement[i])})
-    (out / "cameras.json").write_text(json.dumps({"strategy": result.strategy, "views": cams}, indent=2))
-    print(f"wrote {len(cams)} views to {out} (silhouette agreement mean {float(result.agreement.mean()):.3f})")
+    (out / "cameras.json").write_text(json.dumps({"strategy": result.strategy, "redrawn": result.redrawn,
+                                                  "views": cams}, indent=2))
+    print(f"wrote {len(cams)} views to {out} (silhouette agreement mean {float(result.agreement.mean()):.3f}, "
+          f"{result.redrawn} redrawn for not showing the prompt)")
     return 0
 
 

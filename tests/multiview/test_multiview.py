@@ -98,6 +98,7 @@ def test_multiview_cli_writes_views_and_cameras(tmp_path, capsys):
     meta = json.loads((tmp_path / "mv" / "cameras.json").read_text())
     assert len(meta["views"]) == 4 and all((tmp_path / "mv" / v["image"]).is_file() for v in meta["views"])
     assert len(meta["views"][0]["c2w"]) == 4
+    assert isinstance(meta["redrawn"], int) and 0 <= meta["redrawn"] <= 4
     assert main(["multiview", "--out", str(tmp_path / "none")]) == 2
     assert "PROMPT or --image" in capsys.readouterr().err
 
