@@ -420,19 +420,24 @@ def fill(path: Path) -> int:
                 return written
 
 
-def test_a_full_disk_refuses_a_submit_with_storage_and_the_server_serves_on(tmp_path, processes):
+def _server_on_tmpfs(tmp_path: Path, processes: list, size_mb: int, *extra: str, worker: bool = False):
+    """A server whose data folder is a private ``size_mb`` tmpfs, seen only by it (and through /proc/PID/root)
+    -> (process, endpoint, log, the data folder as the server sees it); skips where the kernel refuses."""
     reason = _private_tmpfs_refusal()
     if reason:
         pytest.skip(reason)
     data = tmp_path / "data"
     data.mkdir()
-    # The data folder is a 16 MiB tmpfs seen only by the server (and through /proc/PID/root).
     prefix = ("unshare", "-m", "--propagation", "private", "sh", "-c",
-              f"mount -t tmpfs -o size=16m tmpfs {data} && exec \"$0\" \"$@\"")
-    proc, endpoint, log = start_server(tmp_path, prefix=prefix, data=data)
+              f"mount -t tmpfs -o size={size_mb}m tmpfs {data} && exec \"$0\" \"$@\"")
+    proc, endpoint, log = start_server(tmp_path, *extra, prefix=prefix, data=data, worker=worker)
     processes.append(proc)
-    inside = Path(f"/proc/{proc.pid}/root") / str(data).lstrip("/")
-    assert (inside / "jobs.sqlite3").exists() and not (data / "jobs.sqlite3").exists()  # the private tmpfs
+    return proc, endpoint, log, Path(f"/proc/{proc.pid}/root") / str(data).lstrip("/")
+
+
+def test_a_full_disk_refuses_a_submit_with_storage_and_the_server_serves_on(tmp_path, processes):
+    proc, endpoint, log, inside = _server_on_tmpfs(tmp_path, processes, 16)
+    assert (inside / "jobs.sqlite3").exists() and not (tmp_path / "data" / "jobs.sqlite3").exists()  # the private tmpfs
     peer = Peer(endpoint, read_key(tmp_path))
     try:
         first = peer.request(envelope("submit", request_id="before", kind="text", prompt="a red cube"))
@@ -476,16 +481,7 @@ def _events_until(peer: Peer, job_id: str, done, timeout: float) -> list[dict]:
 
 @pytest.mark.slow  # a real worker (torch import, bundled prior) and two jobs: ~60 s on 2 busy cores
 def test_a_full_disk_fails_the_running_job_with_storage_and_the_queued_one_runs_once_space_is_back(tmp_path, processes):
-    reason = _private_tmpfs_refusal()
-    if reason:
-        pytest.skip(reason)
-    data = tmp_path / "data"
-    data.mkdir()
-    prefix = ("unshare", "-m", "--propagation", "private", "sh", "-c",
-              f"mount -t tmpfs -o size=96m tmpfs {data} && exec \"$0\" \"$@\"")
-    proc, endpoint, log = start_server(tmp_path, "--min-free-mb", "16", prefix=prefix, data=data, worker=True)
-    processes.append(proc)
-    inside = Path(f"/proc/{proc.pid}/root") / str(data).lstrip("/")
+    proc, endpoint, log, inside = _server_on_tmpfs(tmp_path, processes, 96, "--min-free-mb", "16", worker=True)
     peer = Peer(endpoint, read_key(tmp_path))
     try:
         running = peer.request(envelope("submit", request_id="running", kind="text", prompt="a red cube", options={
