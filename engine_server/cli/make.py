@@ -134,7 +134,7 @@ def _reconstruct(args: argparse.Namespace):
     glb = output_glb(args.glb, args.fit_steps, flag="--glb", steps_flag="--fit-steps")
     request = ImageTo3DRequest(image=args.image, prompt=args.prompt or "", seed=args.seed, model=args.model,
                                views=args.views,
-                               overrides={"coarse_steps": args.fit_steps} if args.fit_steps else {},
+                               overrides={KINDS["multiview"].steps_option: args.fit_steps} if args.fit_steps else {},
                                fit=ImageFitConfig(multiview_strategy=args.strategy, multiview_steps=_view_steps(args)))
     pipeline, mesh = run_in_process(partial(ImageTo3D, request, device=resolve_device(args.device)), glb)
     print(f"wrote {glb} ({len(mesh.faces)} faces) in {pipeline.timings['total_s']:.1f} s")
