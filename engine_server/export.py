@@ -35,7 +35,7 @@ import json
 import logging
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, NamedTuple
 
@@ -79,6 +79,42 @@ class MaterialParams:
                 raise ValueError(f"MaterialParams.{name} must be in [0, 1], got {value}")
         if len(self.base_color_factor) != 4 or not all(0.0 <= c <= 1.0 for c in self.base_color_factor):
             raise ValueError(f"MaterialParams.base_color_factor must be 4 values in [0, 1], got {self.base_color_factor}")
+
+
+@dataclass
+class TexturedMesh:
+    """The one in-memory result every exporter writes: geometry, UVs, maps and material factors.
+
+    Pipelines build it once; :func:`export_mesh` writes it as GLB, OBJ or USD from the same values.
+    """
+
+    vertices: np.ndarray
+    """(V, 3) float32, engine (Blender, Z-up) coordinates."""
+    faces: np.ndarray
+    """(F, 3) int64 vertex indices, counter-clockwise seen from outside."""
+    uvs: np.ndarray
+    """(V, 2) float32, glTF convention (top-left origin)."""
+    base_color: np.ndarray
+    """(S, S, 3|4) uint8 sRGB base colour, row 0 = top."""
+    normal_map: np.ndarray | None = None
+    """(S, S, 3) uint8 tangent-space normal map (MikkTSpace, glTF / OpenGL convention: +Y green up), or None."""
+    material: MaterialParams = field(default_factory=MaterialParams)
+    """Metallic / roughness factors."""
+    normals: np.ndarray | None = None
+    """(V, 3) engine-space unit vertex normals, or None for :func:`smooth_normals`."""
+
+
+def export_mesh(path: str | os.PathLike[str], mesh: TexturedMesh, name: str = "generated",
+                sidecar: dict | None = None) -> Path:
+    """Write ``mesh`` in the format its path's extension names; returns the path.
+
+    ``.glb`` today (OBJ and USD follow).
+    """
+    out = Path(path)
+    if out.suffix.lower() == ".glb":
+        return export_glb(out, mesh.vertices, mesh.faces, mesh.uvs, mesh.base_color, material=mesh.material,
+                          name=name, sidecar=sidecar, normals=mesh.normals)
+    raise ValueError(f"cannot export {out}: the extension must be .glb")
 
 
 class LoadedGLB(NamedTuple):
