@@ -219,3 +219,45 @@ def chamfer_loss(points_a: torch.Tensor, points_b: torch.Tensor, chunk: int = 40
     if points_a.shape[0] == 0 or points_b.shape[0] == 0:
         raise ValueError("chamfer_loss needs two non-empty point sets")
     return 0.5 * (one_way(points_a, points_b) + one_way(points_b, points_a))
+
+
+def dihedral_angles(vertices: ArrayLike, faces: ArrayLike) -> np.ndarray:
+    """(E,) angles in radians between the normals of the two faces of every interior edge.
+
+    Edges with one face (borders) or more than two are left out; degenerate faces count
+    as a zero normal, so their edges give pi / 2.
+    """
+    v, f = _as_numpy_mesh(vertices, faces)
+    if len(f) == 0:
+        return np.zeros(0)
+    mesh = trimesh.Trimesh(v, f, process=False, validate=False)
+    pairs = mesh.face_adjacency  # (E, 2) faces sharing an edge (manifold edges only)
+    n = np.cross(v[f[:, 1]] - v[f[:, 0]], v[f[:, 2]] - v[f[:, 0]]).astype(np.float64)
+    n /= np.maximum(np.linalg.norm(n, axis=1, keepdims=True), 1e-30)
+    cos = np.einsum("ij,ij->i", n[pairs[:, 0]], n[pairs[:, 1]])
+    return np.arccos(np.clip(cos, -1.0, 1.0))
+
+
+def ideal_sphere_dihedral(n_faces: int) -> float:
+    """Median dihedral angle (radians) of an evenly triangulated sphere with ``n_faces`` faces.
+
+    Edge length of equilateral triangles tiling the unit sphere, sqrt(16 pi / (N sqrt 3)),
+    times 0.634, which makes icospheres of 1k-20k faces score 0.99-1.0 (marching tetrahedra on an
+    analytic sphere score about 0.7: their uneven triangles leave many near-coplanar pairs).
+    """
+    if n_faces < 1:
+        raise ValueError(f"n_faces must be >= 1, got {n_faces}")
+    return 0.634 * float(np.sqrt(16.0 * np.pi / (n_faces * np.sqrt(3.0))))
+
+
+def dihedral_ratio(vertices: ArrayLike, faces: ArrayLike) -> float:
+    """Bumpiness: the median dihedral angle over the ideal sphere's at the same face count.
+
+    About 1 for a smooth closed surface evenly triangulated (an icosphere: 1.0); a surface
+    with small bumps is several times that (issue 17 measured 3.5 on a draft sphere).
+    Flat regions pull the median down, so compare like with like (a sphere with a sphere).
+    """
+    angles = dihedral_angles(vertices, faces)
+    if len(angles) == 0:
+        raise ValueError("dihedral_ratio needs a mesh with at least one interior edge")
+    return float(np.median(angles)) / ideal_sphere_dihedral(len(np.asarray(faces)))

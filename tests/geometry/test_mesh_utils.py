@@ -96,3 +96,24 @@ def test_differentiable_sampling_and_chamfer_loss():
     # Growing the box reduces the loss: the gradient points inward on every corner.
     assert ((v.grad * v.detach()).sum(1) < 0).all()
     assert math.isfinite(loss.item())
+
+
+def test_dihedral_ratio_is_one_on_icospheres_and_grows_with_bumps():
+    from engine_server.geometry.mesh_utils import dihedral_angles, dihedral_ratio, ideal_sphere_dihedral
+
+    for level in (3, 4):
+        ico = trimesh.creation.icosphere(subdivisions=level)
+        assert dihedral_ratio(ico.vertices, ico.faces) == pytest.approx(1.0, abs=0.02)
+    # The measure does not depend on size, only on shape and face count.
+    ico = trimesh.creation.icosphere(subdivisions=4)
+    assert dihedral_ratio(ico.vertices * 7.0, ico.faces) == pytest.approx(dihedral_ratio(ico.vertices, ico.faces))
+    rng = np.random.default_rng(0)
+    bumpy = ico.vertices * (1.0 + 0.01 * rng.standard_normal((len(ico.vertices), 1)))
+    assert dihedral_ratio(bumpy, ico.faces) > 3.0
+    # A cube's interior edges are flat (0) or right angles (pi / 2).
+    box = trimesh.creation.box()
+    angles = np.sort(dihedral_angles(box.vertices, box.faces))
+    assert np.allclose(angles[:6], 0.0, atol=1e-6) and np.allclose(angles[6:], np.pi / 2)
+    assert ideal_sphere_dihedral(5120) == pytest.approx(0.634 * math.sqrt(16 * math.pi / (5120 * math.sqrt(3))))
+    with pytest.raises(ValueError, match="n_faces"):
+        ideal_sphere_dihedral(0)
