@@ -121,6 +121,19 @@ class ViewPromptConfig:
     """A view above this elevation is an overhead view, whatever its azimuth."""
     template: str = "{prompt}, {view}"
     """How the suffix joins the prompt."""
+    perp_neg: bool = False
+    """Perp-Neg (Armandpour et al. 2023): the view prompt is interpolated between its two neighbours and
+    the other views' prompts are subtracted as perpendicular negatives, against the Janus (multi-face)
+    problem. Needs a prior conditioned on text embeddings (Stable Diffusion); one extra denoiser pass
+    per negative (two)."""
+    perp_neg_front_side: tuple[float, float, float] = (4.0, 0.5, -2.426)
+    """(a, b, c) of the negative weight a exp(-b r) + c of the front prompt between front and side (r: 1 front)."""
+    perp_neg_side_front: tuple[float, float, float] = (4.0, 0.5, -2.426)
+    """The same for the side prompt between front and side (evaluated at 1 - r)."""
+    perp_neg_side_back: tuple[float, float, float] = (1.0, 0.5, -0.606)
+    """The side prompt's weight between side and back (r: 1 side, 0 back)."""
+    perp_neg_front_back: tuple[float, float, float] = (1.0, 0.5, 0.967)
+    """The front prompt's weight between side and back."""
 
 
 @dataclass

@@ -49,6 +49,10 @@ class PriorInputs:
     """Conditional branch (the prompt / reference view)."""
     uncond: dict[str, Any]
     """Unconditional branch (negative prompt / null reference) for classifier-free guidance."""
+    negatives: list[dict[str, Any]] = field(default_factory=list)
+    """Perp-Neg's negative branches (each like ``cond``); empty without Perp-Neg."""
+    negative_weights: torch.Tensor | None = None
+    """(B, len(negatives)) Perp-Neg weights of the negative branches."""
     _cfg: dict[str, Any] | None = field(default=None, repr=False)
 
     def cfg_batch(self) -> dict[str, Any]:

@@ -25,7 +25,7 @@ from torch import nn
 
 from engine_server.guidance.config import SDS, VSD, Conditioning, GuidanceConfig
 from engine_server.guidance.prior import Prior, PriorInputs
-from engine_server.guidance.views import view_prompts
+from engine_server.guidance.views import perp_neg_plan, view_prompts
 
 logger = logging.getLogger(__name__)
 
@@ -61,6 +61,21 @@ def classifier_free_guidance(eps_uncond: torch.Tensor, eps_cond: torch.Tensor, s
     return eps_uncond + scale * (eps_cond - eps_uncond)
 
 
+def perpendicular(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """The part of each sample of ``x`` perpendicular to the same sample of ``y`` (batch first)."""
+    dims = tuple(range(1, x.dim()))
+    along = (x * y).sum(dims, keepdim=True) / (y * y).sum(dims, keepdim=True).clamp_min(1e-12)
+    return x - along * y
+
+
+def _mix(a: Any, b: Any, weight: torch.Tensor, prior: Prior) -> torch.Tensor:
+    if not (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)):
+        raise ValueError(f"Perp-Neg mixes text embeddings; {type(prior).__name__} is conditioned on "
+                         f"{type(a).__name__} values")
+    w = weight.to(a.device, a.dtype).view(-1, *([1] * (a.dim() - 1)))
+    return w * a + (1 - w) * b
+
+
 def clean_gradient(grad: torch.Tensor, clip: float | None, mode: str = "value") -> torch.Tensor:
     """NaN/inf-free gradient, clipped element-wise ("value") or per item ("norm") when ``clip`` is set."""
     grad = torch.nan_to_num(grad, nan=0.0, posinf=0.0, neginf=0.0)
@@ -85,6 +100,9 @@ class ScoreDistillation:
     def __init__(self, prior: Prior, config: GuidanceConfig | None = None) -> None:
         self.prior = prior
         self.config = config or GuidanceConfig()
+        if self.config.view_prompts.perp_neg and prior.kind != "text":
+            raise ValueError(f"Perp-Neg is for text-to-image priors; {type(prior).__name__} is a "
+                             f"{prior.kind!r} prior")
         self.device = prior.device
         self.generator = torch.Generator(device=self.device).manual_seed(self.config.seed)
         self.weights = timestep_weights(prior.alphas_cumprod, self.config.weighting).to(self.device)
@@ -110,9 +128,26 @@ class ScoreDistillation:
     def prepare_inputs(self, cond: Conditioning, cameras: torch.Tensor) -> tuple[PriorInputs, list[str] | None]:
         """The prior's conditioning for these views, with view-dependent prompts for text-only priors."""
         prompts = None
-        if self.prior.kind == "text" and self.config.view_prompts.enabled and cond.prompt is not None:
-            prompts = view_prompts(cond.prompt, cameras, self.config.view_prompts)
+        views = self.config.view_prompts
+        if self.prior.kind == "text" and views.enabled and cond.prompt is not None:
+            prompts = view_prompts(cond.prompt, cameras, views)
+            if views.perp_neg:
+                return self._perp_neg_inputs(cond, cameras), prompts
         return self.prior.prepare_conditioning(cond, cameras, prompts), prompts
+
+    def _perp_neg_inputs(self, cond: Conditioning, cameras: torch.Tensor) -> PriorInputs:
+        """Perp-Neg's branches: the positive as a mix of two view prompts' embeddings, two negatives."""
+        views = self.config.view_prompts
+        plan = perp_neg_plan(cameras, views)
+
+        def branch(names: list[str]) -> PriorInputs:
+            return self.prior.prepare_conditioning(
+                cond, cameras, [views.template.format(prompt=cond.prompt, view=n) for n in names])
+
+        first, second = branch(plan.positive[0]), branch(plan.positive[1])
+        mixed = {k: _mix(first.cond[k], second.cond[k], plan.mix, self.prior) for k in first.cond}
+        return PriorInputs(cond=mixed, uncond=first.uncond, negatives=[branch(n).cond for n in plan.negative],
+                           negative_weights=plan.weights.to(self.device))
 
     def guided_noise(
         self, latents_t: torch.Tensor, t: torch.Tensor, inputs: PriorInputs, cameras: torch.Tensor,
@@ -120,6 +155,8 @@ class ScoreDistillation:
     ) -> torch.Tensor:
         """Classifier-free guided eps; both branches in one denoiser call of batch 2B (one call of B when s = 1)."""
         scale = self.config.guidance_scale if scale is None else scale
+        if inputs.negatives:
+            return self._perp_neg_noise(latents_t, t, inputs, cameras, scale)
         if scale == 1.0:
             return self.prior.predict_noise(latents_t, t, inputs.cond, cameras)
         both = self.prior.predict_noise(
@@ -127,6 +164,21 @@ class ScoreDistillation:
         )
         eps_uncond, eps_cond = both.chunk(2)
         return classifier_free_guidance(eps_uncond, eps_cond, scale)
+
+    def _perp_neg_noise(self, latents_t: torch.Tensor, t: torch.Tensor, inputs: PriorInputs, cameras: torch.Tensor,
+                        scale: float) -> torch.Tensor:
+        """eps_u + s (e_pos + sum_k w_k perp(eps_k - eps_u, e_pos)), e_pos = eps_c - eps_u; one call of (2 + K) B."""
+        n = 2 + len(inputs.negatives)
+        branches = [inputs.uncond, inputs.cond, *inputs.negatives]
+        batch = {k: torch.cat([b[k] for b in branches]) for k in inputs.cond}
+        eps = self.prior.predict_noise(torch.cat([latents_t] * n), torch.cat([t] * n), batch, torch.cat([cameras] * n))
+        eps_u, eps_c, *eps_neg = eps.chunk(n)
+        e_pos = eps_c - eps_u
+        direction = e_pos
+        for k, e in enumerate(eps_neg):
+            w = inputs.negative_weights[:, k].to(e.dtype).view(-1, *([1] * (e.dim() - 1)))
+            direction = direction + w * perpendicular(e - eps_u, e_pos)
+        return eps_u + scale * direction
 
     def target_noise(
         self, latents_t: torch.Tensor, t: torch.Tensor, noise: torch.Tensor, inputs: PriorInputs,
