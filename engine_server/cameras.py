@@ -121,6 +121,9 @@ class CameraSampler:
         self.distance = tuple(ranges.get("distance", (2.2, 2.8)))
         self.fov = tuple(ranges.get("fov", (38.0, 46.0)))
         self.elevation = tuple(ranges.get("elevation", (-10.0, 60.0)))
+        self.ring = int(ranges.get("ring", 1))
+        """Views per ring: a prior trained on rings (MVDream: 4 views 90 degrees apart at one elevation,
+        distance and FOV) gets its orbit views in such rings; 1: independent views."""
         self.rig = rig
         self.rig_fovs = [square_fov_deg(cam) for cam in rig] if rig else []
         self.gen = generator
@@ -129,7 +132,13 @@ class CameraSampler:
         return lo + (hi - lo) * float(torch.rand((), generator=self.gen))
 
     def sample(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(n, 4, 4) camera-to-world and (n,) vertical FOVs in degrees."""
+        """(n, 4, 4) camera-to-world and (n,) vertical FOVs in degrees.
+
+        With rings (``ranges["ring"]`` = k > 1) and no rig, n must be a multiple of k: each k consecutive
+        views share elevation, distance and FOV, at azimuths a, a + 360/k, ... (the ring's start a is random).
+        """
+        if self.ring > 1 and not self.rig:
+            return self._rings(n)
         poses, fovs = [], []
         for _ in range(n):
             if self.rig:
@@ -146,6 +155,19 @@ class CameraSampler:
                 el = self._uniform(*self.elevation)
                 poses.append(look_at(orbit_position(az, el, self._uniform(*self.distance))))
                 fovs.append(self._uniform(*self.fov))
+        return torch.stack(poses), torch.tensor(fovs)
+
+    def _rings(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if n % self.ring:
+            raise ValueError(f"this prior is trained on rings of {self.ring} views; views per step must be a "
+                             f"multiple of {self.ring}, got {n}")
+        poses, fovs = [], []
+        for _ in range(n // self.ring):
+            start = self._uniform(0.0, 360.0)
+            el, dist, fov = self._uniform(*self.elevation), self._uniform(*self.distance), self._uniform(*self.fov)
+            for k in range(self.ring):
+                poses.append(look_at(orbit_position(start + 360.0 * k / self.ring, el, dist)))
+                fovs.append(fov)
         return torch.stack(poses), torch.tensor(fovs)
 
     def preview(self) -> tuple[torch.Tensor, torch.Tensor]:

@@ -269,3 +269,13 @@ def test_registry_picks_a_newly_registered_adapter(model_dir, tmp_path):
         assert type(load_prior(folder)) is MyTextPrior
     finally:
         prior_module._REGISTRY.pop("my-text")
+
+
+def test_multiview_priors_train_on_rings_of_their_own_view_count(model_dir):
+    from engine_server.guidance import prior_defaults
+
+    prior = load_prior(model_dir / "mvdream")
+    assert prior_defaults(prior).camera_ranges["ring"] == prior.num_views == 4
+    prior.num_views = 2
+    assert prior_defaults(prior).camera_ranges["ring"] == 2
+    assert prior_defaults(prior).guidance_scale["sds"] == 50.0  # the rest stays MVDream's

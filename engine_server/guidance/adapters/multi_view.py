@@ -22,11 +22,16 @@ UNet as a ``MultiViewUNetModel``: MVDream's own config (``model_channels``,
 converted at load time: the config into the equivalent ``UNet2DConditionModel`` one
 (:func:`diffusers_unet_config`), the weights by diffusers' own ldm converter with
 ``camera_embed.0/2`` as the projection class embedding's ``linear_1/2``. Cameras are
-Blender c2w; MVDream's own renders put azimuth 0 on +X, so the pipeline's camera rig
-may need an azimuth offset (not verified here: no real weights).
+Blender c2w, which is MVDream's own convention: its ``get_camera(..., blender_coord=True)``
+puts a camera at azimuth a, elevation e at (cos e sin a, -cos e cos a, sin e), looking at the
+origin with Blender's camera axes, the engine's :func:`~engine_server.cameras.orbit_position`
+and :func:`~engine_server.cameras.look_at` exactly (azimuth 0 is Blender's front view, -Y; a
+test holds the two equal). Training views come in rings of ``num_views`` views 90 degrees
+apart at one elevation, distance and FOV, as MVDream was trained (``camera_ranges["ring"]``).
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 from pathlib import Path
 from typing import Any
@@ -197,9 +202,6 @@ class MultiViewPrior(TextConditioned, LatentDiffusionPrior):
     """Camera-conditioned multi-view text prior: N views denoised jointly, each with its camera."""
 
     kind = "multiview"
-    defaults = MVDREAM_DEFAULTS
-    camera_ranges = MVDREAM_DEFAULTS.camera_ranges
-    """The cameras of MVDream's training renders (as threestudio samples them)."""
 
     def __init__(self, unet, vae, text_encoder, tokenizer, schedule, device, dtype, num_views: int = 4,
                  source: str = "") -> None:
@@ -220,6 +222,16 @@ class MultiViewPrior(TextConditioned, LatentDiffusionPrior):
         if value < 1:
             raise ValueError(f"num_views must be >= 1, got {value}")
         self.state.num_views = int(value)
+
+    @property
+    def defaults(self) -> PriorDefaults:
+        """MVDream's defaults, its training views in rings of this model's ``num_views``."""
+        return dataclasses.replace(MVDREAM_DEFAULTS, camera_ranges=self.camera_ranges)
+
+    @property
+    def camera_ranges(self) -> dict:
+        """The cameras of MVDream's training renders (as threestudio samples them), in rings of num_views."""
+        return {**MVDREAM_DEFAULTS.camera_ranges, "ring": self.num_views}
 
     @property
     def views_per_sample(self) -> int:  # type: ignore[override]
