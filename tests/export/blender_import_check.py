@@ -1,11 +1,13 @@
-"""Import a GLB with Blender's own glTF importer and report what Blender sees, as JSON.
+"""Import an exported file with Blender's own importer (glTF, OBJ or USD by extension) and report what Blender sees.
 
-Run in a subprocess with a Python that has Blender-as-a-module (``bpy``), never inside
-the pytest process: ``python blender_import_check.py MODEL.glb REPORT.json``.
-The report lists the imported mesh objects with their world-space vertices, each
-polygon's world-space centre and the texture colour Blender would show there (read
-from the image at the polygon's mean UV in Blender's bottom-left-origin convention),
-and the material's base-colour node chain.
+Run in a subprocess, never inside the pytest process: with Blender-as-a-module
+``python blender_import_check.py MODEL REPORT.json``, or with a Blender binary
+``blender -b --factory-startup --python blender_import_check.py -- MODEL REPORT.json``.
+The report (JSON) gives Blender's version and lists the imported mesh objects with their
+world-space vertices, each polygon's world-space centre and the texture colour Blender
+would show there (read from the image at the polygon's mean UV in Blender's
+bottom-left-origin convention), the material's base-colour and normal node chains and the
+Principled BSDF's roughness / metallic values.
 """
 from __future__ import annotations
 
@@ -16,33 +18,49 @@ import sys
 import bpy
 
 
-def _base_color_chain(material: bpy.types.Material) -> dict:
-    """Walk upstream from the Principled BSDF's Base Color to the first Image Texture node."""
+def _material(material: bpy.types.Material) -> dict:
+    """The Principled BSDF's inputs as Blender built them: Base Color and Normal chains, roughness, metallic."""
     if material is None or material.node_tree is None:
         return {"principled": False}
     principled = next((n for n in material.node_tree.nodes if n.type == "BSDF_PRINCIPLED"), None)
     if principled is None:
         return {"principled": False}
+    out = {"principled": True, **_chain(principled.inputs["Base Color"])}
+    out["normal"] = _chain(principled.inputs["Normal"])
+    normal_map = next((n for n in material.node_tree.nodes if n.type == "NORMAL_MAP"), None)
+    if normal_map is not None:
+        out["normal"]["space"] = normal_map.space
+        out["normal"]["strength"] = normal_map.inputs["Strength"].default_value
+    for name in ("Roughness", "Metallic"):
+        socket = principled.inputs[name]
+        out[name.lower()] = None if socket.is_linked else float(socket.default_value)
+    return out
+
+
+def _chain(socket) -> dict:
+    """Walk upstream from ``socket`` to the first Image Texture node: the node types passed and the image."""
     chain: list[str] = []
-    socket = principled.inputs["Base Color"]
     for _ in range(8):
         if not socket.is_linked:
-            return {"principled": True, "chain": chain, "image": None}
+            return {"chain": chain, "image": None}
+        if socket.links[0].from_node.type == "REROUTE":
+            socket = socket.links[0].from_node.inputs[0]
+            continue
         node = socket.links[0].from_node
         chain.append(node.type)
         if node.type == "TEX_IMAGE":
             img = node.image
             return {
-                "principled": True,
                 "chain": chain,
-                "image": None if img is None else {"name": img.name, "size": list(img.size), "channels": img.channels},
+                "image": None if img is None else {"name": img.name, "size": list(img.size), "channels": img.channels,
+                                                   "colorspace": img.colorspace_settings.name},
                 "extension": node.extension,
             }
         linked = [s for s in node.inputs if s.is_linked]
         if not linked:
-            return {"principled": True, "chain": chain, "image": None}
+            return {"chain": chain, "image": None}
         socket = linked[0]
-    return {"principled": True, "chain": chain, "image": None}
+    return {"chain": chain, "image": None}
 
 
 def _sample(pixels: list[float], width: int, height: int, channels: int, u: float, v: float) -> list[float]:
@@ -53,10 +71,21 @@ def _sample(pixels: list[float], width: int, height: int, channels: int, u: floa
     return pixels[i : i + 3]
 
 
-def main(glb: str, report_path: str) -> int:
+def _import(path: str) -> set[str]:
+    suffix = path.lower().rpartition(".")[2]
+    if suffix == "glb":
+        return bpy.ops.import_scene.gltf(filepath=path)
+    if suffix == "obj":
+        return bpy.ops.wm.obj_import(filepath=path)  # defaults: forward -Z, up Y
+    if suffix in ("usd", "usda", "usdc", "usdz"):
+        return bpy.ops.wm.usd_import(filepath=path)
+    raise SystemExit(f"no importer for {path}")
+
+
+def main(path: str, report_path: str) -> int:
     bpy.ops.wm.read_factory_settings(use_empty=True)
-    result = bpy.ops.import_scene.gltf(filepath=glb)
-    report: dict = {"import_result": sorted(result), "objects": []}
+    result = _import(path)
+    report: dict = {"import_result": sorted(result), "blender": list(bpy.app.version), "objects": []}
     for obj in bpy.data.objects:
         if obj.type != "MESH":
             continue
@@ -71,7 +100,7 @@ def main(glb: str, report_path: str) -> int:
             "materials": [],
         }
         for mat in mesh.materials:
-            entry["materials"].append({"name": mat.name if mat else None, **_base_color_chain(mat)})
+            entry["materials"].append({"name": mat.name if mat else None, **_material(mat)})
         uv_layer = mesh.uv_layers.active
         img_info = entry["materials"][0] if entry["materials"] else {}
         image = None
@@ -97,7 +126,8 @@ def main(glb: str, report_path: str) -> int:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) != 3:
-        print("usage: blender_import_check.py MODEL.glb REPORT.json", file=sys.stderr)
+    args = sys.argv[sys.argv.index("--") + 1:] if "--" in sys.argv else sys.argv[1:]
+    if len(args) != 2:
+        print("usage: blender_import_check.py MODEL REPORT.json", file=sys.stderr)
         sys.exit(2)
-    sys.exit(main(sys.argv[1], sys.argv[2]))
+    sys.exit(main(args[0], args[1]))

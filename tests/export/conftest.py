@@ -8,6 +8,7 @@ import pytest
 import torch
 import trimesh
 
+from engine_server.export import MaterialParams, TexturedMesh
 from engine_server.texture import UnwrapConfig, UVMesh, bake_texture, unwrap
 
 SCALE = np.array([0.5, 0.3, 0.2])
@@ -40,3 +41,24 @@ def textured() -> Textured:
     vertices = m.vertices * SCALE + OFFSET
     uv_mesh = unwrap(vertices, m.faces, UnwrapConfig(texture_size=128))
     return Textured(uv_mesh, bake_texture(uv_mesh, two_tone, size=128), SCALE, OFFSET, two_tone)
+
+
+def bumpy_normal_map(size: int) -> np.ndarray:
+    """(size, size, 3) uint8 tangent-space normal map of ripples (unit normals, +Z out, encoded n * 0.5 + 0.5)."""
+    t = (np.arange(size) + 0.5) / size
+    u, v = np.meshgrid(t, t)
+    n = np.stack([0.4 * np.sin(8 * np.pi * u), 0.4 * np.sin(8 * np.pi * v), np.ones_like(u)], axis=-1)
+    n /= np.linalg.norm(n, axis=-1, keepdims=True)
+    return np.round((n * 0.5 + 0.5) * 255).astype(np.uint8)
+
+
+MATERIAL = MaterialParams(metallic=0.25, roughness=0.6)
+"""Factors unlike the defaults, so a reader that drops them shows."""
+
+
+@pytest.fixture(scope="session")
+def asset(textured) -> TexturedMesh:
+    """The ellipsoid as an asset: base colour, a normal map and material factors."""
+    m = textured.mesh
+    return TexturedMesh(m.vertices, m.faces, m.uvs, textured.texture, normal_map=bumpy_normal_map(128),
+                        material=MATERIAL)

@@ -152,7 +152,7 @@ def test_sidecar_is_written_beside_the_glb(textured, tmp_path):
     for key, value in meta.items():
         assert data[key] == value
     assert data["mesh"]["vertices"] == len(m.vertices) and data["mesh"]["faces"] == len(m.faces)
-    assert data["mesh"]["texture_size"] == [128, 128] and data["mesh"]["glb_bytes"] == path.stat().st_size
+    assert data["mesh"]["texture_size"] == [128, 128] and data["mesh"]["files"] == {"model.glb": path.stat().st_size}
     np.testing.assert_allclose(data["mesh"]["bounds_min"], m.vertices.min(0), rtol=1e-6)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.glb", "model.json"]  # no temp files left
 
@@ -173,7 +173,7 @@ def test_export_overwrites_and_fails_without_partial_files(textured, tmp_path):
     [
         ({"path": "model.gltf"}, ValueError, r"\.glb"),
         ({"texture": np.zeros((8, 8, 3), dtype=np.float32)}, TypeError, "uint8"),
-        ({"texture": np.zeros((8, 8), dtype=np.uint8)}, ValueError, "texture"),
+        ({"texture": np.zeros((8, 8), dtype=np.uint8)}, ValueError, "base_color"),
         ({"uvs": np.zeros((3, 2))}, ValueError, "uvs"),
         ({"faces": np.array([[0, 1, 10_000]])}, ValueError, "faces"),
         ({"faces": np.array([[0.0, 1.0, 2.0]])}, TypeError, "integers"),

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from engine_server.export import MaterialParams, export_glb
+from engine_server.export import MaterialParams, export_glb, export_mesh
 
 TOOLS = Path(__file__).resolve().parents[1] / "tools"
 SCRIPT = TOOLS / "validate_gltf.mjs"
@@ -69,3 +69,16 @@ def test_exported_glb_has_no_validation_errors(textured, tmp_path, variant):
     assert info["materialCount"] == 1
     image = next(r["image"] for r in info["resources"] if r.get("pointer", "").startswith("/images/"))
     assert (image["width"], image["height"]) == (texture.shape[1], texture.shape[0])
+
+
+def test_glb_with_a_normal_map_has_no_validation_errors(asset, tmp_path):
+    report = validate(export_mesh(tmp_path / "asset.glb", asset, name="asset"))
+    issues = report["issues"]
+    print(f"glTF validator {report['validatorVersion']} with a normal map: {issues['numErrors']} errors, "
+          f"{issues['numWarnings']} warnings\n" + _describe(report))
+    assert issues["numErrors"] == 0, _describe(report)
+    # The one warning is the choice to leave TANGENT out: the spec has clients generate MikkTSpace
+    # tangents then, the convention the map is baked in and the one Blender always computes itself.
+    assert [m["code"] for m in issues["messages"] if m["severity"] == 1] == ["MESH_PRIMITIVE_GENERATED_TANGENT_SPACE"]
+    images = [r for r in report["info"]["resources"] if r.get("pointer", "").startswith("/images/")]
+    assert len(images) == 2 and all(r["mimeType"] == "image/png" for r in images)
