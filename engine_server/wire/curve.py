@@ -25,7 +25,6 @@ import logging
 from typing import NamedTuple
 
 import zmq
-import zmq.auth.thread
 from zmq.utils import z85
 
 logger = logging.getLogger(__name__)
@@ -83,6 +82,8 @@ class CurveServer:
     """The server side: the ZAP handler thread and the socket options of a CURVE server."""
 
     def __init__(self, context: zmq.Context, keys: CurveKeys) -> None:
+        import zmq.auth.thread  # the server's side only; clients (the add-on) never start a ZAP handler
+
         self.keys = keys
         self.provider = _OnlyOurClients(keys.client_public)
         self._auth = zmq.auth.thread.ThreadAuthenticator(context, log=logging.getLogger(__name__ + ".zap"))
