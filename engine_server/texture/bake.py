@@ -10,14 +10,18 @@ Colours are whatever ``color_fn`` returns, clamped to [0, 1] and quantized to 8 
 with no transfer function applied: a field supervised with sRGB images produces
 sRGB values, which is what glTF's ``baseColorTexture`` holds.
 
-Steps of :func:`bake_texture`:
+Steps of :func:`bake_maps` (:func:`bake_texture` is its base colour alone):
 
-1. :func:`rasterize_uv` finds, for every texel, the triangle covering its centre and
-   the object-space point there; with ``conservative=True`` texels whose centre lies
-   just outside a triangle (their square still overlaps it) get the nearest point of
-   that triangle, so chart borders are sampled from the surface, not extrapolated.
-2. ``color_fn`` is evaluated on those points in chunks, under ``torch.no_grad``.
-3. :func:`dilate` grows the charts by ``dilate`` texels (each empty texel next to a
+1. :func:`rasterize_uv` finds, for every sample (``supersample`` x ``supersample`` per
+   texel), the triangle covering it and the object-space point there; with
+   ``conservative=True`` samples just outside a triangle get the nearest point of that
+   triangle, so chart borders are sampled from the surface, not extrapolated.
+2. With a high-resolution surface (a :class:`~engine_server.geometry.surface.SurfaceProjector`)
+   each point moves to the nearest point of that surface, where the colour is read and
+   whose normal goes into the tangent-space normal map (:mod:`engine_server.texture.tangents`).
+3. ``color_fn`` is evaluated on the points in chunks, under ``torch.no_grad``; each texel
+   averages its samples that hit the surface.
+4. :func:`dilate` grows the charts by ``dilate`` texels (each empty texel next to a
    filled one takes the mean of its filled 8-neighbours, repeatedly), so bilinear
    filtering and the first mip levels never reach background at seams;
    :func:`push_pull_fill` then fills whatever is left with a smooth pull-push average
@@ -36,6 +40,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from engine_server.geometry.surface import SurfaceProjector
 from engine_server.texture.unwrap import UnwrapConfig, UVMesh, check_mesh, to_numpy, unwrap, usable_uvs, uv_mesh_from_corner_uvs
 
 logger = logging.getLogger(__name__)
@@ -63,6 +68,8 @@ class BakeConfig:
     """Also bake texels whose square overlaps a triangle but whose centre lies outside it."""
     raster_chunk: int = 1 << 22
     """Candidate (texel, triangle) pairs tested at a time while rasterizing (memory bound)."""
+    supersample: int = 2
+    """Samples per texel along each axis (2: 2x2), averaged: colour edges inside a chart are antialiased."""
 
     def __post_init__(self) -> None:
         if not 1 <= self.size <= 16384:
@@ -71,6 +78,8 @@ class BakeConfig:
             raise ValueError(f"BakeConfig.chunk and raster_chunk must be >= 1, got {self.chunk}, {self.raster_chunk}")
         if self.dilate < 0:
             raise ValueError(f"BakeConfig.dilate must be >= 0, got {self.dilate}")
+        if not 1 <= self.supersample <= 4:
+            raise ValueError(f"BakeConfig.supersample must be in [1, 4], got {self.supersample}")
 
 
 @dataclass
@@ -285,6 +294,126 @@ def _push_pull(weighted: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return torch.where(weight > 0, colour, up)
 
 
+@dataclass
+class BakedMaps:
+    """What :func:`bake_maps` returns: (S, S, 3) uint8 images, row 0 = top, glTF UVs."""
+
+    base_color: np.ndarray
+    """Colours of ``color_fn``, clamped to [0, 1], 8-bit."""
+    normal_map: np.ndarray | None
+    """Tangent-space normals as 0.5 * n + 0.5 (MikkTSpace, +Y green up), or None without a high surface."""
+
+
+def _resolve(values: torch.Tensor, mask: torch.Tensor, factor: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Average factor x factor blocks of values (H, W, C) over their masked samples -> (H/f, W/f, C), mask."""
+    if factor == 1:
+        return values, mask
+    h, w, c = values.shape
+    m = mask.to(values.dtype)[..., None]
+    blocks = (values * m).view(h // factor, factor, w // factor, factor, c).sum((1, 3))
+    count = m.view(h // factor, factor, w // factor, factor, 1).sum((1, 3))
+    return blocks / count.clamp(min=1.0), count[..., 0] > 0
+
+
+def _pad(image: torch.Tensor, mask: torch.Tensor, texels: torch.Tensor, cfg: BakeConfig) -> torch.Tensor:
+    """Seam padding of image (S, S, C) whose samples cover ``mask`` (S, S): dilate, then fill the rest.
+
+    ``texels`` is the atlas rasterized at S: a texel touching the surface whose samples all
+    missed it first takes its neighbours' mean, so padding starts from the same texels
+    whatever the supersampling.
+    """
+    missed = texels & ~mask
+    if bool(missed.any()):
+        grown, _ = dilate(image, mask, 1)
+        image = torch.where(missed[..., None], grown, image)
+        mask = mask | texels
+    image, mask = dilate(image, mask, cfg.dilate)
+    return push_pull_fill(image, mask) if cfg.fill_rest else image
+
+
+def _query(fn: Callable[[torch.Tensor], torch.Tensor], points: torch.Tensor, chunk: int, what: str) -> torch.Tensor:
+    """fn over points (N, 3) in chunks under no_grad -> (N, 3) float32, checked."""
+    out = torch.zeros(len(points), 3, dtype=torch.float32, device=points.device)
+    with torch.no_grad():
+        for s in range(0, len(points), chunk):
+            part = points[s : s + chunk]
+            value = torch.as_tensor(fn(part))
+            if tuple(value.shape) != (len(part), 3):
+                raise ValueError(f"{what} must return ({len(part)}, 3) for ({len(part)}, 3) points, got {tuple(value.shape)}")
+            value = value.to(points.device, torch.float32)
+            if not bool(torch.isfinite(value).all()):
+                raise ValueError(f"{what} returned NaN or infinite values")
+            out[s : s + chunk] = value
+    return out
+
+
+def bake_maps(
+    uv_mesh: UVMesh,
+    color_fn: ColorFn,
+    config: BakeConfig | None = None,
+    *,
+    surface: SurfaceProjector | None = None,
+    normals: np.ndarray | None = None,
+    device: str | torch.device | None = None,
+    **overrides: object,
+) -> BakedMaps:
+    """Bake the base colour, and with a high-resolution ``surface`` a tangent-space normal map.
+
+    Each texel averages ``supersample`` x ``supersample`` samples of the atlas. A sample's point
+    on ``uv_mesh`` is first moved to the nearest point of ``surface`` when one is given, so the
+    colour is read on the surface the field made (not on the flatter decimated triangles) and the
+    normal map holds that surface's normal in the frame of ``uv_mesh``'s interpolated ``normals``
+    (V, 3) (the ones the exporter writes; default: area-weighted, shared across seams) and
+    MikkTSpace tangents. ``color_fn`` gets (N, 3) float32 object-space points on ``device``.
+    """
+    from engine_server.texture.tangents import to_tangent_space, vertex_tangents
+
+    cfg = dataclasses.replace(config or BakeConfig(), **overrides)
+    start = time.perf_counter()
+    ss = cfg.supersample
+    raster = rasterize_uv(uv_mesh, cfg.size * ss, conservative=cfg.conservative, device=device, chunk=cfg.raster_chunk)
+    texels = raster.mask if ss == 1 else rasterize_uv(uv_mesh, cfg.size, conservative=cfg.conservative, device=device,
+                                                      chunk=cfg.raster_chunk).mask
+    t_raster = time.perf_counter() - start
+    n = cfg.size * ss
+    dev = raster.positions.device
+    idx = raster.mask.view(-1).nonzero().squeeze(1)
+    points = raster.positions.view(-1, 3)[idx]
+    high_normals = None
+    if surface is not None:
+        points, high_normals = surface.project(points)
+    t_project = time.perf_counter() - start - t_raster
+    colours = torch.zeros(n * n, 3, dtype=torch.float32, device=dev)
+    colours[idx] = _query(color_fn, points, cfg.chunk, "color_fn").clamp(0.0, 1.0)
+    image, mask = _resolve(colours.view(n, n, 3), raster.mask, ss)
+    base_color = (_pad(image, mask, texels, cfg).clamp(0.0, 1.0) * 255.0 + 0.5).to(torch.uint8).cpu().numpy()
+    normal_map = None
+    if high_normals is not None:
+        if normals is None:
+            from engine_server.export import smooth_normals
+
+            normals = smooth_normals(uv_mesh.vertices, uv_mesh.faces)
+        tangents = torch.as_tensor(vertex_tangents(uv_mesh.vertices, uv_mesh.faces, uv_mesh.uvs, normals), device=dev)
+        corner = uv_mesh.faces[raster.face_id.view(-1)[idx].cpu().numpy()]  # (M, 3) low-mesh vertices per sample
+        bary = raster.barycentrics.view(-1, 3)[idx]
+        nrm = torch.as_tensor(np.asarray(normals, np.float32), device=dev)[corner]
+        tan = tangents[corner]
+        local = to_tangent_space(high_normals.to(dev), (bary[:, :, None] * nrm).sum(1), (bary[:, :, None] * tan).sum(1))
+        encoded = torch.zeros(n * n, 3, dtype=torch.float32, device=dev)
+        encoded[idx] = local
+        local_s, mask_s = _resolve(encoded.view(n, n, 3), raster.mask, ss)
+        local_s = torch.nn.functional.normalize(local_s, dim=-1, eps=1e-12)
+        local_s[~mask_s] = torch.tensor([0.0, 0.0, 1.0], device=dev)  # padding starts from "no change"
+        flat = _pad(local_s, mask_s, texels, cfg)
+        flat = torch.nn.functional.normalize(flat, dim=-1, eps=1e-12)
+        normal_map = ((flat * 0.5 + 0.5).clamp(0.0, 1.0) * 255.0 + 0.5).to(torch.uint8).cpu().numpy()
+    logger.info(
+        "bake: %dx%d texels x %d samples, %d samples on the surface; raster %.2f s, projection %.2f s, total %.2f s",
+        cfg.size, cfg.size, ss * ss, len(idx), t_raster, t_project, time.perf_counter() - start,
+    )
+    return BakedMaps(base_color, normal_map)
+
+
 def bake_texture(
     uv_mesh: UVMesh,
     color_fn: ColorFn,
@@ -299,35 +428,7 @@ def bake_texture(
     ``color_fn`` gets (N, 3) float32 object-space positions on ``device`` and returns
     (N, 3) RGB in [0, 1] (values outside are clamped; NaN is an error).
     """
-    cfg = dataclasses.replace(config or BakeConfig(), **overrides)
-    start = time.perf_counter()
-    raster = rasterize_uv(uv_mesh, cfg.size, conservative=cfg.conservative, device=device, chunk=cfg.raster_chunk)
-    t_raster = time.perf_counter() - start
-    S = cfg.size
-    dev = raster.positions.device
-    colours = torch.zeros(S * S, 3, dtype=torch.float32, device=dev)
-    idx = raster.mask.view(-1).nonzero().squeeze(1)
-    points = raster.positions.view(-1, 3)[idx]
-    with torch.no_grad():
-        for s in range(0, len(points), cfg.chunk):
-            chunk = points[s : s + cfg.chunk]
-            rgb = torch.as_tensor(color_fn(chunk))
-            if tuple(rgb.shape) != (len(chunk), 3):
-                raise ValueError(f"color_fn must return ({len(chunk)}, 3) RGB for ({len(chunk)}, 3) points, got {tuple(rgb.shape)}")
-            rgb = rgb.to(dev, torch.float32)
-            if not bool(torch.isfinite(rgb).all()):
-                raise ValueError("color_fn returned NaN or infinite colours")
-            colours[idx[s : s + cfg.chunk]] = rgb.clamp(0.0, 1.0)
-    t_query = time.perf_counter() - start - t_raster
-    image, mask = dilate(colours.view(S, S, 3), raster.mask, cfg.dilate)
-    if cfg.fill_rest:
-        image = push_pull_fill(image, mask)
-    out = (image.clamp(0.0, 1.0) * 255.0 + 0.5).to(torch.uint8).cpu().numpy()
-    logger.info(
-        "bake: %dx%d texels, %d on the surface (%.1f%%); raster %.2f s, colour %.2f s, total %.2f s",
-        S, S, len(idx), 100.0 * len(idx) / (S * S), t_raster, t_query, time.perf_counter() - start,
-    )
-    return out
+    return bake_maps(uv_mesh, color_fn, config, device=device, **overrides).base_color
 
 
 def reuse_or_unwrap(
