@@ -48,19 +48,22 @@ from engine_server.export.mesh import (
 )
 from engine_server.export.obj import write_obj
 from engine_server.export.usd import USD_EXTRA, usd_available, write_usd
+from engine_server.wire.protocol import EXPORT_FORMATS
 
 __all__ = [
-    "ENGINE_TO_GLTF", "EXTENSIONS", "FORMATS", "GLBFacts", "LoadedGLB", "MaterialParams", "TexturedMesh",
+    "ENGINE_TO_GLTF", "EXTENSIONS", "FORMATS", "SUFFIXES", "GLBFacts", "LoadedGLB", "MaterialParams", "TexturedMesh",
     "USD_EXTRA", "engine_to_gltf", "export_glb", "export_mesh", "format_of", "glb_facts", "gltf_to_engine",
     "load_glb", "object_name", "read_mesh_file", "sidecar_path", "smooth_normals", "usd_available",
 ]
 
 logger = logging.getLogger(__name__)
 
-FORMATS = ("glb", "obj", "usd", "usdz")
+FORMATS = EXPORT_FORMATS
 """Export formats (the wire's ``options.format``); GLB is the default."""
 EXTENSIONS = {".glb": "glb", ".obj": "obj", ".usd": "usd", ".usda": "usd", ".usdc": "usd", ".usdz": "usdz"}
 """Output file extension -> format."""
+SUFFIXES = {"glb": ".glb", "obj": ".obj", "usd": ".usd", "usdz": ".usdz"}
+"""Format -> the extension a file of that format gets when only the format is given (``.usd``: binary crate)."""
 _WRITERS = {"glb": write_glb, "obj": write_obj, "usd": write_usd, "usdz": write_usd}
 
 

@@ -177,7 +177,7 @@ def _refine(cls: type, fields: Mapping[str, Any], common: dict[str, Any]) -> Any
 
 # ----------------------------------------------------------------------------- the table
 
-_TEXT_RUN = ("model", "guidance", "guidance_scale")
+_TEXT_RUN = ("model", "guidance", "guidance_scale", "format")
 _VIEW_RUN = ("views", "multiview_strategy", "multiview_steps")
 
 KINDS: dict[str, Kind] = {

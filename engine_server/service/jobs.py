@@ -9,7 +9,8 @@ Layout under the data folder::
     jobs/<job_id>/checkpoints/   the pipeline's own checkpoint files (see :func:`checkpoint_dir`)
     jobs/<job_id>/previews/      preview-<step>.png
     jobs/<job_id>/work/          the pipeline's scratch files (its GLB is written here once)
-    jobs/<job_id>/result/        model.glb (moved from work/), texture.png, <name>.bin, meta.json
+    jobs/<job_id>/result/        model.glb (moved from work/), texture.png, normal.png, <name>.bin, meta.json,
+                                 files/ (the export format's files, e.g. model.obj + model.mtl + PNGs)
 
 Durability rules: a job id is handed out only after its request files are fsynced and
 its row is committed (``synchronous=FULL``); every artifact is written atomically (temp
@@ -201,6 +202,10 @@ class Result:
     """Named arrays for a direct import (vertices (V, 3) float32, faces (F, 3) int32, uvs (V, 2), ...): Array or numpy."""
     meta: dict[str, Any] = field(default_factory=dict)
     """JSON-able facts about the run (name, steps, seed, timings, model)."""
+    normal_png: bytes | None = None
+    """The tangent-space normal map as PNG (the bytes inside the GLB), or None."""
+    files: list[Path] = field(default_factory=list)
+    """Files of the requested export format inside the job folder (model.obj, model.mtl, ...); moved into place."""
 
 
 @dataclass(frozen=True)
@@ -215,6 +220,10 @@ class JobResult:
     """Named arrays."""
     meta: dict[str, Any]
     """Facts about the run."""
+    normal_png: bytes | None = None
+    """The normal map PNG, if the result has one."""
+    files: dict[str, Path] = field(default_factory=dict)
+    """The export format's files by name (empty for GLB-only results)."""
 
 
 def _write_json(path: Path, obj: Any) -> Path:
@@ -343,15 +352,24 @@ def write_result(job_dir: str | os.PathLike, result: Result) -> Path:
     try:
         glb_bytes = glb.stat().st_size
         os.replace(glb, tmp / "model.glb")  # same file system: a rename, the bytes stay where they are
-        if result.texture_png is not None:
-            with open(tmp / "texture.png", "wb") as f:
-                f.write(result.texture_png)
-                f.flush()
-                os.fsync(f.fileno())
+        for name, png in (("texture.png", result.texture_png), ("normal.png", result.normal_png)):
+            if png is not None:
+                with open(tmp / name, "wb") as f:
+                    f.write(png)
+                    f.flush()
+                    os.fsync(f.fileno())
+        files = [_check_name(Path(p).name) for p in result.files]
+        if files:
+            (tmp / "files").mkdir()
+            for path in result.files:  # moved like the GLB: renames inside the job folder
+                os.replace(path, tmp / "files" / Path(path).name)
+            fsync_dir(tmp / "files")
         index = _write_arrays(tmp, result.arrays)
         with open(tmp / "meta.json", "w", encoding="utf-8") as f:
             json.dump({"arrays": index, "meta": result.meta, "glb_bytes": glb_bytes,
-                       "texture": "texture.png" if result.texture_png is not None else None}, f, allow_nan=False)
+                       "texture": "texture.png" if result.texture_png is not None else None,
+                       "normal_texture": "normal.png" if result.normal_png is not None else None,
+                       "files": files}, f, allow_nan=False)
             f.flush()
             os.fsync(f.fileno())
         fsync_dir(tmp)
@@ -748,15 +766,22 @@ class JobStore:
         folder = self.job_dir(job_id) / "result"
         doc = json.loads((folder / "meta.json").read_text(encoding="utf-8"))
         texture = (folder / doc["texture"]).read_bytes() if doc.get("texture") else None
-        return JobResult(folder / "model.glb", texture, _read_arrays(folder, doc["arrays"]), doc["meta"])
+        normal = (folder / doc["normal_texture"]).read_bytes() if doc.get("normal_texture") else None
+        files = {name: folder / "files" / name for name in doc.get("files", [])}
+        return JobResult(folder / "model.glb", texture, _read_arrays(folder, doc["arrays"]), doc["meta"], normal, files)
 
     def result_message_fields(self, job_id: str, glb: bool = True) -> dict[str, Any]:
-        """The fields of a ``result`` reply for a done job: texture PNG, arrays, meta and, when ``glb``, the GLB."""
+        """The fields of a ``result`` reply for a done job: texture PNGs, arrays, meta and, when ``glb``, the GLB and
+        the export format's files."""
         res = self.read_result(job_id)
         fields: dict[str, Any] = {"job_id": job_id, "arrays": res.arrays, "meta": res.meta}
         if res.texture_png is not None:
             fields["texture"] = Image.from_png(res.texture_png)
+        if res.normal_png is not None:
+            fields["normal_texture"] = Image.from_png(res.normal_png)
         if glb:
             fields["glb"] = Blob(res.glb_path.read_bytes(), "glb")
+            if res.files:
+                fields["files"] = {name: Blob(path.read_bytes(), "file") for name, path in res.files.items()}
         return fields
 

@@ -5,12 +5,17 @@ keeps the loaded priors between jobs (the child stays warm), looks the job's ``k
 the kind table (:mod:`engine_server.pipelines.kinds`: which fields and run options a kind
 reads, its request type and pipeline) and runs that pipeline with the job's checkpoint
 folder. Adding a kind is one entry in that table.
+
+Every job makes the GLB the add-on imports (``work/model.glb``); ``options.format`` (obj, usd,
+usdz) also writes that format's files from the same mesh into ``work/export/``, stored with
+the result (``result/files/``) and named in its meta (``export``).
 """
 from __future__ import annotations
 
 import io
 import logging
 import math
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -20,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from engine_server.devices import resolve_device
-from engine_server.export import glb_facts
+from engine_server.export import SUFFIXES, TexturedMesh, export_mesh, format_of, glb_facts
 from engine_server.pipelines.kinds import KINDS, KindError
 from engine_server.service.jobs import EventSink, JobFailure, Result, checkpoint_dir
 
@@ -153,6 +158,8 @@ class EngineRunner:
                                                  f"{', '.join(KINDS)}")
         try:
             run, overrides = kind.split_options(request.get("options"))
+            export_format = run.pop("format", None) or "glb"
+            export_path = self._export_path(job_dir, export_format)
             model = run.get("model") or self.ctx.config.model
             prior = self.ctx.prior(model)
             seed = job_seed(request, job_dir)
@@ -181,10 +188,14 @@ class EngineRunner:
             raise JobFailure("non_finite", "the final mesh has non-finite vertices or UVs")
         faces = np.asarray(out.faces, dtype=np.int32)
         texture = np.asarray(out.texture)
-        glb = glb_facts(out.glb_path)  # the PNG the export encoded and the node's name, read back, not re-made
+        glb = glb_facts(out.glb_path)  # the PNGs the export encoded and the node's name, read back, not re-made
+        files = self._export(out, export_path, glb.name)
         meta = {"kind": kind.name, "name": glb.name, **{k: getattr(req, k) for k in _META_FIELDS if hasattr(req, k)},
                 "options": overrides, "device": self.ctx.device, "seconds": round(time.perf_counter() - t0, 3),
-                "faces": int(len(faces)), "vertices": int(len(vertices)), "texture_size": int(texture.shape[0])}
+                "faces": int(len(faces)), "vertices": int(len(vertices)), "texture_size": int(texture.shape[0]),
+                "material": {"metallic": glb.metallic, "roughness": glb.roughness},
+                "export": {"format": export_format, "file": export_path.name if export_path else "model.glb",
+                           "files": [p.name for p in files]}}
         if request.get("placement") is not None:
             meta["placement"] = request["placement"]
         if bridge.first_coarse_step is not None:
@@ -200,4 +211,30 @@ class EngineRunner:
                           view_fov_y_deg=views.fovs.numpy().astype(np.float32))
             meta["views"] = {"count": len(views.images), "strategy": views.strategy,
                              "agreement": [round(float(a), 4) for a in views.agreement]}
-        return Result(glb_path=Path(out.glb_path), texture_png=glb.texture_png, arrays=arrays, meta=meta)
+        return Result(glb_path=Path(out.glb_path), texture_png=glb.texture_png, arrays=arrays, meta=meta,
+                      normal_png=glb.normal_png, files=files)
+
+    @staticmethod
+    def _export_path(job_dir: Path, export_format: str) -> Path | None:
+        """Where ``options.format``'s file goes (None for glb); KindError when the format cannot be written here."""
+        if export_format == "glb":
+            return None
+        path = job_dir / "work" / "export" / f"model{SUFFIXES[export_format]}"
+        try:
+            format_of(path)  # usd-core missing: fail now, not after the whole run
+        except ValueError as exc:
+            raise KindError(f"options.format {export_format!r}: {exc}") from None
+        return path
+
+    @staticmethod
+    def _export(out, export_path: Path | None, name: str) -> list[Path]:
+        """Write the pipeline's mesh in the requested format into its own folder; returns the files written."""
+        if export_path is None:
+            return []
+        # pipelines hand over their TexturedMesh as ``out.mesh``; one that does not yet is rebuilt from its arrays
+        mesh = getattr(out, "mesh", None) or TexturedMesh(out.vertices, out.faces, out.uvs, out.texture)
+        if export_path.parent.exists():  # a resumed attempt's leftovers
+            shutil.rmtree(export_path.parent)
+        export_path.parent.mkdir(parents=True)
+        export_mesh(export_path, mesh, name=name)
+        return sorted(export_path.parent.iterdir())

@@ -73,7 +73,13 @@ class FetchedResult:
     arrays: dict[str, Array]
     """Named arrays: vertices, faces, uvs, ... (``.numpy()`` for numpy views)."""
     meta: dict[str, Any] = field(default_factory=dict)
-    """Facts about the run: ``name`` (the object's), ``placement``, seed, timings, ..."""
+    """Facts about the run: ``name`` (the object's), ``placement``, seed, timings, ``material`` (metallic,
+    roughness), ``export`` (format, file, files), ..."""
+    normal_texture: bytes | None = None
+    """The tangent-space normal map's PNG bytes (Non-Color data), or None."""
+    files: dict[str, bytes] = field(default_factory=dict)
+    """The export format's files by name (``meta["export"]``: model.obj + model.mtl + PNGs, model.usdz ...), fetched
+    with the GLB; empty for GLB-only jobs or when the GLB was not asked for."""
 
 
 def _stamped_before_restart(reply: Message) -> bool:
@@ -428,13 +434,14 @@ class EngineClient:
         return self._request("cancel", timeout, job_id=job_id).get("state", "")
 
     def result(self, job_id: str, timeout: float | None = 60.0, *, glb: bool = True) -> FetchedResult:
-        """The finished job's arrays, texture and meta, and its GLB unless ``glb`` is False (an importer builds the
-        object from the arrays); RequestError ``not_ready`` when it has not finished as done."""
+        """The finished job's arrays, textures and meta, and its GLB and export files unless ``glb`` is False (an
+        importer builds the object from the arrays); RequestError ``not_ready`` when it has not finished as done."""
         reply = self._request("result", timeout, job_id=job_id, glb=glb)
-        blob, texture = reply.get("glb"), reply.get("texture")
+        blob, texture, normal = reply.get("glb"), reply.get("texture"), reply.get("normal_texture")
         return FetchedResult(job_id, bytes(blob.data) if blob is not None else b"",
                              bytes(texture.data) if texture is not None else None, dict(reply.get("arrays") or {}),
-                             dict(reply.get("meta") or {}))
+                             dict(reply.get("meta") or {}), bytes(normal.data) if normal is not None else None,
+                             {name: bytes(b.data) for name, b in (reply.get("files") or {}).items()})
 
     def jobs(self, state: str | None = None, limit: int = 100, timeout: float | None = None) -> list[dict[str, Any]]:
         """The server's jobs, newest first (summaries: job_id, state, kind, label, progress, error)."""

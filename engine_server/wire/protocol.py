@@ -11,7 +11,8 @@ A message is a ZeroMQ multipart message ``[header, signature, *blobs]``:
 - ``blobs``: raw bytes, each referenced exactly once from the header by a JSON object
   with a ``"blob"`` key: ``{"blob": i, "dtype": "float32", "shape": [n, 3]}`` for a
   little-endian C-order array, ``{"blob": i, "format": "png"}`` for an image,
-  ``{"blob": i, "format": "glb"}`` for a binary glTF file. A JSON object with a
+  ``{"blob": i, "format": "glb"}`` for a binary glTF file, ``{"blob": i, "format": "file"}``
+  for any other exported file (OBJ, MTL, USD ...). A JSON object with a
   ``"blob"`` key is always a blob reference.
 
 Nothing on the wire is ever unpickled. :func:`decode` checks, in order: frame count
@@ -51,6 +52,12 @@ KINDS = ("text", "image", "refine", "multiview")
 """Job kinds of a ``submit``."""
 REFINE_MODES = ("full", "texture")
 """What a refine job may change: geometry and texture, or only the texture."""
+EXPORT_FORMATS = ("glb", "obj", "usd", "usdz")
+"""Values of ``options.format``: the file a job writes beside the GLB every job makes (glb: none)."""
+FACES_RANGE = (100, 2_000_000)
+"""Bounds of ``options.faces`` (the triangle budget the mesh is decimated to)."""
+TEXTURE_SIZE_RANGE = (16, 8192)
+"""Bounds of ``options.texture_size`` (pixels per side of the baked maps)."""
 JOB_STATES = ("queued", "running", "done", "failed", "cancelled")
 """Lifecycle states of a job."""
 TERMINAL_STATES = ("done", "failed", "cancelled")
@@ -72,8 +79,8 @@ DTYPES: dict[str, tuple[str, int]] = {
     "int32": ("i", 4), "uint32": ("I", 4), "int64": ("q", 8),
 }
 """Array dtypes allowed on the wire: name -> (struct code, item size). Always little-endian."""
-BLOB_FORMATS = ("png", "glb")
-"""Opaque blob formats allowed on the wire."""
+BLOB_FORMATS = ("png", "glb", "file")
+"""Opaque blob formats allowed on the wire (file: an exported file's bytes, unchecked; its name says what it is)."""
 MAX_NDIM = 4
 """Most dimensions of a wire array."""
 MAX_DEPTH = 32
@@ -84,6 +91,7 @@ MAX_INT = 2**63
 _ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,63}")
 _NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]{0,63}")
 _NONCE_RE = re.compile(r"[0-9a-f]{16,64}")
+_FILE_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}")
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _ENVELOPE = ("v", "type", "id", "parent", "ts", "nonce")
 
@@ -552,6 +560,8 @@ def from_wire(value: Any, blobs: Sequence[bytes | memoryview], used: list[bool],
             if fmt == "glb":
                 _check_glb(data)
                 return Blob(data, "glb")
+            if fmt == "file":
+                return Blob(data, "file")
         except ValueError as exc:
             raise ProtocolError("invalid", f"blob {i}: {exc}", where) from None
         raise ProtocolError("invalid", f"blob format {str(fmt)[:20]!r} not allowed; allowed: {', '.join(BLOB_FORMATS)}", where)
@@ -742,7 +752,21 @@ def _options(f: _Fields, limits: Limits) -> dict[str, Any]:
         elif value is not None and type(value) not in (bool, int, float):
             raise ProtocolError("invalid", f"option values are numbers, booleans, strings or null, got {_kind(value)}", name)
         out[key] = value
+    _check_known_options(out)
     return out
+
+
+def _check_known_options(options: Mapping[str, Any]) -> None:
+    """The options every kind reads the same way: ``format`` (EXPORT_FORMATS), ``faces``, ``texture_size``."""
+    fmt = options.get("format")
+    if fmt is not None and fmt not in EXPORT_FORMATS:
+        raise ProtocolError("invalid", f"must be one of {', '.join(EXPORT_FORMATS)}, got {str(fmt)[:20]!r}",
+                            "options.format")
+    for key, (lo, hi) in (("faces", FACES_RANGE), ("texture_size", TEXTURE_SIZE_RANGE)):
+        value = options.get(key)
+        if value is not None and (type(value) is not int or not lo <= value <= hi):
+            raise ProtocolError("invalid", f"must be an integer from {lo:,} to {hi:,}, got {str(value)[:20]}",
+                                f"options.{key}")
 
 
 def check_mesh_arrays(vertices: Array, faces: Array, field_prefix: str = "mesh") -> None:
@@ -792,7 +816,8 @@ def _check_job_ref(f: _Fields, limits: Limits) -> dict:
 
 
 def _check_result_request(f: _Fields, limits: Limits) -> dict:
-    out = {"job_id": _job_id(f), "glb": f.flag("glb", True)}  # glb false: texture, arrays and meta only
+    # glb true: the GLB and the files of the job's export format too; false: textures, arrays and meta only
+    out = {"job_id": _job_id(f), "glb": f.flag("glb", True)}
     f.done()
     return out
 
@@ -823,7 +848,7 @@ def _check_submit(f: _Fields, limits: Limits) -> dict:
     default ""), ``seed`` (absent: the engine derives one from the job id), ``preset`` (absent:
     the engine's default; the names are the server's, sent in ``welcome``), ``mode`` (refine:
     REFINE_MODES, absent: full), ``subscribe`` (default true), ``options`` (flat: preset overrides
-    and run settings), ``image`` (PNG), ``placement`` (4x4 world matrix the result rests at; rig
+    and run settings; ``format``, ``faces`` and ``texture_size`` are bounded here for every kind), ``image`` (PNG), ``placement`` (4x4 world matrix the result rests at; rig
     cameras are taken relative to it), ``rig`` ([{matrix_world 4x4, fov_y_deg, width, height}]),
     ``mesh`` ({vertices (V, 3) float32, faces (F, 3) int32/uint32, matrix_world 4x4}).
     Optional fields are left out of the result when absent.
@@ -949,9 +974,20 @@ def _check_result(f: _Fields, limits: Limits) -> dict:
             if not isinstance(value, Array):
                 raise ProtocolError("invalid", f"must be an array blob reference, got {_kind(value)}", arrays.name(key))
             out["arrays"][key] = value
-    texture = _image(f, "texture", limits, bounded=False)
-    if texture is not None:
-        out["texture"] = texture
+    for key in ("texture", "normal_texture"):
+        image = _image(f, key, limits, bounded=False)
+        if image is not None:
+            out[key] = image
+    files = f.obj("files")
+    if files is not None:
+        out["files"] = {}
+        for name, value in files.data.items():
+            if not _FILE_RE.fullmatch(name):
+                raise ProtocolError("invalid", "file names are 1-64 letters, digits, '_', '.' or '-', no folders",
+                                    files.name(name)[:80])
+            if not isinstance(value, Blob) or value.format != "file":
+                raise ProtocolError("invalid", f"must be a file blob reference, got {_kind(value)}", files.name(name))
+            out["files"][name] = value
     meta = f.obj("meta")
     out["meta"] = meta.data if meta is not None else {}
     f.done()

@@ -233,3 +233,25 @@ def test_kill_9_during_submits_and_checkpoints_loses_nothing_returned(tmp_path):
             data = final.read_bytes()
             assert len(data) == 20000 and len(set(data)) == 1
     s.close()
+
+
+def test_result_keeps_the_normal_map_and_moves_the_export_files_into_place(store):
+    job = store.submit("fmt", text_request())[0]
+    store.claim_next()
+    work = store.job_dir(job.id) / "work"
+    (work / "export").mkdir(parents=True)
+    (work / "model.glb").write_bytes(glb_bytes(10))
+    files = [work / "export" / "model.obj", work / "export" / "model.mtl"]
+    for i, path in enumerate(files):
+        path.write_bytes(b"x" * (i + 1))
+    store.write_result(job.id, Result(work / "model.glb", png_bytes(8, 8), {}, {"name": "x"},
+                                      normal_png=png_bytes(4, 4), files=files))
+    assert not any(p.exists() for p in files)  # moved, not copied
+    store.finish(job.id, "done")
+    res = store.read_result(job.id)
+    assert res.normal_png == png_bytes(4, 4) and sorted(res.files) == ["model.mtl", "model.obj"]
+    fields = store.result_message_fields(job.id)
+    assert bytes(fields["normal_texture"].data) == png_bytes(4, 4)
+    assert {k: bytes(v.data) for k, v in fields["files"].items()} == {"model.obj": b"x", "model.mtl": b"xx"}
+    slim = store.result_message_fields(job.id, glb=False)
+    assert "files" not in slim and "glb" not in slim and "normal_texture" in slim

@@ -452,3 +452,43 @@ def test_error_text_quoting_the_input_is_always_encodable():
     err = ProtocolError("invalid", "bad value \udc80" + "x" * 5000, "a.\udcff" + "y" * 1000)
     assert len(err.message) <= 1024 and len(err.field) <= 256 and "\\udc80" in err.message
     encode(protocol.error_message(err), SIGNER)
+
+
+@pytest.mark.parametrize(("options", "field", "match"), [
+    ({"format": "fbx"}, "options.format", "glb, obj, usd, usdz"),
+    ({"format": 1}, "options.format", "glb, obj, usd, usdz"),
+    ({"faces": 99}, "options.faces", "100 to 2,000,000"),
+    ({"faces": 2_000_001}, "options.faces", "100 to 2,000,000"),
+    ({"faces": 5000.0}, "options.faces", "integer"),
+    ({"faces": True}, "options.faces", "integer"),
+    ({"texture_size": 8}, "options.texture_size", "16 to 8,192"),
+    ({"texture_size": 16384}, "options.texture_size", "16 to 8,192"),
+])
+def test_export_options_are_bounded_at_submit(options, field, match):
+    with pytest.raises(ProtocolError, match=match) as info:
+        protocol.check_fields("submit", {"request_id": "r", "kind": "text", "prompt": "p", "options": options})
+    assert (info.value.code, info.value.field) == ("invalid", field)
+
+
+def test_export_options_at_their_bounds_pass():
+    for options in ({"format": f} for f in protocol.EXPORT_FORMATS):
+        assert protocol.check_fields("submit", {"request_id": "r", "kind": "text", "prompt": "p",
+                                                "options": options})["options"] == options
+    options = {"faces": 100, "texture_size": 8192}
+    assert protocol.check_fields("submit", {"request_id": "r", "kind": "refine", "prompt": "p", "mesh": mesh_arrays(),
+                                            "options": options})["options"] == options
+
+
+def test_result_carries_the_normal_map_and_the_export_files():
+    job = "0123456789abcdef"
+    files = {"model.obj": Blob(b"v 0 0 0\n", "file"), "model_normal.png": Blob(png_bytes(), "file")}
+    msg = make("result", "p1", job_id=job, glb=Blob(glb_bytes(8)), arrays=mesh_arrays(), meta={"export": {"format": "obj"}},
+               texture=Image.from_png(png_bytes()), normal_texture=Image.from_png(png_bytes(4, 4)), files=files)
+    res = roundtrip(msg, from_client=False)
+    assert bytes(res["normal_texture"].data) == png_bytes(4, 4)
+    assert {k: bytes(v.data) for k, v in res["files"].items()} == {k: bytes(v.data) for k, v in files.items()}
+    for bad, field in (({"../x.obj": Blob(b"", "file")}, "files.../x.obj"),
+                       ({"model.glb": Blob(glb_bytes(8))}, "files.model.glb")):
+        with pytest.raises(ProtocolError) as info:
+            roundtrip(make("result", "p1", job_id=job, files=bad), from_client=False)
+        assert info.value.field == field
