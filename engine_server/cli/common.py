@@ -9,6 +9,7 @@ import argparse
 from pathlib import Path
 
 from engine_server.pipelines.presets import DEFAULT_PRESET, PRESETS
+from engine_server.wire.protocol import FACES_RANGE, TEXTURE_SIZE_RANGE
 
 
 class UsageError(Exception):
@@ -37,6 +38,28 @@ def add_guidance_flags(p: argparse.ArgumentParser) -> None:
                         "upsampled for their encoder)")
 
 
+def add_asset_flags(p: argparse.ArgumentParser) -> None:
+    """The flags that shape the exported asset: --faces, --texture-size (unset: the preset's)."""
+    p.add_argument("--faces", type=int, default=None, metavar="N",
+                   help=f"most triangles of the mesh, {FACES_RANGE[0]:,} to {FACES_RANGE[1]:,} "
+                        "(quadric decimation before the UV unwrap; default: the preset's)")
+    p.add_argument("--texture-size", type=int, default=None, metavar="PX",
+                   help=f"pixels per side of the base-colour and normal maps, {TEXTURE_SIZE_RANGE[0]} to "
+                        f"{TEXTURE_SIZE_RANGE[1]} (default: the preset's)")
+
+
+def asset_overrides(args: argparse.Namespace) -> dict:
+    """The preset overrides of :func:`add_asset_flags` (checked; the same bounds as the wire's)."""
+    over = {}
+    for flag, key, (lo, hi) in (("--faces", "faces", FACES_RANGE), ("--texture-size", "texture_size", TEXTURE_SIZE_RANGE)):
+        value = getattr(args, key)
+        if value is not None:
+            if not lo <= value <= hi:
+                raise UsageError(f"{flag} must be in [{lo}, {hi}], got {value}")
+            over[key] = value
+    return over
+
+
 def guidance_fields(args: argparse.Namespace) -> dict:
     """The request fields of :func:`add_guidance_flags` (checked), without the render size (a preset override)."""
     if args.guidance_scale is not None and args.guidance_scale < 0:
@@ -54,9 +77,24 @@ def usage_from(exc: Exception) -> UsageError:
 
 def output_glb(path: str, steps: int | None = None, flag: str = "--out", steps_flag: str = "--steps") -> Path:
     """``flag`` checked (a .glb in an existing folder) as a Path; ``steps_flag`` checked when given."""
-    out = Path(path)
-    if out.suffix.lower() != ".glb":
+    if Path(path).suffix.lower() != ".glb":
         raise UsageError(f"{flag} must be a .glb file, got {path!r}")
+    return _output(Path(path), steps, steps_flag)
+
+
+def output_file(path: str, steps: int | None = None, flag: str = "--out", steps_flag: str = "--steps") -> Path:
+    """``flag`` checked as a Path: an export format's extension (.glb, .obj, .usd/.usda/.usdc, .usdz; USD needs
+    usd-core) in an existing folder; ``steps_flag`` checked when given. Fails before any work."""
+    from engine_server.export import format_of
+
+    try:
+        format_of(path)
+    except ValueError as exc:
+        raise UsageError(f"{flag}: {exc}") from None
+    return _output(Path(path), steps, steps_flag)
+
+
+def _output(out: Path, steps: int | None, steps_flag: str) -> Path:
     if not out.parent.exists():
         raise UsageError(f"output folder {str(out.parent)!r} does not exist")
     if steps is not None and steps < 1:

@@ -12,9 +12,12 @@ from pathlib import Path
 
 from engine_server.cli.common import (
     UsageError,
+    add_asset_flags,
     add_guidance_flags,
     add_job_flags,
+    asset_overrides,
     guidance_fields,
+    output_file,
     output_glb,
     run_in_process,
     usage_from,
@@ -23,11 +26,12 @@ from engine_server.pipelines.kinds import KINDS
 
 
 def add_parsers(sub) -> None:
-    p = sub.add_parser("generate", help="prompt (or --image) -> textured GLB, in-process (no server)")
+    p = sub.add_parser("generate", help="prompt (or --image) -> textured GLB / OBJ / USD, in-process (no server)")
     p.add_argument("prompt", nargs="?", default=None, help='what to make, e.g. "a red cube"')
     p.add_argument("--image", metavar="REF.png", default=None, help="reference image: image to 3D")
-    p.add_argument("--out", required=True, metavar="FILE.glb", help="where to write the GLB (+ a .json sidecar)")
+    p.add_argument("--out", required=True, metavar="FILE", help=_OUT_HELP)
     add_job_flags(p, steps_help="distillation steps (the preset's coarse_steps)")
+    add_asset_flags(p)
     add_guidance_flags(p)
     p.add_argument("--previews", metavar="DIR", default=None, help="save preview renders here")
     p.set_defaults(func=cmd_generate)
@@ -45,24 +49,30 @@ def add_parsers(sub) -> None:
     p.add_argument("--fit-steps", type=int, default=None, metavar="N", help="coarse steps of the reconstruction")
     p.set_defaults(func=cmd_multiview)
 
-    p = sub.add_parser("refine", help="mesh + prompt -> refined textured GLB, in-process (no server)")
+    p = sub.add_parser("refine", help="mesh + prompt -> refined textured GLB / OBJ / USD, in-process (no server)")
     p.add_argument("mesh", metavar="MESH.glb", help="input mesh (GLB / glTF / OBJ / PLY, anything trimesh reads)")
     p.add_argument("prompt", help='what it should become, e.g. "a green cube"')
-    p.add_argument("--out", required=True, metavar="OUT.glb", help="where to write the GLB (+ a .json sidecar)")
+    p.add_argument("--out", required=True, metavar="FILE", help=_OUT_HELP)
     p.add_argument("--mode", default="full", choices=["full", "texture"],
                    help="full: geometry + texture; texture: keep the geometry, only paint it")
     add_job_flags(p, steps_help="refinement steps (the preset's refine_steps)")
+    add_asset_flags(p)
     add_guidance_flags(p)
     p.set_defaults(func=cmd_refine)
 
 
+_OUT_HELP = ("where to write the object; the extension picks the format: .glb, .obj (+ .mtl and PNGs), "
+             ".usd / .usda / .usdc (+ PNGs) or .usdz (USD needs usd-core: pip install 'engine-server[usd]'); "
+             "a .json sidecar goes beside it")
+
+
 def _overrides(args: argparse.Namespace, kind: str) -> dict:
-    """``--steps`` as the override of the kind's steps knob (the kind table's ``steps_option``), and
-    ``--render-size`` as ``render_resolution``."""
+    """``--steps`` as the override of the kind's steps knob (the kind table's ``steps_option``), ``--render-size``
+    as ``render_resolution``, and ``--faces`` / ``--texture-size``."""
     over = {KINDS[kind].steps_option: args.steps} if args.steps else {}
     if getattr(args, "render_size", None):
         over["render_resolution"] = args.render_size
-    return over
+    return {**over, **asset_overrides(args)}
 
 
 def _previews(args: argparse.Namespace) -> Path | None:
@@ -72,7 +82,7 @@ def _previews(args: argparse.Namespace) -> Path | None:
 def cmd_generate(args: argparse.Namespace) -> int:
     from engine_server.devices import resolve_device
 
-    out = output_glb(args.out, args.steps)
+    out = output_file(args.out, args.steps)
     device = resolve_device(args.device)
     if args.image:
         from engine_server.pipelines.image_to_3d import ImageTo3D, ImageTo3DRequest
@@ -175,7 +185,7 @@ def cmd_refine(args: argparse.Namespace) -> int:
     from engine_server.export import read_mesh_file
     from engine_server.pipelines.refine import RefineMesh, RefineMeshRequest
 
-    out = output_glb(args.out, args.steps)
+    out = output_file(args.out, args.steps)
     fields = guidance_fields(args)
 
     def build(progress):  # a broken mesh file fails here, as one line like every other bad input

@@ -48,9 +48,33 @@ def test_job_verbs_share_the_preset_names_and_flags(verb):
 
 
 def test_bad_output_is_one_usage_line_with_status_2(tmp_path, capsys):
-    assert main(["generate", "a red cube", "--out", str(tmp_path / "cube.obj")]) == 2
+    assert main(["generate", "a red cube", "--out", str(tmp_path / "cube.fbx")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert err == [f"engine-server generate: error: --out must be a .glb file, got '{tmp_path / 'cube.obj'}'"]
+    assert err == ["engine-server generate: error: --out: cannot export to '.fbx' (cube.fbx): "
+                   "the extension must be one of .glb, .obj, .usd, .usda, .usdc, .usdz"]
+    assert main(["refine", str(tmp_path / "in.glb"), "a red cube", "--out", str(tmp_path / "x.gltf")]) == 2
+    assert "'.gltf'" in capsys.readouterr().err  # checked before the input mesh is read
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("verb", ["generate", "refine"])
+def test_job_verbs_take_the_asset_flags_and_every_export_extension(verb):
+    parser = _verbs()[verb]
+    flags = {opt: a for a in parser._actions for opt in a.option_strings}
+    assert flags["--faces"].default is None and flags["--texture-size"].default is None  # unset: the preset's
+    for ext in (".glb", ".obj", ".usd", ".usda", ".usdc", ".usdz"):
+        assert ext in flags["--out"].help
+
+
+@pytest.mark.parametrize(("flags", "message"), [
+    (["--faces", "99"], "--faces must be in [100, 2000000], got 99"),
+    (["--faces", "2000001"], "--faces must be in [100, 2000000], got 2000001"),
+    (["--texture-size", "8"], "--texture-size must be in [16, 8192], got 8"),
+])
+def test_asset_flags_out_of_bounds_are_one_usage_line(tmp_path, capsys, flags, message):
+    assert main(["generate", "a red cube", "--out", str(tmp_path / "cube.obj"), *flags]) == 2
+    assert capsys.readouterr().err.strip() == f"engine-server generate: error: {message}"
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_unknown_prompt_word_is_one_usage_line(tmp_path, capsys):
