@@ -2,8 +2,10 @@
 
 Meshes are filled with ``foreach_set`` from numpy arrays (no per-vertex Python loop):
 a 100k-face import takes well under half a second (see ``bench.py``). UVs arrive in
-glTF's convention (top-left origin) and are flipped for Blender; the texture arrives as the
-engine's PNG and is packed as it is.
+glTF's convention (top-left origin) and are flipped for Blender; the base colour and the
+tangent-space normal map arrive as the engine's PNGs and are packed as they are (the normal
+map as Non-Color data through a Normal Map node, as Blender's glTF importer connects it),
+roughness and metallic as the engine wrote them into the GLB.
 """
 from __future__ import annotations
 
@@ -78,8 +80,11 @@ def image_from_png(name: str, png: bytes, *, pack: bool = True, existing: bpy.ty
     return image
 
 
-def textured_material(name: str, image: bpy.types.Image | None) -> bpy.types.Material:
-    """A material whose Principled BSDF's Base Color is fed by an Image Texture node holding ``image``."""
+def textured_material(name: str, image: bpy.types.Image | None, normal_image: bpy.types.Image | None = None,
+                      factors: dict | None = None) -> bpy.types.Material:
+    """A material whose Principled BSDF's Base Color is fed by an Image Texture node holding ``image``, its Normal
+    by a tangent-space Normal Map node reading ``normal_image`` (Non-Color), with ``factors``' ``roughness`` /
+    ``metallic`` (absent: Blender's defaults)."""
     mat = bpy.data.materials.new(name)
     if not mat.use_nodes:
         mat.use_nodes = True
@@ -95,13 +100,29 @@ def textured_material(name: str, image: bpy.types.Image | None) -> bpy.types.Mat
         tex.extension = "EXTEND"
         tex.location = (bsdf.location.x - 320, bsdf.location.y)
         links.new(tex.outputs["Color"], bsdf.inputs["Base Color"])
+    if normal_image is not None:
+        normal_image.colorspace_settings.name = "Non-Color"  # directions, not colours
+        tex = nodes.new("ShaderNodeTexImage")
+        tex.image = normal_image
+        tex.extension = "EXTEND"
+        tex.location = (bsdf.location.x - 520, bsdf.location.y - 300)
+        normal_map = nodes.new("ShaderNodeNormalMap")
+        normal_map.space = "TANGENT"  # MikkTSpace of the UV map, the convention the engine bakes in
+        normal_map.location = (bsdf.location.x - 220, bsdf.location.y - 300)
+        links.new(tex.outputs["Color"], normal_map.inputs["Color"])
+        links.new(normal_map.outputs["Normal"], bsdf.inputs["Normal"])
+    for key, socket in (("roughness", "Roughness"), ("metallic", "Metallic")):
+        if factors and factors.get(key) is not None:
+            bsdf.inputs[socket].default_value = float(factors[key])
+            setattr(mat, key, float(factors[key]))  # the viewport's Solid / Workbench shading
     return mat
 
 
 def create_object(name: str, vertices: np.ndarray, faces: np.ndarray, uvs: np.ndarray | None = None,
                   texture_png: bytes | None = None, matrix: list[float] | None = None, *, rest: bool = False,
-                  context=None) -> bpy.types.Object:
-    """A new smooth-shaded mesh object in the active collection, selected and active, textured when a PNG is given.
+                  context=None, normal_png: bytes | None = None, factors: dict | None = None) -> bpy.types.Object:
+    """A new smooth-shaded mesh object in the active collection, selected and active, textured when a PNG is given
+    (``normal_png``: the tangent-space normal map; ``factors``: the material's roughness / metallic).
 
     ``rest``: move the mesh so that the object's origin is its bottom centre (lowest point at the
     origin's height, centred in x/y), so at ``matrix`` it stands on that point. The viewport display
@@ -112,7 +133,8 @@ def create_object(name: str, vertices: np.ndarray, faces: np.ndarray, uvs: np.nd
     fill_mesh(mesh, resting(vertices) if rest else vertices, faces, uvs)
     obj = bpy.data.objects.new(name, mesh)
     image = image_from_png(f"{name} texture", texture_png) if texture_png else None
-    mat = textured_material(name, image)
+    normal_image = image_from_png(f"{name} normal", normal_png) if normal_png and uvs is not None else None
+    mat = textured_material(name, image, normal_image, factors)
     if image is not None:
         mat.diffuse_color = obj.color = _image_mean_colour(image)
     mesh.materials.append(mat)

@@ -45,6 +45,7 @@ class GENERATE3D_PT_main(bpy.types.Panel):
         row = layout.row(align=True)
         row.prop(s, "seed")
         row.prop(s, "steps")
+        layout.prop(s, "faces")
         row = layout.row(align=True)
         row.label(text="Texture")
         row.prop(s, "texture_size", text="")

@@ -32,9 +32,12 @@ TEXTURE_SIZES = [("PRESET", "Preset", "The preset's texture size")] + [
 
 
 def output_options(settings, kind: str) -> dict:
-    """The output controls as engine options: ``texture_size`` (a preset override) and, for the kinds whose
-    pipelines take it, ``guidance_scale``; nothing for the controls left at the preset's value."""
+    """The output controls as engine options: ``faces`` and ``texture_size`` (preset overrides; the engine's
+    bounds are checked by the client before sending) and, for the kinds whose pipelines take it,
+    ``guidance_scale``; nothing for the controls left at the preset's value."""
     options: dict = {}
+    if settings.faces:
+        options["faces"] = int(settings.faces)
     if settings.texture_size != "PRESET":
         options["texture_size"] = int(settings.texture_size)
     if settings.guidance_scale > 0 and kind != "refine":
@@ -94,8 +97,10 @@ class Generate3DSettings(bpy.types.PropertyGroup):
     refine_mode: EnumProperty(name="Refine", items=REFINE_MODES, default="full")
     steps: IntProperty(name="Steps", default=0, min=0, max=100000,
                        description="Optimisation steps (0: the preset's)")
+    faces: IntProperty(name="Faces", default=0, min=0, max=2_000_000, soft_max=200_000,
+                       description="Most triangles of the object, 100 or more (0: the preset's)")
     texture_size: EnumProperty(name="Texture", items=TEXTURE_SIZES, default="PRESET",
-                               description="Baked texture size (Preset: the preset's)")
+                               description="Baked base-colour and normal map size (Preset: the preset's)")
     guidance_scale: FloatProperty(name="Guidance", default=0.0, min=0.0, max=100.0, precision=1,
                                   description="Classifier-free guidance scale of the prior for Generate "
                                               "(0: the model's default); Refine uses the model's")

@@ -279,8 +279,9 @@ def _preview_name(job: JobView) -> str:
 
 
 def import_job(context, session: Session, job: JobView, fetched=None) -> bpy.types.Object:
-    """Make a done job's result (arrays + texture PNG, no GLB; fetched now unless given) a new object: Principled
-    BSDF, packed texture, named as the engine named the GLB's node, at the job's placement (or the one the
+    """Make a done job's result (arrays + texture PNGs, no GLB; fetched now unless given) a new object: Principled
+    BSDF with the packed base colour and normal map and the engine's roughness / metallic, named as the engine named
+    the GLB's node, at the job's placement (or the one the
     engine kept, for a job this Blender did not submit)."""
     fetched = fetched if fetched is not None else session.result(job.job_id)
     arrays = fetched.arrays
@@ -292,7 +293,9 @@ def import_job(context, session: Session, job: JobView, fetched=None) -> bpy.typ
     importer.remove_object(_preview_name(job))
     # A new object rests on its placement (the 3D cursor); a refined one keeps the original's frame, beside it.
     obj = importer.create_object(name, arrays["vertices"].numpy(), arrays["faces"].numpy(), uvs, fetched.texture,
-                                 placement, rest=(fetched.meta.get("kind") or job.kind) != "refine", context=context)
+                                 placement, rest=(fetched.meta.get("kind") or job.kind) != "refine", context=context,
+                                 normal_png=fetched.normal_texture,
+                                 factors=fetched.meta.get("material"))
     job.imported = obj.name
     session._save_jobs()
     if not bpy.app.background:
