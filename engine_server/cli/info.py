@@ -6,7 +6,7 @@ import importlib
 import json
 
 from engine_server import __version__
-from engine_server.cli.common import format_table
+from engine_server.cli.common import UsageError, format_table
 
 BENCHES: dict[str, str] = {
     "geometry": "engine_server.geometry.bench:run",
@@ -14,6 +14,7 @@ BENCHES: dict[str, str] = {
     "kernels": "kernels.hashgrid.bench:run",
     "pipeline": "engine_server.pipelines.bench:run",
     "rasterize": "kernels.rasterize.bench:run",
+    "cluster": "engine_server.service.bench:run_cluster",
     "server": "engine_server.service.bench:run",
     "texture": "engine_server.texture.bench:run",
 }
@@ -22,8 +23,10 @@ arguments and returns {"title": str, "rows": [dict, ...]} (plus any extra keys).
 
 
 def add_parsers(sub) -> None:
-    p = sub.add_parser("info", help="versions, devices, kernel backends, model search paths")
+    p = sub.add_parser("info", help="versions, devices, kernel backends, model search paths (and a Ray cluster)")
     p.add_argument("--json", action="store_true", help="print as JSON")
+    p.add_argument("--ray-address", default=None, metavar="auto|HOST:PORT",
+                   help="also show this Ray cluster: its nodes, GPUs and CPUs, the engine's actors and the job each runs")
     p.set_defaults(func=cmd_info)
 
     p = sub.add_parser("bench", help="benchmarks, measured side by side in one run")
@@ -32,6 +35,7 @@ def add_parsers(sub) -> None:
                    help="write results as JSON to FILE (stdout when no FILE)")
     p.add_argument("--repeat", type=int, default=5, help="timed repetitions per measurement")
     p.add_argument("--points", type=int, default=65536, help="points per batch (kernels)")
+    p.add_argument("--jobs", type=int, default=4, help="tiny jobs per actor count (cluster)")
     p.set_defaults(func=cmd_bench)
 
 
@@ -71,8 +75,9 @@ def cmd_info(args: argparse.Namespace) -> int:
     info["bundled_model"] = {k: (", ".join(map(str, v)) if isinstance(v, (list, tuple)) else
                                  json.dumps(v) if isinstance(v, dict) else v)
                              for k, v in bundled_info().items()}
+    cluster = _cluster(args.ray_address) if args.ray_address else None
     if args.json:
-        print(json.dumps(info, indent=2))
+        print(json.dumps(info | ({"cluster": cluster} if cluster else {}), indent=2))
         return 0
     for key, value in info.items():
         if isinstance(value, dict):
@@ -85,7 +90,34 @@ def cmd_info(args: argparse.Namespace) -> int:
                 print(f"  {v}")
         else:
             print(f"{key:<16} {value}")
+    if cluster:
+        _print_cluster(cluster)
     return 0
+
+
+def _cluster(address: str) -> dict:
+    """The Ray cluster at ``address`` (ray_executor.cluster_info); UsageError without Ray or a cluster."""
+    try:
+        from engine_server.service.ray_executor import ClusterError, cluster_info
+    except ImportError as exc:
+        raise UsageError(f"--ray-address needs Ray ({exc}): pip install -e \".[cluster]\"") from None
+    try:
+        return cluster_info(address)
+    except ClusterError as exc:
+        raise UsageError(str(exc)) from None
+
+
+def _print_cluster(cluster: dict) -> None:
+    print(f"cluster          {cluster['address']}: {len(cluster['nodes'])} node(s), {cluster['gpus']:g} GPU(s), "
+          f"{cluster['cpus']:g} CPU(s)")
+    print(format_table([{"node": n["node"], "ip": n["ip"], "alive": n["alive"], "gpus": n["gpus"], "cpus": n["cpus"],
+                         "object_store_mib": n["object_store_mib"]} for n in cluster["nodes"]]))
+    if not cluster["actors"]:
+        print("engine actors    none (no engine-server serve --executor ray on this cluster)")
+        return
+    print(format_table([{"actor": a["name"], "state": a["state"], "node": a.get("node", "-"),
+                         "pid": a.get("pid", "-"), "device": a.get("device", "-"), "job": a.get("job") or "-",
+                         "jobs_run": a.get("jobs_run", "-")} for a in cluster["actors"]]))
 
 
 def _model_search_paths() -> list[str]:

@@ -25,7 +25,8 @@ def add_parsers(sub) -> None:
 
 def add_serve_parser(sub) -> argparse.ArgumentParser:
     """``serve``: run the engine server."""
-    p = sub.add_parser("serve", help="run the engine server (ZeroMQ, loopback by default) with a local worker")
+    p = sub.add_parser("serve", help="run the engine server (ZeroMQ, loopback by default) with a local worker "
+                                     "or on a Ray cluster")
     p.add_argument("--bind", default=DEFAULT_ENDPOINT, metavar="ADDR",
                    help=f"ZeroMQ endpoint to listen on (default {DEFAULT_ENDPOINT}; port * picks a free one)")
     p.add_argument("--data", type=Path, default=None, metavar="DIR", help="job store folder (default: per-user data dir)")
@@ -51,6 +52,16 @@ def add_serve_parser(sub) -> argparse.ArgumentParser:
                    help="seconds a cancelled job may take to stop before its worker is terminated")
     p.add_argument("--protocol-only", action="store_true",
                    help="no worker: accept and store jobs without running them (tests, debugging)")
+    p.add_argument("--executor", choices=("local", "ray"), default="local",
+                   help="where jobs run: local child processes, one per --device (default), or actors on a Ray "
+                        "cluster, one per GPU (needs the cluster extra and a --data folder every node mounts)")
+    p.add_argument("--ray-address", default=None, metavar="auto|local|HOST:PORT",
+                   help="the Ray cluster: auto (started here with `ray start`), the head node's HOST:PORT, or local "
+                        "(a private cluster of this machine); default auto")
+    p.add_argument("--ray-actors", type=int, default=None, metavar="N",
+                   help="Ray actors, one job each at a time (default 0: one per GPU, or one per CPU slot without GPUs)")
+    p.add_argument("--ray-cpus-per-actor", type=float, default=None, metavar="C",
+                   help="CPUs each Ray actor reserves (a CPU slot) and its torch threads (default 1)")
     p.set_defaults(func=cmd_serve)
     return p
 
@@ -73,18 +84,54 @@ def cmd_serve(args: argparse.Namespace) -> int:
                           max_attempts=args.max_attempts, min_free_bytes=int(args.min_free_mb * 2**20),
                           models=[args.model, *[m for m in args.extra_model if m != args.model]],
                           device=", ".join(devices))
-    worker = None
-    if not args.protocol_only:
+    given = [f for f in ("ray_address", "ray_actors", "ray_cpus_per_actor") if getattr(args, f) is not None]
+    if given and args.executor != "ray":
+        raise UsageError(f"--{given[0].replace('_', '-')} needs --executor ray")
+    worker = make_executor = None
+    log_level = "DEBUG" if args.verbose else "INFO"
+    if args.executor == "ray" and not args.protocol_only:
+        make_executor, config.device = _ray_executor(args, config.models, log_level)
+    elif not args.protocol_only:
         from engine_server.service.runner import RunnerConfig
         from engine_server.service.worker import WorkerConfig
 
         worker = WorkerConfig(runner=RunnerConfig(model=args.model, models=list(config.models), threads=args.threads),
-                              devices=devices, cancel_grace_s=args.cancel_grace,
-                              log_level="DEBUG" if args.verbose else "INFO")
+                              devices=devices, cancel_grace_s=args.cancel_grace, log_level=log_level)
     try:
-        return serve(config, ready=lambda ep: print(f"listening on {ep}", flush=True), worker=worker)
+        return serve(config, ready=lambda ep: print(f"listening on {ep}", flush=True), worker=worker,
+                     make_executor=make_executor)
     except (ConfigError, StoreLocked, KeyFileError, OSError) as exc:
         raise UsageError(str(exc)) from None
+
+
+def _ray_executor(args: argparse.Namespace, models: list[str], log_level: str):
+    """(executor factory, device description) for ``--executor ray``; UsageError when Ray is missing or a flag is bad."""
+    if args.device is not None and len(args.device) > 1:
+        raise UsageError("--executor ray runs one actor per GPU of the cluster: give --device once (auto, cpu or cuda)")
+    try:
+        from engine_server.service.ray_executor import ClusterError, RayConfig, RayExecutor
+    except ImportError as exc:
+        raise UsageError(f"--executor ray needs Ray ({exc}): pip install -e \".[cluster]\"") from None
+    from engine_server.service.runner import RunnerConfig
+
+    device = (args.device or ["auto"])[0]
+    address = args.ray_address or "auto"
+    try:
+        ray_config = RayConfig(address=address, actors=0 if args.ray_actors is None else args.ray_actors,
+                               cpus_per_actor=1.0 if args.ray_cpus_per_actor is None else args.ray_cpus_per_actor,
+                               runner=RunnerConfig(model=args.model, models=list(models), threads=args.threads,
+                                                   device=device),
+                               cancel_grace_s=args.cancel_grace, log_level=log_level)
+    except ClusterError as exc:
+        raise UsageError(str(exc)) from None
+
+    def make(root: Path) -> RayExecutor:
+        try:
+            return RayExecutor(root, ray_config)
+        except ClusterError as exc:
+            raise UsageError(str(exc)) from None
+
+    return make, f"ray cluster ({address}), {device}"
 
 
 def add_jobs_parser(sub) -> argparse.ArgumentParser:
@@ -142,6 +189,8 @@ def cmd_jobs(args: argparse.Namespace) -> int:
                     where = step.get("stage", "")
                     if step.get("total"):
                         where += f" {step.get('step', 0)}/{step['total']}"
+                    if j.state == "running" and step.get("node"):  # set by the Ray executor
+                        where += f" on {step['node']}"
                     err = f"  [{j.error_code}] {j.error_message}" if j.error_code else ""
                     print(f"{j.id}  {j.state:<9}  {j.kind:<6}  {_when(j.created)}  {j.label[:40]!r}  {where}{err}")
             return 0

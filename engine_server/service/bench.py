@@ -121,3 +121,83 @@ def run(args) -> dict:
             "rate_per_s is MiB/s there; p99_ms is the max over repeats",
         ],
     }
+
+
+CLUSTER_JOB = {"coarse_steps": 4, "tet_resolution": 24, "texture_size": 64, "preview_every": 1000}
+"""The bench's tiny job (draft preset, bundled prior): seconds on one CPU thread."""
+
+
+def run_cluster(args) -> dict:
+    """``engine-server bench cluster``: jobs per hour with one and with two Ray actors, side by side.
+
+    A private local Ray cluster of 2 CPUs (1 CPU and 1 torch thread per actor), a real server
+    in a thread of this process and a real client. Per actor count: the actors warm up, each
+    runs one untimed job (first-call costs), then ``args.jobs`` (4) tiny jobs are submitted at
+    once and timed from the submit to the last ``done``.
+    """
+    import statistics
+    import tempfile
+
+    import ray
+
+    from engine_server.service.ray_executor import NAMESPACE, RayConfig, RayExecutor
+    from engine_server.service.runner import RunnerConfig
+    from engine_server.wire.client import EngineClient
+
+    n_jobs = max(1, int(getattr(args, "jobs", 4)))
+    ray.init(num_cpus=2, object_store_memory=100_000_000, include_dashboard=False, namespace=NAMESPACE,
+             log_to_driver=False)
+    rows: list[dict] = []
+    try:
+        for actors in (1, 2):
+            with tempfile.TemporaryDirectory() as tmp:
+                server = EngineServer(ServerConfig(bind="tcp://127.0.0.1:*", data_dir=Path(tmp) / "data",
+                                                   key_file=Path(tmp) / "key", max_queued=max(16, n_jobs)))
+                endpoint = server.bind()
+                start = time.perf_counter()
+                server.executor = RayExecutor(server.store.root, RayConfig(
+                    actors=actors, runner=RunnerConfig(device="cpu", threads=1)))
+                thread = threading.Thread(target=server.serve_forever, daemon=True)
+                thread.start()
+                client = EngineClient(endpoint, Path(tmp) / "key", timeout=60.0)
+                try:
+                    client.hello()
+                    while server.executor.capacity() < actors:
+                        time.sleep(0.1)
+                    warm_s = time.perf_counter() - start
+                    _run_all(client, actors)
+                    start = time.perf_counter()
+                    seconds = _run_all(client, n_jobs)
+                    wall = time.perf_counter() - start
+                finally:
+                    client.close()
+                    server.stop()
+                    thread.join(10)
+                    server.close()
+            rows.append({"actors": actors, "jobs": n_jobs, "warm_up_s": warm_s, "wall_s": wall,
+                         "jobs_per_hour": n_jobs / wall * 3600, "mean_job_s": statistics.mean(seconds)})
+    finally:
+        ray.shutdown()
+    return {
+        "title": "jobs per hour on a local Ray cluster (2 CPUs), one vs two actors",
+        "rows": rows,
+        "notes": [
+            f"job: text 'a red cube', draft preset with {CLUSTER_JOB}, bundled prior, one torch thread per actor",
+            "warm_up_s: actors created until both answer (torch imported, prior loaded); not in wall_s",
+            "wall_s: submit of all jobs to the last done, after one untimed job per actor; "
+            f"speed-up two vs one actor: {rows[0]['wall_s'] / rows[1]['wall_s']:.2f}x",
+        ],
+    }
+
+
+def _run_all(client, n: int) -> list[float]:
+    """Submit ``n`` tiny jobs at once and wait for all; the runner's seconds per job (raises when one fails)."""
+    jobs = [client.submit("text", "a red cube", seed=i, options=CLUSTER_JOB) for i in range(n)]
+    pending = set(jobs)
+    while pending:
+        for event in client.poll_events(0.1):
+            if event.job_id in pending and event.type in ("done", "failed", "cancelled"):
+                if event.type != "done":
+                    raise RuntimeError(f"bench job {event.job_id} ended {event.type}: {event.fields}")
+                pending.discard(event.job_id)
+    return [client.result(job, glb=False).meta["seconds"] for job in jobs]

@@ -615,8 +615,9 @@ class EngineServer:
         msg = protocol.make(event.type, job_id=event.job_id, **event.fields)
         if event.type == "progress":
             self._last_progress[event.job_id] = dict(event.fields)
-            try:
-                self.store.set_progress(event.job_id, {k: v for k, v in event.fields.items() if k != "state"})
+            try:  # a state change (starting, requeued: where the job runs now) is always recorded
+                self.store.set_progress(event.job_id, {k: v for k, v in event.fields.items() if k != "state"},
+                                        force="state" in event.fields)
             except StorageError as exc:  # a snapshot only: the event still goes out
                 self._storage_failed(exc)
         elif event.type in RELIABLE:
@@ -733,17 +734,20 @@ def resolve_data_dir(config: ServerConfig) -> Path:
 
 
 def serve(config: ServerConfig, executor: Executor | None = None, ready: Callable[[str], None] | None = None,
-          *, worker: Any = None) -> int:
+          *, worker: Any = None, make_executor: Callable[[Path], Executor] | None = None) -> int:
     """Run a server until SIGINT / SIGTERM; ``ready`` is called with the bound endpoint. Returns an exit status.
 
     ``worker``: a :class:`engine_server.service.worker.WorkerConfig` to run jobs in local child
-    processes (started once the store is locked and the socket bound); with neither it
-    nor ``executor`` the server only accepts and stores jobs (protocol-only).
+    processes; ``make_executor``: builds another executor (a cluster's) from the job store
+    folder. Either is started once the store is locked and the socket bound; with none of
+    them nor ``executor`` the server only accepts and stores jobs (protocol-only).
     """
     server = EngineServer(config, executor=executor)
     try:
         endpoint = server.bind()
-        if executor is None and worker is not None:
+        if executor is None and make_executor is not None:
+            server.executor = make_executor(server.store.root)
+        elif executor is None and worker is not None:
             from engine_server.service.worker import LocalWorker  # its runner needs numpy; protocol-only servers do not
 
             server.executor = LocalWorker(server.store.root, worker)

@@ -34,9 +34,10 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 from engine_server.pipelines.events import Cancelled
 from engine_server.service.executor import WorkerEvent
@@ -337,23 +338,21 @@ class LocalWorker:
 # ----------------------------------------------------------------------------- the child side
 
 
-class _ChildSink:
-    """EventSink writing frames to the parent; also keeps previews in the job folder."""
+class JobEvents:
+    """EventSink of one job attempt: the runner's calls as protocol event fields, handed to ``emit(type, fields)``.
 
-    def __init__(self, out: BinaryIO, job_id: str, job_dir: Path):
-        self.out, self.job_id, self.job_dir = out, job_id, job_dir
-        self.lock = threading.Lock()
+    Previews are also kept in the job folder. Shared by the local child (frames on its
+    stdout) and the Ray actor (items of its streaming generator).
+    """
 
-    def emit(self, kind: str, fields: dict[str, Any]) -> None:
-        frame = encode_frame(kind, self.job_id, {k: v for k, v in fields.items() if v is not None})
-        with self.lock:
-            self.out.write(frame)
-            self.out.flush()
+    def __init__(self, job_dir: Path, emit: Callable[[str, dict[str, Any]], None]):
+        self.job_dir, self.emit = job_dir, emit
 
     def progress(self, stage: str, step: int, total: int, *, loss: float | None = None,
                  eta_s: float | None = None, message: str | None = None) -> None:
-        self.emit("progress", {"stage": stage, "step": int(step), "total": int(total), "loss": loss,
-                               "eta_s": eta_s if eta_s is None else max(0.0, float(eta_s)), "message": message})
+        fields = {"stage": stage, "step": int(step), "total": int(total), "loss": loss,
+                  "eta_s": eta_s if eta_s is None else max(0.0, float(eta_s)), "message": message}
+        self.emit("progress", {k: v for k, v in fields.items() if v is not None})
 
     def preview(self, stage: str, step: int, png: bytes) -> None:
         from engine_server.service.jobs import write_preview
@@ -386,7 +385,6 @@ def _is_oom(exc: BaseException) -> bool:
 
 def child_main(spec: dict[str, Any]) -> int:
     """The child process: warm up, then run the jobs the parent sends, one at a time."""
-    from engine_server.service.jobs import JobFailure, as_storage_error, load_request, write_result
     from engine_server.service.runner import EngineRunner
 
     out = os.fdopen(os.dup(1), "wb", buffering=0)
@@ -424,6 +422,14 @@ def child_main(spec: dict[str, Any]) -> int:
             logging.getLogger(__name__).warning("warm-up failed: %s", exc)
     out.write(encode_frame("ready", None, {"pid": os.getpid(), "device": runner.ctx.device, "parent": parent}))
     out.flush()
+    lock = threading.Lock()
+
+    def emit(kind: str, job_id: str | None, fields: dict[str, Any]) -> None:
+        frame = encode_frame(kind, job_id, fields)
+        with lock:
+            out.write(frame)
+            out.flush()
+
     while True:
         op = jobs.get()
         if op is None:
@@ -431,38 +437,47 @@ def child_main(spec: dict[str, Any]) -> int:
         job_id, job_dir = op["job_id"], Path(op["job_dir"])
         current["job"] = job_id
         cancel.clear()
-        sink = _ChildSink(out, job_id, job_dir)
+        events = JobEvents(job_dir, lambda kind, fields: emit(kind, job_id, fields))
         try:
-            request = load_request(job_dir)
-            result = runner(request, job_dir, sink, cancel.is_set)
-            if cancel.is_set():
-                raise Cancelled()
-            write_result(job_dir, result)
-            end: tuple[str, dict] = ("done", {})
-        except Cancelled:
-            end = ("cancelled", {})
-        except JobFailure as exc:
-            end = ("failed", {"code": exc.code, "message": exc.message})
-        except FloatingPointError as exc:
-            end = ("failed", {"code": "non_finite", "message": str(exc)})
-        except Exception as exc:
-            storage = as_storage_error(exc)
-            if storage is not None:
-                end = ("failed", {"code": "storage", "message": f"{storage} (writing the job's files in {job_dir})"})
-            elif _is_oom(exc):
-                end = ("failed", {"code": "out_of_memory", "message": f"out of memory: {str(exc)[:500]}"})
-            else:
-                logging.getLogger(__name__).exception("job %s failed", job_id)
-                end = ("failed", {"code": "internal", "message": f"{type(exc).__name__}: {exc}"[:2000]})
+            end, fields = run_job(runner, job_dir, events, cancel)
         finally:
             current["job"] = None
-            sink = None
-        if end[0] == "done" or not cancel.is_set():
-            out.write(encode_frame(end[0], job_id, end[1]))
-        else:
-            out.write(encode_frame("cancelled", job_id, {}))
-        out.flush()
+        emit(end, job_id, fields)
         runner.ctx.release()  # after the end is reported: a cancel must not wait for the garbage collector
+
+
+def run_job(runner: Any, job_dir: Path, events: JobEvents, cancel: threading.Event) -> tuple[str, dict[str, Any]]:
+    """One attempt of the job in ``job_dir`` with ``runner`` (an EngineRunner) -> its end event (type, fields).
+
+    ``done`` once the result is stored; ``failed`` with a code (the runner's JobFailure,
+    ``non_finite``, ``out_of_memory``, ``storage``, ``internal``); ``cancelled`` when ``cancel``
+    was set, whatever else happened meanwhile. Used by the local child and the Ray actor alike.
+    """
+    from engine_server.service.jobs import JobFailure, as_storage_error, load_request, write_result
+
+    try:
+        request = load_request(job_dir)
+        result = runner(request, job_dir, events, cancel.is_set)
+        if cancel.is_set():
+            raise Cancelled()
+        write_result(job_dir, result)
+        return "done", {}
+    except Cancelled:
+        return "cancelled", {}
+    except JobFailure as exc:
+        end: tuple[str, dict[str, Any]] = ("failed", {"code": exc.code, "message": exc.message})
+    except FloatingPointError as exc:
+        end = ("failed", {"code": "non_finite", "message": str(exc)})
+    except Exception as exc:
+        storage = as_storage_error(exc)
+        if storage is not None:
+            end = ("failed", {"code": "storage", "message": f"{storage} (writing the job's files in {job_dir})"})
+        elif _is_oom(exc):
+            end = ("failed", {"code": "out_of_memory", "message": f"out of memory: {str(exc)[:500]}"})
+        else:
+            logging.getLogger(__name__).exception("job in %s failed", job_dir)
+            end = ("failed", {"code": "internal", "message": f"{type(exc).__name__}: {exc}"[:2000]})
+    return ("cancelled", {}) if cancel.is_set() else end
 
 
 def main(argv: list[str] | None = None) -> int:
