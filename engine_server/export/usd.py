@@ -34,27 +34,18 @@ USD_EXTRA = "pip install 'engine-server[usd]' (usd-core)"
 """How to get the USD writer, named in the error when usd-core is missing."""
 
 
-def _pxr():
-    try:
-        from pxr import Gf, Sdf, Usd, UsdGeom, UsdShade, UsdUtils, Vt
-    except ImportError:
-        raise ValueError(f"USD export needs usd-core, which is not installed: {USD_EXTRA}") from None
-    return Gf, Sdf, Usd, UsdGeom, UsdShade, UsdUtils, Vt
-
-
 def usd_available() -> bool:
     """Whether usd-core is importable (USD / USDZ export works)."""
     try:
-        _pxr()
-    except ValueError:
+        import pxr  # noqa: F401
+    except ImportError:
         return False
     return True
 
 
 def _build_stage(path: Path, m: CheckedMesh, name: str, images: dict[str, str]) -> None:
     """Create the stage at ``path`` (format from its extension) referring to ``images`` by relative path, and save."""
-    Gf, Sdf, Usd, UsdGeom, UsdShade, UsdUtils, Vt = _pxr()
-    from pxr import Tf
+    from pxr import Gf, Sdf, Tf, Usd, UsdGeom, UsdShade, Vt
 
     stage = Usd.Stage.CreateNew(str(path))
     UsdGeom.SetStageUpAxis(stage, UsdGeom.Tokens.z)
@@ -121,7 +112,10 @@ def write_usd(out: Path, m: CheckedMesh, name: str) -> list[Path]:
     The stage is built in a private temporary folder, then moved (or packaged) into place,
     so no half-written file ever has the output's name.
     """
-    _, _, _, _, _, UsdUtils, _ = _pxr()
+    if not usd_available():
+        raise ValueError(f"USD export needs usd-core, which is not installed: {USD_EXTRA}")
+    from pxr import UsdUtils
+
     usdz = out.suffix.lower() == ".usdz"
     images = texture_names(out.stem, m.normal_map is not None)
     with tempfile.TemporaryDirectory(prefix=".usd-", dir=out.parent) as tmp:
