@@ -15,15 +15,18 @@ Heartbeats: clients ping every ``heartbeat_s`` and count the server unresponsive
 ``liveness`` silent intervals; the server answers pings on the loop, never behind job
 work, and also runs ZMTP heartbeats so a dead TCP peer is closed.
 
-Safety: loopback bind by default; every message signed (HMAC-SHA256, key file 0600,
+Safety: loopback bind by default; with authentication on (the default) a peer must
+first pass a CURVE handshake with keys derived from the key file
+(:mod:`engine_server.wire.curve`), so libzmq buffers nothing from a peer without the key
+and the wire is encrypted; every message is then signed (HMAC-SHA256, key file 0600,
 created on first start) with a nonce and a replay window, and messages stamped before
 this server started refused (see :class:`~engine_server.wire.auth.ReplayGuard`); a
 non-loopback bind without authentication refuses to start. Frames above the size limit
 are refused by the socket; a message is received frame by frame and the frames past
-the message limit are released as they are read, before anything is parsed or
-authenticated (libzmq itself assembles a multipart message before handing out its first
-frame and bounds only each frame, by ``MAXMSGSIZE``: what libzmq holds of one message
-in flight is out of this loop's reach; see :meth:`EngineServer._receive`).
+the message limit are released as they are read, before anything is parsed (libzmq
+itself assembles a multipart message before handing out its first frame and bounds only
+each frame, by ``MAXMSGSIZE``; the handshake is what keeps strangers from filling it;
+see :meth:`EngineServer._receive`).
 
 Isolation: a message that makes the loop raise anything is dropped (``internal`` reply,
 counted in ``stats``, logged), as is an event that cannot be stored or sent and a reply
@@ -59,6 +62,7 @@ from engine_server.pipelines.kinds import check_submit
 from engine_server.pipelines.presets import PRESETS
 from engine_server.wire import protocol
 from engine_server.wire.auth import SIGNATURE_SCHEME, ReplayGuard, Signer, default_key_path, load_or_create_key, user_data_dir
+from engine_server.wire.curve import CurveServer, derive_keys
 from engine_server.service.executor import Executor, WorkerEvent
 from engine_server.service.jobs import Busy, Job, JobConflict, JobNotFound, JobStore, StorageError
 from engine_server.wire.files import atomic_write
@@ -199,6 +203,8 @@ class EngineServer:
         if not config.auth:
             logger.warning("authentication is OFF: any local process can use this engine")
         self.signer = Signer(key)
+        self._curve_keys = derive_keys(key) if key is not None else None
+        self._curve: CurveServer | None = None  # the ZAP handler, started at bind
         self.guard = ReplayGuard(config.replay_window_s, not_before=time.time())
         data_dir = Path(config.data_dir) if config.data_dir else user_data_dir() / "data"
         self.store = store or JobStore(data_dir, max_queued=config.max_queued, max_attempts=config.max_attempts)
@@ -248,6 +254,9 @@ class EngineServer:
         sock.setsockopt(zmq.LINGER, c.linger_ms)
         sock.setsockopt(zmq.HEARTBEAT_IVL, int(c.heartbeat_s * 1000))
         sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, int(c.heartbeat_s * c.liveness * 1000))
+        if self._curve_keys is not None:
+            self._curve = CurveServer(self._ctx, self._curve_keys)
+            self._curve.secure(sock)
         try:
             sock.bind(c.bind)
         except zmq.ZMQError as exc:
@@ -255,8 +264,6 @@ class EngineServer:
             raise ConfigError(f"cannot bind {c.bind}: {exc}") from exc
         self._socket = sock
         self.endpoint = sock.getsockopt_string(zmq.LAST_ENDPOINT)
-        if self.signer.enabled and not protocol.is_loopback(self.endpoint):
-            logger.warning("listening on a non-loopback address: messages are signed, not encrypted")
         atomic_write(self.store.root / "endpoint", (self.endpoint + "\n").encode())
         logger.info("listening on %s (auth %s, data %s)", self.endpoint, "on" if self.signer.enabled else "OFF",
                     self.store.root)
@@ -275,6 +282,9 @@ class EngineServer:
             self._socket.close()
             self._socket = None
             (self.store.root / "endpoint").unlink(missing_ok=True)
+        if self._curve is not None:
+            self._curve.close()
+            self._curve = None
         if self._owns_store:
             self.store.close()
         self._wake_r.close()

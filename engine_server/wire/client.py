@@ -25,6 +25,7 @@ import zmq
 
 from engine_server.wire import protocol
 from engine_server.wire.auth import ReplayGuard, Signer, default_key_path, load_key
+from engine_server.wire.curve import HandshakeWatch, derive_keys, secure_client
 from engine_server.wire.protocol import DEFAULT_ENDPOINT, Array, Image, Limits, Message, ProtocolError
 
 logger = logging.getLogger(__name__)
@@ -108,6 +109,7 @@ class EngineClient:
                  heartbeat_s: float = 1.0, liveness: int = 3, backoff_s: tuple[float, float] = (0.25, 8.0),
                  limits: Limits = protocol.DEFAULT_LIMITS, client_name: str = "engine-client",
                  context: zmq.Context | None = None):
+        self._key_source = "given as bytes" if key is not None else str(key_file or default_key_path())
         if auth and key is None:
             key = load_key(key_file if key_file is not None else default_key_path())
         self.endpoint = endpoint
@@ -129,6 +131,8 @@ class EngineClient:
         self.welcome: dict[str, Any] | None = None
         """Fields of the last ``welcome``."""
         self._signer = Signer(key if auth else None)
+        self._curve_keys = derive_keys(key) if auth else None
+        self._handshake: HandshakeWatch | None = None
         self._guard = ReplayGuard()
         self._ctx = context or zmq.Context.instance()
         self._socket: zmq.Socket | None = None
@@ -153,6 +157,9 @@ class EngineClient:
     def _open(self) -> None:
         sock = self._ctx.socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
+        if self._curve_keys is not None:  # the server admits only peers holding its key (wire.curve)
+            secure_client(sock, self._curve_keys)
+            self._handshake = HandshakeWatch(sock)
         sock.setsockopt(zmq.SNDHWM, 1000)
         sock.setsockopt(zmq.RCVHWM, 10000)
         sock.setsockopt(zmq.RECONNECT_IVL, 100)
@@ -171,6 +178,9 @@ class EngineClient:
         self._resubscribe()
 
     def _close_socket(self) -> None:
+        if self._handshake is not None:
+            self._handshake.close()
+            self._handshake = None
         if self._socket is not None:
             self._poller.unregister(self._socket)
             self._socket.close(linger=0)
@@ -334,6 +344,7 @@ class EngineClient:
                     sent = self._send(msg)
                 reconnects = self.reconnects
                 self._receive(min(left, self.heartbeat_s) if sent else min(left, 0.05))
+                self.check_handshake()
                 self._heartbeat()
                 if self.reconnects != reconnects:  # the socket was replaced: what it held is gone
                     msg = protocol.make(msg_type, **fields)
@@ -349,6 +360,12 @@ class EngineClient:
             hint = (f" (replies from the server were refused: {self._refusal}; "
                     "does this client use the server's key file, does the server sign, are the clocks right?)")
         raise EngineTimeout(f"no reply to {msg_type} from {self.endpoint} after {retries + 1} tries of {timeout:g} s{hint}")
+
+    def check_handshake(self) -> None:
+        """Raise RequestError ``auth`` once the server has refused this client's key at the handshake."""
+        failed = self._handshake.poll() if self._handshake is not None else None
+        if failed:
+            raise RequestError("auth", f"{failed}; key file {self._key_source}", None)
 
     @staticmethod
     def _check_reply(reply: Message) -> Message:

@@ -14,6 +14,7 @@ import zmq
 
 from engine_server.wire import protocol
 from engine_server.wire.auth import ReplayGuard, Signer, load_or_create_key
+from engine_server.wire.curve import derive_keys, secure_client
 from engine_server.wire.client import EngineClient
 from engine_server.service.server import EngineServer, ServerConfig
 
@@ -105,6 +106,8 @@ class RawPeer:
         self.guard = ReplayGuard()
         self.socket = zmq.Context.instance().socket(zmq.DEALER)
         self.socket.setsockopt(zmq.LINGER, 0)
+        if key is not None:
+            secure_client(self.socket, derive_keys(key))
         self.socket.connect(endpoint)
 
     def send_frames(self, frames) -> None:

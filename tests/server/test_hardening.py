@@ -2,9 +2,10 @@
 
 The client here builds frames with zmq, hmac and json directly (not
 ``engine_server.wire``), so a mistake shared by the server and the project's client
-cannot hide: structured fuzzing of every input class that once ended the server, an
-unsigned multi-frame flood with the server's RSS read from /proc, a replay across a
-restart, and a full disk (a small tmpfs in a private mount namespace).
+cannot hide: structured fuzzing of every input class that once ended the server,
+multi-frame floods (from a peer without the key: refused at the CURVE handshake; unsigned
+from one with it) with the server's RSS read from /proc, a replay across a restart, and a
+full disk (a small tmpfs in a private mount namespace).
 """
 from __future__ import annotations
 
@@ -44,6 +45,16 @@ def sign(key: bytes, parts) -> bytes:
     return mac.hexdigest().encode()
 
 
+def curve_keys(key: bytes) -> tuple[bytes, bytes, bytes]:
+    """(server public, client public, client secret), Z85, derived as wire/curve.py's docstring describes:
+    HMAC-SHA256(key, "engine-server/curve/<role>") is each role's Curve25519 secret key."""
+    from zmq.utils import z85
+
+    server_secret = z85.encode(hmac.new(key, b"engine-server/curve/server", hashlib.sha256).digest())
+    client_secret = z85.encode(hmac.new(key, b"engine-server/curve/client", hashlib.sha256).digest())
+    return zmq.curve_public(server_secret), zmq.curve_public(client_secret), client_secret
+
+
 def envelope(mtype: str, **fields) -> dict:
     return {"v": 1, "type": mtype, "id": secrets.token_hex(8), "parent": None, "ts": time.time(),
             "nonce": secrets.token_hex(16), **fields}
@@ -52,11 +63,15 @@ def envelope(mtype: str, **fields) -> dict:
 class Peer:
     """A DEALER sending hand-made frames; replies are checked against the key and parsed as plain JSON."""
 
-    def __init__(self, endpoint: str, key: bytes):
+    def __init__(self, endpoint: str, key: bytes, curve: bytes | None = None):
+        """``curve``: the key the connection's CURVE keys are derived from (default ``key``)."""
         self.key = key
         self.sock = zmq.Context.instance().socket(zmq.DEALER)
         self.sock.setsockopt(zmq.LINGER, 0)
         self.sock.setsockopt(zmq.SNDHWM, 100_000)
+        server_public, client_public, client_secret = curve_keys(curve or key)
+        self.sock.curve_serverkey, self.sock.curve_publickey = server_public, client_public
+        self.sock.curve_secretkey = client_secret
         self.sock.connect(endpoint)
         self.events: list[dict] = []  # job events that arrived while a request waited for its reply
 
@@ -309,52 +324,92 @@ def test_fuzz_10000_hostile_messages_each_refused_and_the_server_still_takes_a_j
 # ----------------------------------------------------------------------------- memory before authentication
 
 
+class RssPeak:
+    """The peak RSS of a process, sampled every 5 ms while the block runs."""
+
+    def __init__(self, pid: int):
+        self.pid, self.baseline = pid, rss_bytes(pid)
+        self.peak, self._done = self.baseline, threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    def _sample(self) -> None:
+        while not self._done.is_set():
+            self.peak = max(self.peak, rss_bytes(self.pid))
+            time.sleep(0.005)
+
+    def __enter__(self) -> RssPeak:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._done.set()
+        self._thread.join()
+
+    @property
+    def growth(self) -> int:
+        return self.peak - self.baseline
+
+
 @pytest.mark.slow  # ~5 s: 1.5 GB through loopback
-@pytest.mark.parametrize("frames", [
-    3,  # 30 MiB: the server holds no copy of a refused message on top of libzmq's, and keeps none of it
-    pytest.param(8, marks=pytest.mark.xfail(strict=True, reason=(
-        "libzmq assembles a whole multipart message before the first frame can be read and bounds each frame "
-        "(MAXMSGSIZE), not their number: an unsigned 80 MiB message in 10 MiB frames is held there whole. "
-        "Bounding it needs authentication at the connection (ZMTP CURVE/PLAIN), a protocol change"))),
-])
-def test_unsigned_multi_frame_flood_keeps_the_servers_memory_bounded(tmp_path, processes, frames):
+def test_an_unsigned_multi_frame_flood_from_a_peer_with_the_key_is_refused_without_a_copy(tmp_path, processes):
+    """A peer past the handshake sends unsigned 30 MiB messages in 10 MiB frames: the server holds no copy
+    of a refused message on top of libzmq's, keeps none of it, and answers too_large."""
     limit_mb = 16
     proc, endpoint, _ = start_server(tmp_path, "--max-message-mb", str(limit_mb))
     processes.append(proc)
     peer = Peer(endpoint, read_key(tmp_path))
     try:
         assert peer.request(envelope("ping"))["type"] == "pong"
-        baseline = rss_bytes(proc.pid)
-        peak = [baseline]
-        done = threading.Event()
-
-        def sample():
-            while not done.is_set():
-                peak[0] = max(peak[0], rss_bytes(proc.pid))
-                time.sleep(0.005)
-
-        sampler = threading.Thread(target=sample, daemon=True)
-        sampler.start()
-        # Each message: frames of 10 MiB (each under the socket's per-frame limit, over the message
-        # limit in all), unsigned. libzmq assembles one such message before handing out its first
-        # frame; the server must not hold a copy of it on top, nor keep any of it once read.
-        frame = bytes(10 * MIB)
-        head = json.dumps(envelope("ping")).encode()
-        replies = 0
-        for _ in range(50 if frames == 3 else 5):
-            peer.sock.send_multipart([head, b"", *[frame] * frames], copy=False)
-            reply = peer.recv(timeout=10.0)
-            assert reply is not None and reply["code"] == "too_large", reply
-            replies += 1
-        done.set()
-        sampler.join()
-        growth = peak[0] - baseline
-        print(f"flood: {replies} unsigned messages of {frames * 10} MiB, limit {limit_mb} MiB: RSS baseline "
-              f"{baseline / MIB:.1f} MiB, peak {peak[0] / MIB:.1f} MiB, growth {growth / MIB:.1f} MiB")
-        assert growth < 2 * limit_mb * MIB, f"RSS grew {growth / MIB:.1f} MiB (limit {limit_mb} MiB)"
+        frame, head = bytes(10 * MIB), json.dumps(envelope("ping")).encode()
+        with RssPeak(proc.pid) as rss:
+            for _ in range(50):
+                peer.sock.send_multipart([head, b"", frame, frame, frame], copy=False)
+                reply = peer.recv(timeout=10.0)
+                assert reply is not None and reply["code"] == "too_large", reply
+        print(f"keyed unsigned flood: RSS baseline {rss.baseline / MIB:.1f} MiB, growth {rss.growth / MIB:.1f} MiB")
+        assert rss.growth < 2 * limit_mb * MIB, f"RSS grew {rss.growth / MIB:.1f} MiB (limit {limit_mb} MiB)"
         assert peer.request(envelope("ping"))["type"] == "pong"
     finally:
         peer.close()
+
+
+@pytest.mark.slow  # ~5 s
+@pytest.mark.parametrize("stranger", ["another key file", "no CURVE"])
+def test_a_peer_without_the_key_gets_nothing_buffered_however_many_frames_it_sends(tmp_path, processes, stranger):
+    """80 MiB messages in 10 MiB frames (over any message limit, each frame under the per-frame one) from a
+    peer that cannot pass the CURVE handshake: libzmq takes none of them, the server's RSS stays flat and
+    it keeps answering the peer that holds the key."""
+    limit_mb = 16
+    proc, endpoint, _ = start_server(tmp_path, "--max-message-mb", str(limit_mb))
+    processes.append(proc)
+    key = read_key(tmp_path)
+    friend = Peer(endpoint, key)
+    if stranger == "no CURVE":
+        flooder = zmq.Context.instance().socket(zmq.DEALER)
+        flooder.setsockopt(zmq.LINGER, 0)
+        flooder.connect(endpoint)
+    else:
+        flooder = Peer(endpoint, key, curve=secrets.token_bytes(32)).sock  # signs right, wrong connection key
+    flooder.setsockopt(zmq.SNDTIMEO, 200)
+    try:
+        assert friend.request(envelope("ping"))["type"] == "pong"
+        frame = bytes(10 * MIB)
+        head = json.dumps(envelope("ping")).encode()
+        signature = sign(key, [head, *[frame] * 8])
+        with RssPeak(proc.pid) as rss:
+            for _ in range(10):
+                try:
+                    flooder.send_multipart([head, signature, *[frame] * 8], copy=False)
+                except zmq.Again:  # nothing takes its messages: its own queue fills and stops it
+                    break
+            time.sleep(1.0)
+            assert friend.request(envelope("ping"))["type"] == "pong"
+        assert not flooder.poll(200), "the server answered a peer without the key"
+        print(f"{stranger} flood: RSS baseline {rss.baseline / MIB:.1f} MiB, growth {rss.growth / MIB:.1f} MiB")
+        assert rss.growth < 2 * limit_mb * MIB, f"RSS grew {rss.growth / MIB:.1f} MiB (limit {limit_mb} MiB)"
+    finally:
+        flooder.close(linger=0)
+        friend.close()
 
 
 # ----------------------------------------------------------------------------- replay after a restart
