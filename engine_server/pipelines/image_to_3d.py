@@ -3,8 +3,9 @@
 A :class:`TextTo3D` subclass: the coarse stage's objective (``coarse_loss``) is replaced,
 everything else (checkpoints, events, cancel, extraction, texture, export) is inherited.
 
-  views    the reference image (alpha channel, or background removal by colour on a plain
-           background) is composited on the prior's background; N views are generated around
+  views    the reference image (alpha channel, or a plain / gradient background keyed out; light
+           normalised; :mod:`engine_server.multiview.reference`) is composited on the prior's
+           background, its camera taken from the rig or estimated with the prior; N views are generated around
            it with the image-conditioned (novel-view) prior (:mod:`engine_server.multiview`);
            without an image the prior first draws the reference view from the prompt
            (text -> views -> 3D: the ``multiview`` job);
@@ -17,9 +18,7 @@ The generated views are saved with the coarse checkpoint, so a resumed job fits 
 """
 from __future__ import annotations
 
-import io
 import logging
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -35,153 +34,24 @@ from engine_server.multiview import (
     default_rig,
     generate_views,
 )
+from engine_server.multiview.reference import (  # the reference's readers, re-exported for callers of this module
+    BadImageError,
+    ReferenceCamera,
+    estimate_reference_camera,
+    foreground_mask,
+    matte_reference,
+    normalise_light,
+    prepare_reference,
+    read_image,
+)
 from engine_server.pipelines.events import ProgressEvent
 from engine_server.pipelines.loop import save_torch
 from engine_server.pipelines.text_to_3d import TextTo3D, TextTo3DRequest
 
 logger = logging.getLogger(__name__)
 
-MAX_IMAGE_SIDE = 8192
-"""Largest accepted reference image side in pixels."""
-MAX_IMAGE_BYTES = 64 * 1024 * 1024
-"""Largest accepted reference image file in bytes."""
-
-
-class BadImageError(ValueError):
-    """A reference image that cannot be used; the message names the problem in one line."""
-
-
-# ------------------------------------------------------------------------------------------ image input
-
-
-def read_image(source: str | Path | bytes | np.ndarray) -> np.ndarray:
-    """A reference image as (H, W, 4) float32 RGBA in [0, 1] (alpha 1 when the image has none).
-
-    source: a file path, encoded bytes (PNG / JPEG / ...), or an (H, W, 3|4) uint8 / float array.
-    Raises :class:`BadImageError` for a missing, empty, unreadable or too large image.
-    """
-    from PIL import Image, UnidentifiedImageError
-
-    if isinstance(source, np.ndarray):
-        arr = source
-        if arr.ndim != 3 or arr.shape[2] not in (3, 4) or arr.shape[0] == 0 or arr.shape[1] == 0:
-            raise BadImageError(f"reference image array must be (H, W, 3|4), got shape {arr.shape}")
-        arr = arr.astype(np.float32) / 255.0 if arr.dtype == np.uint8 else arr.astype(np.float32)
-        if not np.isfinite(arr).all():
-            raise BadImageError("reference image array holds non-finite values")
-        arr = np.clip(arr, 0.0, 1.0)
-    else:
-        name = "image bytes"
-        if isinstance(source, (bytes, bytearray)):
-            data = bytes(source)
-        else:
-            path = Path(source)
-            name = str(path)
-            if not path.is_file():
-                raise BadImageError(f"reference image {name} does not exist")
-            size = path.stat().st_size
-            if size > MAX_IMAGE_BYTES:
-                raise BadImageError(f"reference image {name} is too large: {size} bytes (limit {MAX_IMAGE_BYTES})")
-            data = path.read_bytes()
-        if len(data) == 0:
-            raise BadImageError(f"reference image {name} is empty (0 bytes)")
-        if len(data) > MAX_IMAGE_BYTES:
-            raise BadImageError(f"reference image {name} is too large: {len(data)} bytes (limit {MAX_IMAGE_BYTES})")
-        try:
-            with Image.open(io.BytesIO(data)) as im:
-                w, h = im.size
-                if w == 0 or h == 0:
-                    raise BadImageError(f"reference image {name} is empty ({w}x{h} pixels)")
-                if max(w, h) > MAX_IMAGE_SIDE:
-                    raise BadImageError(f"reference image {name} is too large: {w}x{h} pixels "
-                                        f"(limit {MAX_IMAGE_SIDE} per side)")
-                im.load()
-                arr = np.asarray(im.convert("RGBA"), dtype=np.float32) / 255.0
-        except BadImageError:
-            raise
-        except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
-            raise BadImageError(f"cannot read reference image {name}: not a readable image file ({exc})") from None
-    if max(arr.shape[:2]) > MAX_IMAGE_SIDE:
-        raise BadImageError(f"reference image is too large: {arr.shape[1]}x{arr.shape[0]} pixels "
-                            f"(limit {MAX_IMAGE_SIDE} per side)")
-    if arr.shape[2] == 3:
-        arr = np.concatenate([arr, np.ones_like(arr[..., :1])], axis=2)
-    return np.ascontiguousarray(arr)
-
-
-def foreground_mask(rgba: np.ndarray, threshold: float = 0.15) -> tuple[np.ndarray, str]:
-    """Foreground (H, W) bool of an RGBA image and how it was found ("alpha" or "colour").
-
-    With transparency the alpha channel decides (alpha > 0.5). Otherwise the background
-    must be plain: the median colour of the image border, shared by >= 90% of the border
-    pixels; foreground is what differs from it by more than ``threshold`` in some channel.
-    Raises :class:`BadImageError` when there is no plain background or no foreground.
-    """
-    alpha = rgba[..., 3]
-    if (alpha < 0.99).mean() > 0.001:
-        mask, how = alpha > 0.5, "alpha"
-    else:
-        rgb = rgba[..., :3]
-        border = np.concatenate([rgb[0], rgb[-1], rgb[:, 0], rgb[:, -1]])
-        bg = np.median(border, axis=0)
-        plain = (np.abs(border - bg).max(1) <= threshold).mean()
-        if plain < 0.9:
-            raise BadImageError(
-                "reference image has no transparency and no plain background to remove "
-                f"({plain:.0%} of its border matches one colour); use a PNG with an alpha channel"
-            )
-        mask, how = np.abs(rgb - bg).max(2) > threshold, "colour"
-    fraction = float(mask.mean())
-    if mask.sum() < 4 or fraction < 0.002:
-        raise BadImageError(f"reference image has no foreground: nothing stands out from the background "
-                            f"({'alpha' if how == 'alpha' else 'colour'} mask covers {fraction:.2%})")
-    if fraction > 0.95:
-        raise BadImageError(f"reference image has no background: the foreground covers {fraction:.0%} of it")
-    return mask, how
-
-
-def prepare_reference(rgba: np.ndarray, mask: np.ndarray, background_rgb, resolution: int,
-                      recenter: bool = True, target_fraction: float = 0.6) -> tuple[torch.Tensor, torch.Tensor]:
-    """The reference composited on ``background_rgb`` at ``resolution``: image (3, R, R) in [0, 1], mask (R, R) bool.
-
-    With ``recenter`` an object that is off-centre or too small / large is moved to the centre and
-    scaled so its larger bounding-box side covers ``target_fraction`` of the frame (as the prior's
-    training objects do at its default camera); otherwise the image is only padded to a square.
-    """
-    from PIL import Image
-
-    bg = np.asarray(background_rgb, dtype=np.float32).reshape(1, 1, 3)
-    has_alpha = bool((rgba[..., 3] < 0.99).any())
-    a = rgba[..., 3:4] if has_alpha else mask[..., None].astype(np.float32)  # soft edges from alpha
-    rgb = rgba[..., :3] * a + bg * (1 - a)
-    h, w = mask.shape
-    rows, cols = np.nonzero(mask)
-    r0, r1, c0, c1 = rows.min(), rows.max() + 1, cols.min(), cols.max() + 1
-    side = max(h, w)
-    cy, cx = 0.5 * h, 0.5 * w
-    if recenter:
-        extent = max(r1 - r0, c1 - c0)
-        off = max(abs(0.5 * (r0 + r1) - cy), abs(0.5 * (c0 + c1) - cx)) / side
-        if off > 0.05 or not 0.4 <= extent / side <= 0.8:
-            side = int(math.ceil(extent / target_fraction))
-            cy, cx = 0.5 * (r0 + r1), 0.5 * (c0 + c1)
-    # Square canvas of `side` pixels centred at (cy, cx), background outside the image.
-    top, left = int(round(cy - side / 2)), int(round(cx - side / 2))
-    canvas = np.broadcast_to(bg, (side, side, 3)).copy()
-    canvas_mask = np.zeros((side, side), dtype=np.float32)
-    sr0, sc0 = max(top, 0), max(left, 0)
-    sr1, sc1 = min(top + side, h), min(left + side, w)
-    canvas[sr0 - top:sr1 - top, sc0 - left:sc1 - left] = rgb[sr0:sr1, sc0:sc1]
-    canvas_mask[sr0 - top:sr1 - top, sc0 - left:sc1 - left] = mask[sr0:sr1, sc0:sc1]
-    img = Image.fromarray((canvas * 255).round().astype(np.uint8)).resize((resolution, resolution), Image.BOX)
-    m = Image.fromarray((canvas_mask * 255).astype(np.uint8)).resize((resolution, resolution), Image.BOX)
-    image = torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0).permute(2, 0, 1).contiguous()
-    small_mask = torch.from_numpy(np.asarray(m, dtype=np.float32) / 255.0) > 0.5
-    if not small_mask.any():
-        raise BadImageError(f"reference image has no foreground left at {resolution}x{resolution} pixels "
-                            "(the object is too small)")
-    return image, small_mask
-
+__all__ = ["BadImageError", "ImageFitConfig", "ImageTo3D", "ImageTo3DRequest", "foreground_mask", "prepare_reference",
+           "read_image"]
 
 # ------------------------------------------------------------------------------------------ request
 
@@ -256,10 +126,10 @@ class ImageTo3D(TextTo3D):
 
     def setup(self, prior) -> None:
         request = self.request
-        rgba = None
+        matte = None
         if request.image is not None:
-            rgba = read_image(request.image)  # bad images fail here, before any model loads
-            mask, self.mask_source = foreground_mask(rgba)
+            matte = matte_reference(read_image(request.image))  # bad images fail here, before any model loads
+            self.mask_source = matte.how
         elif not request.prompt.strip():
             raise ValueError("image-to-3D needs a reference image, or a prompt to draw the reference view from")
         prior = self.use_prior(prior)
@@ -273,17 +143,24 @@ class ImageTo3D(TextTo3D):
         ranges = defaults.camera_ranges
         # The reference and the fit sit on the prior's training background (white for Zero123), or white.
         self.background_rgb = tuple(defaults.background_rgb or (1.0, 1.0, 1.0))
-        if request.rig:
-            ref_cam = request.rig[0]
-            self.reference_c2w, self.reference_fov = ref_cam.c2w.float(), float(ref_cam.fov_y_deg)
-        else:
-            dist = float(ranges.get("default_distance", 2.5))
-            self.reference_fov = float(request.reference_fov or ranges.get("default_fov", 42.0))
-            self.reference_c2w = look_at(orbit_position(0.0, DEFAULT_ELEVATION, dist))
-        if rgba is not None:
+        dist = float(ranges.get("default_distance", 2.5))
+        fov = float(request.reference_fov or ranges.get("default_fov", 42.0))
+        if matte is not None:
             self.reference_image, self.reference_mask = prepare_reference(
-                rgba, mask, self.background_rgb, res, recenter=request.recenter and not request.rig)
+                normalise_light(matte.rgba, matte.mask), matte.mask, self.background_rgb, res,
+                recenter=request.recenter and not request.rig)
+        if request.rig:
+            cam = request.rig[0]
+            az, el = azimuth_elevation(cam.c2w.float())
+            self.reference_camera = ReferenceCamera(cam.c2w.float(), float(cam.fov_y_deg), "rig", float(el), float(az))
+        elif matte is not None:
+            self.reference_camera = estimate_reference_camera(prior, self.reference_image, dist, fov,
+                                                              DEFAULT_ELEVATION, seed=request.seed)
         else:
+            self.reference_camera = ReferenceCamera(look_at(orbit_position(0.0, DEFAULT_ELEVATION, dist)), fov,
+                                                    "default", DEFAULT_ELEVATION, 0.0)
+        self.reference_c2w, self.reference_fov = self.reference_camera.c2w, self.reference_camera.fov_y_deg
+        if matte is None:
             self.mask_source = "generated"
             self.reference_image, self.reference_mask = self._draw_reference(prior)
         self.views: MultiViewResult | None = None
@@ -426,7 +303,7 @@ class ImageTo3D(TextTo3D):
         return super().sidecar() | {
             "kind": "image" if self.request.image is not None else "multiview",
             "reference": {"mask_source": self.mask_source, "c2w": self.reference_c2w.tolist(),
-                          "fov_y_deg": self.reference_fov,
+                          "fov_y_deg": self.reference_fov, "camera": self.reference_camera.record(),
                           "source": str(self.request.image) if isinstance(self.request.image, (str, Path)) else None},
             "views": {"count": len(views.images), "strategy": views.strategy,
                       "agreement": [round(float(a), 4) for a in views.agreement]},

@@ -1,0 +1,415 @@
+"""A reference image the project did not make, made to look like the prior's own views.
+
+    rgba = read_image("render.png")                      # (H, W, 4) float, alpha 1 without one
+    ref = matte_reference(rgba)                           # soft alpha, colour without the background,
+                                                          # light normalised; ref.how says how
+    image, mask = prepare_reference(ref.rgba, ref.mask, prior_background, 32)
+    camera = estimate_reference_camera(prior, image, distance=2.5, fov_y_deg=42.0)
+
+Artists' renders and photos differ from the prior's training views in four ways, each handled here:
+background (alpha when the image has one; otherwise a smooth background model fitted to the border
+-- plain or gradient -- keyed by distance, the mask cleaned by morphology, soft edges unmixed from
+the background), framing (recentred and rescaled to the prior's), light (sRGB decoded to the
+prior's linear values, shadows lifted to its ambient floor, exposure matched) and camera (the
+elevation and azimuth under which the prior finds the image most likely, when the request
+gives none).
+"""
+from __future__ import annotations
+
+import io
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from engine_server.cameras import look_at, orbit_position
+
+logger = logging.getLogger(__name__)
+
+MAX_IMAGE_SIDE = 8192
+"""Largest accepted reference image side in pixels."""
+MAX_IMAGE_BYTES = 64 * 1024 * 1024
+"""Largest accepted reference image file in bytes."""
+
+
+class BadImageError(ValueError):
+    """A reference image that cannot be used; the message names the problem in one line."""
+
+
+# ------------------------------------------------------------------------------------------ image input
+
+
+def read_image(source: str | Path | bytes | np.ndarray) -> np.ndarray:
+    """A reference image as (H, W, 4) float32 RGBA in [0, 1] (alpha 1 when the image has none).
+
+    source: a file path, encoded bytes (PNG / JPEG / ...), or an (H, W, 3|4) uint8 / float array.
+    Raises :class:`BadImageError` for a missing, empty, unreadable or too large image.
+    """
+    from PIL import Image, UnidentifiedImageError
+
+    if isinstance(source, np.ndarray):
+        arr = source
+        if arr.ndim != 3 or arr.shape[2] not in (3, 4) or arr.shape[0] == 0 or arr.shape[1] == 0:
+            raise BadImageError(f"reference image array must be (H, W, 3|4), got shape {arr.shape}")
+        arr = arr.astype(np.float32) / 255.0 if arr.dtype == np.uint8 else arr.astype(np.float32)
+        if not np.isfinite(arr).all():
+            raise BadImageError("reference image array holds non-finite values")
+        arr = np.clip(arr, 0.0, 1.0)
+    else:
+        name = "image bytes"
+        if isinstance(source, (bytes, bytearray)):
+            data = bytes(source)
+        else:
+            path = Path(source)
+            name = str(path)
+            if not path.is_file():
+                raise BadImageError(f"reference image {name} does not exist")
+            size = path.stat().st_size
+            if size > MAX_IMAGE_BYTES:
+                raise BadImageError(f"reference image {name} is too large: {size} bytes (limit {MAX_IMAGE_BYTES})")
+            data = path.read_bytes()
+        if len(data) == 0:
+            raise BadImageError(f"reference image {name} is empty (0 bytes)")
+        if len(data) > MAX_IMAGE_BYTES:
+            raise BadImageError(f"reference image {name} is too large: {len(data)} bytes (limit {MAX_IMAGE_BYTES})")
+        try:
+            with Image.open(io.BytesIO(data)) as im:
+                w, h = im.size
+                if w == 0 or h == 0:
+                    raise BadImageError(f"reference image {name} is empty ({w}x{h} pixels)")
+                if max(w, h) > MAX_IMAGE_SIDE:
+                    raise BadImageError(f"reference image {name} is too large: {w}x{h} pixels "
+                                        f"(limit {MAX_IMAGE_SIDE} per side)")
+                im.load()
+                arr = np.asarray(im.convert("RGBA"), dtype=np.float32) / 255.0
+        except BadImageError:
+            raise
+        except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+            raise BadImageError(f"cannot read reference image {name}: not a readable image file ({exc})") from None
+    if max(arr.shape[:2]) > MAX_IMAGE_SIDE:
+        raise BadImageError(f"reference image is too large: {arr.shape[1]}x{arr.shape[0]} pixels "
+                            f"(limit {MAX_IMAGE_SIDE} per side)")
+    if arr.shape[2] == 3:
+        arr = np.concatenate([arr, np.ones_like(arr[..., :1])], axis=2)
+    return np.ascontiguousarray(arr)
+
+
+# ------------------------------------------------------------------------------------------ matte
+
+
+BORDER = 4
+"""Width in pixels of the image border the background model is fitted to."""
+KEY_THRESHOLD = 0.12
+"""Foreground: RGB distance to the background model above this (or above 5 sigma of the border's noise)."""
+PLAIN_FRACTION = 0.85
+"""The background model must explain at least this fraction of the border pixels."""
+MAX_NOISE = 0.04
+"""Largest noise (robust sigma, RGB distance) of the border around the background model: a backdrop, not a scene."""
+
+
+@dataclass
+class Matte:
+    """A reference with its foreground found: what the rest of the pipeline reads."""
+
+    rgba: np.ndarray
+    """(H, W, 4) float32: RGB of the object (background unmixed at soft edges), alpha its coverage."""
+    mask: np.ndarray
+    """(H, W) bool foreground (alpha > 0.5, cleaned)."""
+    how: str
+    """"alpha" (the image's own transparency) or "colour" (a plain or gradient background keyed out)."""
+
+
+def _background_model(rgb: np.ndarray, degree: int = 2) -> tuple[np.ndarray, float, float]:
+    """Fit a per-channel polynomial in (x, y) of ``degree`` to the border pixels, robustly.
+
+    Returns the modelled background (H, W, 3), the border noise (robust sigma) and the fraction of
+    border pixels the model explains. Border pixels on the object (touching the frame) are dropped
+    by two rounds of refitting without the worst outliers.
+    """
+    h, w, _ = rgb.shape
+    yy, xx = np.mgrid[0:h, 0:w]
+    x, y = 2 * xx / max(w - 1, 1) - 1, 2 * yy / max(h - 1, 1) - 1
+    terms = [x ** i * y ** j for i in range(degree + 1) for j in range(degree + 1 - i)]
+    basis = np.stack(terms, -1).reshape(-1, len(terms))
+    border = np.zeros((h, w), bool)
+    b = min(BORDER, h // 4, w // 4) or 1
+    border[:b], border[-b:], border[:, :b], border[:, -b:] = True, True, True, True
+    idx = np.flatnonzero(border.ravel())
+    pix = rgb.reshape(-1, 3)
+    keep = np.ones(len(idx), bool)
+    for _ in range(3):
+        coef, *_ = np.linalg.lstsq(basis[idx[keep]], pix[idx[keep]], rcond=None)
+        resid = np.linalg.norm(basis[idx] @ coef - pix[idx], axis=1)
+        sigma = 1.4826 * float(np.median(resid[keep])) + 1e-3
+        keep = resid <= max(4 * sigma, 0.03)
+    model = (basis @ coef).reshape(h, w, 3)
+    explained = float((resid <= max(KEY_THRESHOLD, 5 * sigma)).mean())
+    return model, sigma, explained
+
+
+def _clean(mask: np.ndarray, dist: np.ndarray | None = None, threshold: float = 0.0) -> np.ndarray:
+    """Opened (specks gone), the large components only (>= 10% of the largest), false holes filled.
+
+    A hole is false (object pixels that happen to look like the background) when it is tiny or its
+    mean distance to the background model ``dist`` is over half ``threshold``; a real hole (a torus's)
+    shows the background itself and stays. Without ``dist`` (an alpha matte) holes are real.
+    """
+    from scipy import ndimage
+
+    opened = ndimage.binary_opening(mask, structure=np.ones((3, 3), bool))
+    if opened.sum() >= 0.5 * mask.sum():  # a thin object (a stick) is not opened away
+        mask = opened
+    labels, n = ndimage.label(mask)
+    if n > 1:
+        sizes = ndimage.sum(mask, labels, index=np.arange(1, n + 1))
+        mask = np.isin(labels, 1 + np.flatnonzero(sizes >= 0.1 * sizes.max()))
+    if dist is None:
+        return mask
+    holes, n = ndimage.label(ndimage.binary_fill_holes(mask) & ~mask)
+    for k in range(1, n + 1):
+        hole = holes == k
+        if hole.sum() < 4 or dist[hole].mean() > 0.5 * threshold:
+            mask = mask | hole
+    return mask
+
+
+def matte_reference(rgba: np.ndarray) -> Matte:
+    """The object of an RGBA reference (see :func:`read_image`) and its coverage.
+
+    With transparency, alpha decides. Otherwise the background is modelled from the image border as
+    a smooth (quadratic) colour field, so plain and gradient backdrops both key out; foreground is
+    what lies further than :data:`KEY_THRESHOLD` from it, cleaned by :func:`_clean`; the edge pixels
+    get a soft alpha from the distance, and their colour is unmixed from the background.
+    Raises :class:`BadImageError` when no smooth background explains the border or nothing stands out.
+    """
+    alpha = rgba[..., 3]
+    if (alpha < 0.99).mean() > 0.001:
+        mask = _clean(alpha > 0.5)
+        out = rgba.copy()
+        out[..., 3] = np.where(mask, np.maximum(alpha, 0.5), np.minimum(alpha, 0.5) * _grow(mask))  # specks gone
+        how = "alpha"
+    else:
+        rgb = rgba[..., :3]
+        model, sigma, explained = _background_model(rgb)
+        if explained < PLAIN_FRACTION or sigma > MAX_NOISE:
+            raise BadImageError(
+                "reference image has no transparency and no plain background (or smooth gradient) to remove "
+                f"(a smooth background explains {explained:.0%} of its border, noise {sigma:.2f}); "
+                "use a PNG with an alpha channel")
+        dist = np.linalg.norm(rgb - model, axis=2)
+        threshold = max(KEY_THRESHOLD, 5 * sigma)
+        mask = _clean(dist > threshold, dist, threshold)
+        out = np.concatenate([rgb, mask[..., None].astype(np.float32)], axis=2)
+        _soften_edges(out, mask, model)
+        how = "colour"
+    fraction = float(mask.mean())
+    if mask.sum() < 4 or fraction < 0.002:
+        raise BadImageError(f"reference image has no foreground: nothing stands out from the background "
+                            f"({how} mask covers {fraction:.2%})")
+    if fraction > 0.95:
+        raise BadImageError(f"reference image has no background: the foreground covers {fraction:.0%} of it")
+    return Matte(np.ascontiguousarray(out, dtype=np.float32), mask, how)
+
+
+def _soften_edges(rgba: np.ndarray, mask: np.ndarray, background: np.ndarray) -> None:
+    """Soft alpha and unmixed colour on the mask's rim, in place (observed = a F + (1 - a) B).
+
+    F, the object's colour there, is taken from the object's inside nearby (a blur of the interior
+    pixels), so a is the observed colour's projection on the line from B to F: exact for a thin
+    mixed edge whatever the background's brightness. Inside the mask a >= 0.5, outside <= 0.5.
+    """
+    from scipy import ndimage
+
+    inside = ndimage.binary_erosion(mask, structure=np.ones((3, 3), bool))
+    if not inside.any():
+        return
+    rgb = rgba[..., :3]
+    weight = ndimage.gaussian_filter(inside.astype(np.float32), 2.0)
+    fg = np.stack([ndimage.gaussian_filter(rgb[..., c] * inside, 2.0) for c in range(3)], -1)
+    fg = fg / np.maximum(weight[..., None], 1e-6)
+    band = (_grow(mask) > 0) & ~inside & (weight > 1e-3)
+    d = fg[band] - background[band]
+    a = ((rgb[band] - background[band]) * d).sum(1) / np.maximum((d * d).sum(1), 1e-6)
+    a = np.clip(a, 0.0, 1.0)
+    a = np.where(mask[band], np.maximum(a, 0.5), np.minimum(a, 0.5))
+    rgba[..., 3][band] = a
+    rgba[..., :3][band] = np.clip(fg[band], 0.0, 1.0)
+
+
+def _grow(mask: np.ndarray) -> np.ndarray:
+    """``mask`` grown by one pixel (3x3), as float32 0/1."""
+    from scipy import ndimage
+
+    return ndimage.binary_dilation(mask, structure=np.ones((3, 3), bool)).astype(np.float32)
+
+
+def foreground_mask(rgba: np.ndarray) -> tuple[np.ndarray, str]:
+    """Foreground (H, W) bool of an RGBA image and how it was found ("alpha" or "colour"); see :func:`matte_reference`."""
+    m = matte_reference(rgba)
+    return m.mask, m.how
+
+
+# ------------------------------------------------------------------------------------------ light
+
+
+AMBIENT_FLOOR = 0.38
+"""Darkest shade of the bundled prior's training light (its ambient term) relative to the lit side."""
+LIT_LEVEL = 0.9
+"""Brightest channel of the lit side of the prior's objects (its colours' largest channel is 0.7-0.95)."""
+DARK_OBJECT = 0.12
+"""A lit side darker than this (linear) is a dark object (black in the vocabulary): exposure is left alone."""
+
+
+def srgb_to_linear(c: np.ndarray) -> np.ndarray:
+    """sRGB-encoded values in [0, 1] -> linear (the IEC 61966-2-1 curve)."""
+    return np.where(c <= 0.04045, c / 12.92, ((c + 0.055) / 1.055) ** 2.4)
+
+
+def normalise_light(rgba: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """The object's colours moved toward how the prior saw its objects; returns a new (H, W, 4).
+
+    An image file holds sRGB values, the prior's views hold linear albedo x shade: decode. The
+    prior's light never leaves a side darker than its ambient floor, an artist's sun does: lift
+    every pixel toward the object's lit colour by that floor (shade s -> floor + (1 - floor) s).
+    An under- or over-exposed render: scale so the lit side's brightest channel is :data:`LIT_LEVEL`,
+    unless the object is dark.
+    """
+    out = rgba.copy()
+    lin = srgb_to_linear(rgba[..., :3])
+    fg = lin[mask]
+    lum = fg @ np.array([0.2126, 0.7152, 0.0722])
+    lit = fg[lum >= np.quantile(lum, 0.8)]
+    lit_colour = np.median(lit, axis=0)
+    lifted = (1 - AMBIENT_FLOOR) * lin + AMBIENT_FLOOR * lit_colour
+    top = float(np.quantile(lifted[mask].max(axis=1), 0.95))
+    if lit_colour.max() >= DARK_OBJECT and top > 0:
+        lifted = lifted * (LIT_LEVEL / top)
+    out[..., :3] = np.clip(lifted, 0.0, 1.0)
+    return out
+
+
+# ------------------------------------------------------------------------------------------ framing
+
+
+def prepare_reference(rgba: np.ndarray, mask: np.ndarray, background_rgb, resolution: int,
+                      recenter: bool = True, target_fraction: float = 0.6) -> tuple[torch.Tensor, torch.Tensor]:
+    """The reference composited on ``background_rgb`` at ``resolution``: image (3, R, R) in [0, 1], mask (R, R) bool.
+
+    With ``recenter`` an object that is off-centre or too small / large is moved to the centre and
+    scaled so its larger bounding-box side covers ``target_fraction`` of the frame (as the prior's
+    training objects do at its default camera); otherwise the image is only padded to a square.
+    """
+    from PIL import Image
+
+    bg = np.asarray(background_rgb, dtype=np.float32).reshape(1, 1, 3)
+    has_alpha = bool((rgba[..., 3] < 0.99).any())
+    a = rgba[..., 3:4] if has_alpha else mask[..., None].astype(np.float32)  # soft edges from alpha
+    rgb = rgba[..., :3] * a + bg * (1 - a)
+    h, w = mask.shape
+    rows, cols = np.nonzero(mask)
+    r0, r1, c0, c1 = rows.min(), rows.max() + 1, cols.min(), cols.max() + 1
+    side = max(h, w)
+    cy, cx = 0.5 * h, 0.5 * w
+    if recenter:
+        extent = max(r1 - r0, c1 - c0)
+        off = max(abs(0.5 * (r0 + r1) - cy), abs(0.5 * (c0 + c1) - cx)) / side
+        if off > 0.05 or not 0.4 <= extent / side <= 0.8:
+            side = int(math.ceil(extent / target_fraction))
+            cy, cx = 0.5 * (r0 + r1), 0.5 * (c0 + c1)
+    # Square canvas of `side` pixels centred at (cy, cx), background outside the image.
+    top, left = int(round(cy - side / 2)), int(round(cx - side / 2))
+    canvas = np.broadcast_to(bg, (side, side, 3)).copy()
+    canvas_mask = np.zeros((side, side), dtype=np.float32)
+    sr0, sc0 = max(top, 0), max(left, 0)
+    sr1, sc1 = min(top + side, h), min(left + side, w)
+    canvas[sr0 - top:sr1 - top, sc0 - left:sc1 - left] = rgb[sr0:sr1, sc0:sc1]
+    canvas_mask[sr0 - top:sr1 - top, sc0 - left:sc1 - left] = mask[sr0:sr1, sc0:sc1]
+    img = Image.fromarray((canvas * 255).round().astype(np.uint8)).resize((resolution, resolution), Image.BOX)
+    m = Image.fromarray((canvas_mask * 255).astype(np.uint8)).resize((resolution, resolution), Image.BOX)
+    image = torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0).permute(2, 0, 1).contiguous()
+    small_mask = torch.from_numpy(np.asarray(m, dtype=np.float32) / 255.0) > 0.5
+    if not small_mask.any():
+        raise BadImageError(f"reference image has no foreground left at {resolution}x{resolution} pixels "
+                            "(the object is too small)")
+    return image, small_mask
+
+
+# ------------------------------------------------------------------------------------------ camera
+
+
+ELEVATIONS = tuple(range(-5, 51, 5))
+"""Candidate reference elevations, degrees: inside the bundled prior's training range (-10..60), whose
+edges its camera-only branch scores too well (a cube seen from 20 degrees came out at 60)."""
+AZIMUTHS = (0.0, 22.5, 45.0, 67.5)
+"""Candidate reference azimuths, degrees: the vocabulary's shapes repeat every 90 degrees about Z."""
+FLAT = 0.02
+"""Relative spread of the scores under which the prior cannot tell cameras apart (the default is kept)."""
+
+
+@dataclass
+class ReferenceCamera:
+    """Where the reference was seen from, and how that was decided."""
+
+    c2w: torch.Tensor
+    """(4, 4) camera-to-world."""
+    fov_y_deg: float
+    """Vertical field of view, degrees."""
+    source: str
+    """"rig" (the request's camera), "estimated" (searched with the prior) or "default" (the prior's front view)."""
+    elevation_deg: float
+    """Orbit elevation, degrees."""
+    azimuth_deg: float
+    """Orbit azimuth, degrees."""
+    scores: dict | None = None
+    """For an estimate: {"elevation": [...], "azimuth": [...], "loss": [...]} of every candidate."""
+
+    def record(self) -> dict:
+        """What the sidecar / result says about it."""
+        return {"source": self.source, "elevation_deg": round(self.elevation_deg, 2),
+                "azimuth_deg": round(self.azimuth_deg, 2), "fov_y_deg": round(self.fov_y_deg, 2)}
+
+
+@torch.no_grad()
+def estimate_reference_camera(prior, image: torch.Tensor, distance: float, fov_y_deg: float,
+                              default_elevation: float, samples: int = 16, seed: int = 0) -> ReferenceCamera:
+    """The orbit camera at ``distance`` under which the prior finds ``image`` (3, R, R) most likely.
+
+    For each candidate (:data:`ELEVATIONS` x :data:`AZIMUTHS`) the image is noised at ``samples``
+    fixed timesteps and noises (the same for every candidate) and denoised by the prior conditioned
+    on that camera alone (no prompt, no reference: its unconditional branch); the candidate with the
+    smallest clean-image error wins. A prior whose unconditional branch ignores the camera (scores
+    within :data:`FLAT` of each other) keeps the default front view, ``source="default"``.
+    """
+    from engine_server.guidance import Conditioning
+
+    dev = prior.device
+    x0 = prior.encode_images(image[None].to(dev))
+    gen = torch.Generator().manual_seed(seed)
+    noise = torch.randn((samples, *x0.shape[1:]), generator=gen).to(dev, x0.dtype)
+    t_max = int(prior.num_train_timesteps)
+    t = torch.linspace(0.15 * t_max, 0.8 * t_max, samples).long().to(dev)  # where shape is decided, not detail
+    acp = prior.alphas_cumprod[t].to(x0.dtype).view(-1, 1, 1, 1)
+    x_t = acp.sqrt() * x0 + (1 - acp).sqrt() * noise
+    cands = [(el, az) for el in ELEVATIONS for az in AZIMUTHS]
+    losses = []
+    for el, az in cands:
+        c2w = look_at(orbit_position(az, el, distance)).to(dev)
+        cams = c2w[None].expand(samples, 4, 4)
+        inputs = prior.prepare_conditioning(
+            Conditioning(reference_image=image.float(), reference_c2w=c2w.cpu(), fov_y_deg=fov_y_deg), cams)
+        eps = prior.predict_noise(x_t, t, inputs.uncond, cams)
+        x0_hat = (x_t - (1 - acp).sqrt() * eps) / acp.sqrt()
+        losses.append(float(((x0_hat - x0) ** 2).mean()))
+    loss = np.asarray(losses)
+    scores = {"elevation": [c[0] for c in cands], "azimuth": [c[1] for c in cands], "loss": loss.round(6).tolist()}
+    if (loss.max() - loss.min()) / max(loss.min(), 1e-12) < FLAT:
+        return ReferenceCamera(look_at(orbit_position(0.0, default_elevation, distance)), fov_y_deg, "default",
+                               default_elevation, 0.0, scores)
+    el, az = cands[int(loss.argmin())]
+    logger.info("reference camera estimated at elevation %.0f, azimuth %.1f (denoising loss %.4f, worst %.4f)",
+                el, az, loss.min(), loss.max())
+    return ReferenceCamera(look_at(orbit_position(az, el, distance)), fov_y_deg, "estimated", float(el), float(az),
+                           scores)

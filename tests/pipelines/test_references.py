@@ -1,0 +1,148 @@
+"""References the project did not make: Blender renders at Blender's defaults, made to look like the prior's views.
+
+The references are rendered by real Blender (bpy, child process, ``blender_reference.py``):
+the default 50 mm camera at its default distance, Workbench studio light, grey / white /
+gradient / transparent backgrounds. The foreground keyed from a plain or gradient background
+must match the one the transparent film gives; the light is moved to the prior's (linear colours,
+shadows no darker than its ambient floor); the reference camera's elevation is found by the prior.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from engine_server.cameras import Camera, look_at, orbit_position
+from engine_server.models.bundled.vocab import COLORS
+from engine_server.multiview.reference import (
+    AMBIENT_FLOOR,
+    BadImageError,
+    estimate_reference_camera,
+    matte_reference,
+    normalise_light,
+    prepare_reference,
+    read_image,
+)
+
+RENDER = Path(__file__).resolve().parent / "blender_reference.py"
+HAS_BPY = importlib.util.find_spec("bpy") is not None
+RED = [0.8, 0.05, 0.04]
+needs_bpy = pytest.mark.skipif(not HAS_BPY, reason="Blender-as-a-module is not installed: pip install bpy==5.0.1")
+
+
+def render(tmp: Path, shape: str, elevation: float, background: str, colour=RED, engine: str = "workbench") -> Path:
+    name = f"{shape}-{elevation:g}-{background}-{engine}"
+    spec = {"shape": shape, "color": colour, "elevation_deg": elevation, "azimuth_deg": 46.7, "engine": engine,
+            "background": background, "size": 192}
+    (tmp / f"{name}.json").write_text(json.dumps(spec))
+    out = tmp / f"{name}.png"
+    proc = subprocess.run([sys.executable, str(RENDER), str(tmp / f"{name}.json"), str(out)],
+                          capture_output=True, text=True, timeout=300, check=False)
+    assert proc.returncode == 0 and out.is_file(), f"Blender render failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}"
+    return out
+
+
+@pytest.fixture(scope="module")
+def renders(tmp_path_factory) -> dict:
+    """(shape, elevation, background) -> PNG, rendered once for the module."""
+    if not HAS_BPY:
+        pytest.skip("Blender-as-a-module is not installed: pip install bpy==5.0.1 (needs Python 3.11)")
+    tmp = tmp_path_factory.mktemp("references")
+    cases = [("cube", 20, b) for b in ("transparent", "grey", "white", "gradient")]
+    cases += [("cone", e, "grey") for e in (0, 40)]
+    return {c: render(tmp, *c) for c in cases}
+
+
+@pytest.fixture(scope="module")
+def prior():
+    from engine_server.guidance import load_prior
+
+    return load_prior("bundled")
+
+
+def _iou(a: np.ndarray, b: np.ndarray) -> float:
+    return float((a & b).sum()) / float((a | b).sum())
+
+
+@needs_bpy
+@pytest.mark.parametrize("background", ["grey", "white", "gradient"])
+def test_keyed_foreground_matches_the_transparent_film(renders, background):
+    truth = matte_reference(read_image(renders["cube", 20, "transparent"]))
+    keyed = matte_reference(read_image(renders["cube", 20, background]))
+    assert truth.how == "alpha" and keyed.how == "colour"
+    assert _iou(keyed.mask, truth.mask) > 0.95, _iou(keyed.mask, truth.mask)
+    # Soft edges, with the background unmixed: the rim is as red as the inside, not grey.
+    rim = (keyed.rgba[..., 3] > 0.2) & (keyed.rgba[..., 3] < 0.9)
+    assert rim.sum() > 20
+    rgb = keyed.rgba[..., :3][rim]
+    assert np.median(rgb[:, 0] - rgb[:, 1:].max(1)) > 0.2, np.median(rgb, 0)
+
+
+def test_a_gradient_backdrop_keys_out_and_a_real_hole_stays():
+    h = w = 96
+    yy, xx = np.mgrid[0:h, 0:w]
+    rgba = np.ones((h, w, 4), np.float32)
+    rgba[..., :3] = (0.2 + 0.6 * yy / h)[..., None] * np.array([1.0, 0.95, 0.9])  # dark to light
+    r = np.hypot(yy - 48, xx - 48)
+    ring = (r < 30) & (r > 12)  # a torus seen from above: the backdrop shows through its hole
+    rgba[ring, :3] = (0.1, 0.2, 0.8)
+    rgba[40:44, 20:24, :3] = rgba[40:44, 20:24, :3] * 0.3 + 0.5  # a spot of the ring as light as the backdrop
+    m = matte_reference(rgba)
+    assert m.how == "colour"
+    assert _iou(m.mask, ring) > 0.97  # the spot is filled (it is no hole), the centre is not
+    assert not m.mask[48, 48]
+
+
+def test_a_busy_background_is_refused_in_one_line():
+    rng = np.random.default_rng(0)
+    rgba = np.ones((64, 64, 4), np.float32)
+    rgba[..., :3] = rng.random((64, 64, 3))
+    with pytest.raises(BadImageError, match="no plain background") as info:
+        matte_reference(rgba)
+    assert "\n" not in str(info.value)
+
+
+@needs_bpy
+def test_light_is_moved_to_the_prior_s(renders):
+    m = matte_reference(read_image(renders["cube", 20, "grey"]))
+    lit = normalise_light(m.rgba, m.mask)[m.mask][:, :3]
+    # The lit side's brightest channel near the prior's 0.9, and the colour word is red.
+    assert 0.8 < np.quantile(lit.max(1), 0.95) < 0.95
+    palette = np.array(list(COLORS.values()))
+    top = lit[lit.sum(1) >= np.quantile(lit.sum(1), 0.8)].mean(0)
+    assert list(COLORS)[int(np.argmin(np.linalg.norm(palette - top, axis=1)))] == "red", top
+    # No side darker than the prior's ambient floor (relative to the lit side's red).
+    assert np.quantile(lit[:, 0], 0.02) > 0.8 * AMBIENT_FLOOR * top[0]
+
+
+@needs_bpy
+def test_the_prior_finds_the_reference_s_elevation(renders, prior):
+    found = {}
+    for el in (0, 40):
+        m = matte_reference(read_image(renders["cone", el, "grey"]))
+        image, _ = prepare_reference(normalise_light(m.rgba, m.mask), m.mask, prior.background_rgb, 32)
+        cam = estimate_reference_camera(prior, image, 2.5, 42.0, 15.0)
+        assert cam.source == "estimated"
+        found[el] = cam.elevation_deg
+    assert abs(found[0] - 0) <= 10 and abs(found[40] - 40) <= 10, found
+
+
+@needs_bpy
+def test_the_pipeline_records_which_camera_it_used(renders, prior):
+    from engine_server.pipelines.image_to_3d import ImageTo3D, ImageTo3DRequest
+
+    path = renders["cone", 40, "grey"]
+    pipe = ImageTo3D(ImageTo3DRequest(image=path), prior=prior)
+    assert pipe.reference_camera.record()["source"] == "estimated"
+    assert abs(pipe.reference_camera.elevation_deg - 40) <= 10
+    rig = [Camera(look_at(orbit_position(0.0, 30.0, 2.5)), 40.0, 32, 32)]
+    pipe = ImageTo3D(ImageTo3DRequest(image=path, rig=rig), prior=prior)
+    assert pipe.reference_camera.record() == {"source": "rig", "elevation_deg": 30.0, "azimuth_deg": 0.0,
+                                              "fov_y_deg": 40.0}
+    assert torch.equal(pipe.reference_c2w, rig[0].c2w)
