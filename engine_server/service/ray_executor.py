@@ -250,9 +250,12 @@ class RayExecutor:
                     info = ray.get(actor.handle.info.remote(), timeout=1.0)
                 except (GetTimeoutError, ActorUnavailableError):
                     continue  # still warming up, waiting for resources, or being restarted by Ray
-                except ActorDiedError as exc:  # it cannot start (its constructor failed, restarts given up)
-                    with self._lock:
-                        actor.state, actor.error = "failed", str(exc).splitlines()[0][:500]
+                except ActorDiedError as exc:
+                    if not exc.actor_init_failed:  # the process asked was killed; Ray starts another
+                        time.sleep(0.1)
+                        continue
+                    with self._lock:  # its constructor raised (the engine missing on its node...): no use retrying
+                        actor.state, actor.error = "failed", str(exc)[-1000:]
                     logger.error("actor %s cannot start: %s", actor.name, actor.error)
                     return
                 except Exception as exc:  # RayError, or Ray shutting down under this thread

@@ -15,6 +15,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -45,7 +46,7 @@ def test_ray_flags_need_the_ray_executor_and_sane_values(capsys):
 
 
 ray = pytest.importorskip("ray", reason="the cluster extra (ray) is not installed")
-from engine_server.service.ray_executor import NAMESPACE, cluster_info  # noqa: E402  (needs ray)
+from engine_server.service.ray_executor import NAMESPACE, RayConfig, RayExecutor, cluster_info  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -136,12 +137,57 @@ def engine(cluster, tmp_path_factory):
     client = EngineClient(endpoint, root / "key", heartbeat_s=HEARTBEAT_S, timeout=10)
     state["client"] = client
     try:
+        state["actors"] = warm_actors(cluster)  # first: two actors importing torch load both cores
         client.hello()
-        state["actors"] = warm_actors(cluster)
         yield state
     finally:
         client.close()
         stop(state["proc"])
+
+
+@pytest.mark.slow
+def test_a_job_deaf_to_its_cancel_has_its_actor_killed_and_ray_restarts_it_for_the_next(cluster, tmp_path, key_file):
+    """No grace: the cancel kills the actor at once (as for a job stuck in one long step).
+
+    First of the cluster's tests: its own server and actor use the cluster before the module's server takes both CPUs.
+    """
+    from engine_server.service.runner import RunnerConfig
+    from engine_server.service.server import EngineServer, ServerConfig
+
+    server = EngineServer(ServerConfig(bind="tcp://127.0.0.1:*", data_dir=tmp_path / "data", key_file=key_file,
+                                       heartbeat_s=HEARTBEAT_S))
+    endpoint = server.bind()
+    executor = server.executor = RayExecutor(server.store.root, RayConfig(
+        actors=1, cancel_grace_s=0.0, runner=RunnerConfig(device="cpu", threads=1)))
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    client = EngineClient(endpoint, key_file, heartbeat_s=HEARTBEAT_S, timeout=10)
+    try:
+        deadline = time.monotonic() + WARM_TIMEOUT
+        while executor.capacity() < 1:
+            assert time.monotonic() < deadline, executor.actors()
+            time.sleep(0.1)
+        first = executor.actors()[0]
+        job = client.submit("text", "a green cone", options=SLOW_SHORT_STEPS)
+        until_step(client, job, 1)
+        asked = time.monotonic()
+        assert client.cancel(job) == "running"
+        assert ends_of(client, [job])[job].type == "cancelled"
+        print(f"cancel by killing the actor: {(time.monotonic() - asked) * 1e3:.0f} ms")
+        assert time.monotonic() - asked < 1.0 and executor.stats["cancel_kills"] == 1
+        nxt = client.submit("text", "a red cube", options=TINY)
+        assert ends_of(client, [nxt], timeout=WARM_TIMEOUT)[nxt].type == "done"
+        again = executor.actors()[0]
+        assert again["name"] == first["name"] and again["pid"] != first["pid"] and not alive(first["pid"])
+    finally:
+        client.close()
+        server.stop()
+        thread.join(10)
+        server.close()
+    deadline = time.monotonic() + 10
+    while alive(again["pid"]):  # closing the executor ends its actors
+        assert time.monotonic() < deadline, "the actor outlived its executor"
+        time.sleep(0.05)
 
 
 @pytest.mark.slow
