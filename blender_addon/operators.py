@@ -45,7 +45,7 @@ class _JobOperator:
             options[steps_option] = s.steps
         options.update(scene_io.parse_overrides(s.overrides))
         return {"negative_prompt": s.negative_prompt or None, "seed": s.seed or None,
-                "preset": props.chosen_preset(s), "options": options or None}
+                "preset": props.chosen_preset(s), "options": options or None, "export_dir": props.export_folder(s)}
 
 
 class GENERATE3D_OT_connect(bpy.types.Operator):

@@ -50,6 +50,11 @@ class GENERATE3D_PT_main(bpy.types.Panel):
         row.label(text="Texture")
         row.prop(s, "texture_size", text="")
         layout.prop(s, "guidance_scale")
+        row = layout.row(align=True)
+        row.label(text="Save As")
+        row.prop(s, "export_format", text="")
+        if s.export_format != "NONE":
+            layout.prop(s, "export_dir", text="")
         col = layout.column(align=True)
         col.label(text="Preset Overrides (name=value)")
         col.prop(s, "overrides", text="")

@@ -1,6 +1,8 @@
 """Add-on preferences (engine endpoint, key file, local engine command) and the scene's settings group."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import bpy
 from bpy.props import BoolProperty, EnumProperty, FloatProperty, IntProperty, PointerProperty, StringProperty
 
@@ -31,6 +33,29 @@ TEXTURE_SIZES = [("PRESET", "Preset", "The preset's texture size")] + [
 """Texture sizes offered (the engine takes 16-8192 as the ``texture_size`` option)."""
 
 
+EXPORT_FORMATS = [("NONE", "Blender Only", "Only the object in the scene"),
+                  ("GLB", "GLB", "Also save the engine's GLB (glTF binary)"),
+                  ("OBJ", "OBJ", "Also save OBJ + MTL + PNG textures"),
+                  ("USD", "USD", "Also save a USD stage (UsdPreviewSurface) + PNG textures"),
+                  ("USDZ", "USDZ", "Also save one USDZ package")]
+"""Files saved beside the imported object (the engine's ``format`` option for OBJ / USD / USDZ)."""
+EXPORTS_OUTSIDE_A_BLEND = Path.home() / "engine-exports"
+"""Where a ``//``-relative export folder goes while the .blend is not saved yet."""
+
+
+def export_folder(settings) -> str | None:
+    """The absolute folder the result's files are saved into, or None for Blender Only.
+
+    A ``//``-relative folder is next to the .blend file; before the file is saved, ~/engine-exports.
+    """
+    if settings.export_format == "NONE":
+        return None
+    folder = settings.export_dir or "//exports/"
+    if folder.startswith("//") and not bpy.data.filepath:
+        return str(EXPORTS_OUTSIDE_A_BLEND / folder[2:])
+    return str(Path(bpy.path.abspath(folder)).resolve())
+
+
 def output_options(settings, kind: str) -> dict:
     """The output controls as engine options: ``faces`` and ``texture_size`` (preset overrides; the engine's
     bounds are checked by the client before sending) and, for the kinds whose pipelines take it,
@@ -42,6 +67,8 @@ def output_options(settings, kind: str) -> dict:
         options["texture_size"] = int(settings.texture_size)
     if settings.guidance_scale > 0 and kind != "refine":
         options["guidance_scale"] = float(settings.guidance_scale)
+    if settings.export_format not in ("NONE", "GLB"):  # the GLB is always made
+        options["format"] = settings.export_format.lower()
     return options
 
 
@@ -104,6 +131,10 @@ class Generate3DSettings(bpy.types.PropertyGroup):
     guidance_scale: FloatProperty(name="Guidance", default=0.0, min=0.0, max=100.0, precision=1,
                                   description="Classifier-free guidance scale of the prior for Generate "
                                               "(0: the model's default); Refine uses the model's")
+    export_format: EnumProperty(name="Save As", items=EXPORT_FORMATS, default="NONE",
+                                description="Also save the result as files in this format, beside the object")
+    export_dir: StringProperty(name="Folder", subtype="DIR_PATH", default="//exports/",
+                               description="Where the files go (//: next to the .blend file), one folder per object")
     overrides: StringProperty(name="Overrides", default="",
                               description="More preset overrides as name=value pairs, e.g. 'render_resolution=32 refine_steps=0'")
 

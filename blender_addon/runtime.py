@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 import signal
 import time
+from pathlib import Path
 from dataclasses import dataclass, field
 
 import bpy
@@ -279,7 +280,7 @@ def _preview_name(job: JobView) -> str:
 
 
 def import_job(context, session: Session, job: JobView, fetched=None) -> bpy.types.Object:
-    """Make a done job's result (arrays + texture PNGs, no GLB; fetched now unless given) a new object: Principled
+    """Make a done job's result (arrays + texture PNGs; fetched now unless given) a new object: Principled
     BSDF with the packed base colour and normal map and the engine's roughness / metallic, named as the engine named
     the GLB's node, at the job's placement (or the one the
     engine kept, for a job this Blender did not submit)."""
@@ -297,6 +298,8 @@ def import_job(context, session: Session, job: JobView, fetched=None) -> bpy.typ
                                  normal_png=fetched.normal_texture,
                                  factors=fetched.meta.get("material"))
     job.imported = obj.name
+    if job.export_dir:
+        _save_files(job, fetched, obj.name)
     session._save_jobs()
     if not bpy.app.background:
         try:
@@ -304,6 +307,22 @@ def import_job(context, session: Session, job: JobView, fetched=None) -> bpy.typ
         except RuntimeError as exc:  # no undo stack in this context
             logger.debug("undo push skipped: %s", exc)
     return obj
+
+
+def _save_files(job: JobView, fetched, name: str) -> None:
+    """Write the result's export files (or its GLB, when that is the format) into ``<export_dir>/<name>/``; a folder
+    that cannot be written is reported, the object stays."""
+    files = fetched.files or ({"model.glb": fetched.glb} if fetched.glb else {})
+    folder = Path(job.export_dir) / name
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        for file_name, data in files.items():
+            (folder / Path(file_name).name).write_bytes(data)  # names from the engine, never a path
+    except OSError as exc:
+        runtime.reports.append(("ERROR", f"Generate 3D: could not save '{name}' files to {folder}: {exc}"))
+        return
+    job.message = f"saved {len(files)} file(s) to {folder}"
+    runtime.reports.append(("INFO", f"Generate 3D: {job.message}"))
 
 
 def wait_for(context, job: JobView, timeout_s: float) -> JobView:

@@ -118,6 +118,8 @@ class JobView:
     """Name of the object a refine job started from."""
     imported: str | None = None
     """Name of the object the result became, once imported."""
+    export_dir: str | None = None
+    """Folder the result's files (the chosen export format) are saved into on import, or None."""
     submitted_at: float = field(default_factory=time.time)
     """Unix time of the submit."""
 
@@ -318,22 +320,23 @@ class Session:
     # -- jobs
 
     def submit(self, kind: str, *, name: str, placement: list[list[float]] | None = None, source: str | None = None,
-               **fields: Any) -> JobView:
+               export_dir: str | None = None, **fields: Any) -> JobView:
         """Queue a job (fields as ``EngineClient.submit`` takes them, ``placement`` sent too); raises SessionError
         with the engine's reason. ``name`` labels the job in the panel until the result brings its own.
         Connects first when not yet connected. Blocks up to the timeout: the UI uses :meth:`submit_later`."""
         with self._client():
-            job = self._submit(kind, name, placement, source, fields)
+            job = self._submit(kind, name, placement, source, export_dir, fields)
         return self.add_job(job)
 
     def submit_later(self, kind: str, *, name: str, placement: list[list[float]] | None = None,
-                     source: str | None = None, auto_start: str = "", **fields: Any) -> Pending:
+                     source: str | None = None, export_dir: str | None = None, auto_start: str = "",
+                     **fields: Any) -> Pending:
         """:meth:`submit` (connecting first, starting a local engine with ``auto_start`` if allowed) on a helper
         thread; the ended Pending's ``outcome`` is the JobView to pass to :meth:`add_job`."""
         def run() -> JobView:
             if self.welcome is None:
                 self._connect(auto_start)
-            return self._submit(kind, name, placement, source, fields)
+            return self._submit(kind, name, placement, source, export_dir, fields)
 
         return self.start("submit", run, job_name=name)
 
@@ -341,7 +344,7 @@ class Session:
         """:meth:`connect` on a helper thread; the ended Pending's ``outcome`` is the welcome."""
         return self.start("connect", lambda: self._connect(auto_start))
 
-    def _submit(self, kind: str, name: str, placement, source, fields: dict[str, Any]) -> JobView:
+    def _submit(self, kind: str, name: str, placement, source, export_dir, fields: dict[str, Any]) -> JobView:
         if self.welcome is None:
             self._connect()
         try:
@@ -351,7 +354,8 @@ class Session:
             raise SessionError(f"the engine refused the job ({exc.code}{field}): {exc.message}") from None
         except self.client_mod.EngineError as exc:
             raise SessionError(f"{exc}: {START_HINT}" if isinstance(exc, self.client_mod.EngineTimeout) else str(exc)) from None
-        return JobView(job_id, kind=kind, name=name or "Generated", placement=placement, source=source)
+        return JobView(job_id, kind=kind, name=name or "Generated", placement=placement, source=source,
+                       export_dir=export_dir)
 
     def add_job(self, job: JobView) -> JobView:
         """Keep a submitted job (main thread) and save the job list."""
@@ -411,7 +415,8 @@ class Session:
         return state
 
     def result(self, job_id: str) -> Any:
-        """The finished job's result (``FetchedResult``: arrays, texture PNG, meta; no GLB, nothing here reads one).
+        """The finished job's result (``FetchedResult``: arrays, texture PNG, meta; the GLB and export files only
+        for a job that saves them).
         Blocks up to the result timeout (UI: :meth:`result_later`)."""
         with self._client():
             return self._result(job_id)
@@ -422,8 +427,9 @@ class Session:
 
     def _result(self, job_id: str) -> Any:
         self._check_listening()
-        try:
-            return self.client.result(job_id, timeout=max(self.timeout, 30.0), glb=False)
+        job = self.jobs.get(job_id)
+        try:  # the files to save come with the GLB; a job that saves none needs only the arrays
+            return self.client.result(job_id, timeout=max(self.timeout, 30.0), glb=bool(job and job.export_dir))
         except self.client_mod.EngineError as exc:
             raise SessionError(f"cannot fetch the result of {job_id}: {exc}") from None
 

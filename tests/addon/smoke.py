@@ -20,9 +20,11 @@ import os
 import signal
 import socket
 import sys
+import tempfile
 import threading
 import time
 import traceback
+from pathlib import Path
 
 import bpy
 
@@ -301,6 +303,8 @@ def main() -> int:
         s.prompt = args.prompt
         s.overrides = args.overrides
         s.seed = 7
+        exports = tempfile.mkdtemp(prefix="generate3d-exports-")
+        s.export_format, s.export_dir = "OBJ", exports  # the result's OBJ files are saved beside the object
         scene.cursor.location = (2.0, -1.5, 0.7)  # away from the origin
         before = set(bpy.data.objects.keys())
         if not args.expect_worker:
@@ -319,6 +323,10 @@ def main() -> int:
                 facts["texture_is_engine_png"] = engine_png is not None and tex.packed_file is not None \
                     and bytes(tex.packed_file.data) == engine_png
                 checks.add("generated_object", True, facts)
+                saved = sorted(p.name for p in Path(exports, new[0].name).glob("*"))
+                checks.add("export_files_saved", "model.obj" in saved and "model.mtl" in saved
+                           and sum(n.endswith(".png") for n in saved) == 2, saved)
+                s.export_format = "NONE"
             preview = bpy.data.images.get(rt.importer.PREVIEW_IMAGE)
             checks.add("preview_image", *_preview_facts(preview))
             checks.add("no_preview_object_left", not any(n.endswith("(preview)") for n in bpy.data.objects.keys()),

@@ -178,6 +178,8 @@ def test_generate_makes_a_textured_object_named_as_the_engine_names_it(bpy_check
     centre = [(lo + hi) / 2 for lo, hi in zip(facts["world_min"], facts["world_max"])]
     assert centre[:2] == pytest.approx(cursor[:2], abs=1e-5)
     assert 0.3 < facts["world_max"][2] - cursor[2] <= 1.05  # the engine's unit box, standing on the cursor
+    # Save As OBJ: the engine's OBJ, MTL and both textures land in <folder>/<object name>/
+    assert {"model.obj", "model.mtl"} <= set(_ok(bpy_checks, "export_files_saved"))
     assert facts["selected"] and facts["active"] and facts["only_selected"], facts
     assert facts["smooth"]
     # Solid view shows the texture's mean colour, not the default grey
@@ -254,7 +256,7 @@ def test_legacy_addon_works_end_to_end_in_blender_3_4(blender34_checks):
     for name in (*REGISTRATION, "timers_do_not_fire_in_background", "drain_callable_directly", "engine_down_reports",
                  "presets_from_welcome",
                  "timer_function_runs", "rig_matches_blender_frustum", "connect", "generate", "generated_object",
-                 "refine_keeps_original", "image_job", "engine_error_reports",
+                 "export_files_saved", "refine_keeps_original", "image_job", "engine_error_reports",
                  "unregistered", "session_closed", "no_thread_left"):
         _ok(blender34_checks, name)
     (obj,) = _ok(blender34_checks, "generate")["objects"]
