@@ -83,7 +83,7 @@ class GENERATE3D_OT_disconnect(bpy.types.Operator):
 
     def execute(self, context):
         stop_timer()
-        close_session()
+        close_session(wait=runtime.wait)  # the UI never waits behind a connect to a hung engine
         runtime.status = ""
         return {"FINISHED"}
 

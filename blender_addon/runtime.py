@@ -136,11 +136,15 @@ def _connected_status(session: Session) -> str:
     return f"connected to {welcome.get('server', 'engine')} ({welcome.get('device', '?')})"
 
 
-def close_session() -> None:
-    """Close the connection (and any engine it started); safe to call twice."""
+def close_session(wait: bool = True) -> None:
+    """Close the connection (and any engine it started); safe to call twice. ``wait=False`` (the UI's Disconnect)
+    returns at once and lets a thread wait for a helper's request still in flight."""
     session, runtime.session = runtime.session, None
     if session is not None:
-        session.close()
+        if wait:
+            session.close()
+        else:
+            session.close_later()
 
 
 def ensure_timer() -> None:

@@ -297,6 +297,14 @@ class Session:
         finally:
             self._lock.release()
 
+    def close_later(self) -> threading.Thread:
+        """:meth:`close` on a thread of its own, so the UI never waits behind a helper's request (a connect to a
+        hung engine takes up to its timeout); returns that thread."""
+        self._closing = True
+        closer = threading.Thread(target=self.close, name="generate3d-close", daemon=True)
+        closer.start()
+        return closer
+
     def close(self) -> None:
         """Join helper threads, close the socket (linger 0), end the ZeroMQ context and stop an engine we started
         (bounded waits: a helper's request ends within its timeout)."""

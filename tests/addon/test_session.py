@@ -119,3 +119,25 @@ def test_a_stopped_engine_is_refused_at_once_with_the_fix_named(tmp_path):
         assert time.monotonic() - start < 0.1
     finally:
         s.close()
+
+
+def test_disconnect_behind_a_connect_to_a_hung_engine_returns_at_once(tmp_path):
+    """A connect waiting on an engine that accepts connections but never answers holds the client for its timeout;
+    the UI's Disconnect (close_later) must not wait for it, and the session still ends once it gives up."""
+    import socket
+    import time
+
+    key = tmp_path / "key"
+    load_or_create_key(key)
+    with socket.socket() as silent:  # accepts TCP connections, never speaks ZMTP
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)
+        s = Session(f"tcp://127.0.0.1:{silent.getsockname()[1]}", str(key), timeout=1.0)
+        pending = s.connect_later()
+        time.sleep(0.1)
+        assert not pending.done  # still waiting on the hung engine
+        start = time.monotonic()
+        closer = s.close_later()
+        assert time.monotonic() - start < 0.1
+        closer.join(10)
+        assert not closer.is_alive() and not pending.thread.is_alive()
