@@ -199,7 +199,7 @@ def drain(context, timeout: float = 0.0) -> float:
             uvs = event.get("uvs")
             importer.update_preview_object(_preview_name(job), event["vertices"].numpy(), event["faces"].numpy(),
                                            uvs.numpy() if uvs is not None and uvs.dtype == "float32" else None,
-                                           job.placement, rest=job.kind != "refine")
+                                           job.placement, rest=job.rests())
         elif event.type == "done":
             if runtime.wait:
                 _import(context, session, job)
@@ -296,9 +296,9 @@ def import_job(context, session: Session, job: JobView, fetched=None) -> bpy.typ
     name = fetched.meta.get("name") or job.name  # jobs from engines that did not name their result
     placement = job.placement or fetched.meta.get("placement")
     importer.remove_object(_preview_name(job))
-    # A new object rests on its placement (the 3D cursor); a refined one keeps the original's frame, beside it.
+    # A new object rests on its placement (the 3D cursor), a rig job's is centred there; a refined one sits beside the original.
     obj = importer.create_object(name, arrays["vertices"].numpy(), arrays["faces"].numpy(), uvs, fetched.texture,
-                                 placement, rest=(fetched.meta.get("kind") or job.kind) != "refine", context=context,
+                                 placement, rest=job.rests(fetched.meta), context=context,
                                  normal_png=fetched.normal_texture,
                                  factors=fetched.meta.get("material"))
     job.imported = obj.name

@@ -120,8 +120,19 @@ class JobView:
     """Name of the object the result became, once imported."""
     export_dir: str | None = None
     """Folder the result's files (the chosen export format) are saved into on import, or None."""
+    rig_cameras: int = 0
+    """Cameras of the rig the job was made for (0: none)."""
     submitted_at: float = field(default_factory=time.time)
     """Unix time of the submit."""
+
+    def rests(self, meta: dict | None = None) -> bool:
+        """Whether the result stands on its placement (its lowest point there). Not for a refine (it keeps the
+        original's frame) nor for a rig job: its cameras were composed around the placement, so the object's
+        centre stays there and it fills their frames as the artist framed them. ``meta``: the result's, for a
+        job this Blender did not submit."""
+        meta = meta or {}
+        kind = meta.get("kind") or self.kind
+        return kind != "refine" and not (self.rig_cameras or meta.get("rig_cameras"))
 
     @property
     def fraction(self) -> float:
@@ -363,7 +374,7 @@ class Session:
         except self.client_mod.EngineError as exc:
             raise SessionError(f"{exc}: {START_HINT}" if isinstance(exc, self.client_mod.EngineTimeout) else str(exc)) from None
         return JobView(job_id, kind=kind, name=name or "Generated", placement=placement, source=source,
-                       export_dir=export_dir)
+                       export_dir=export_dir, rig_cameras=len(fields.get("rig") or ()))
 
     def add_job(self, job: JobView) -> JobView:
         """Keep a submitted job (main thread) and save the job list."""

@@ -198,6 +198,8 @@ class EngineRunner:
                            "files": [p.name for p in files]}}
         if request.get("placement") is not None:
             meta["placement"] = request["placement"]
+        if request.get("rig"):  # made for those cameras around the placement: centred there, not resting on it
+            meta["rig_cameras"] = len(request["rig"])
         if bridge.first_coarse_step is not None:
             meta["resumed_from_step"] = bridge.first_coarse_step - 1
         timings = getattr(pipeline, "timings", None)

@@ -141,3 +141,11 @@ def test_disconnect_behind_a_connect_to_a_hung_engine_returns_at_once(tmp_path):
         assert time.monotonic() - start < 0.1
         closer.join(10)
         assert not closer.is_alive() and not pending.thread.is_alive()
+
+
+def test_a_rig_jobs_object_is_centred_on_its_placement_and_others_rest_on_it():
+    from blender_addon.session import JobView
+
+    assert JobView("a").rests() and not JobView("a", kind="refine").rests()
+    assert not JobView("a", rig_cameras=2).rests()
+    assert not JobView("a").rests({"kind": "text", "rig_cameras": 3})  # a job another Blender submitted
