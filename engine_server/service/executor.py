@@ -1,4 +1,4 @@
-"""The executor interface: how the server runs jobs without knowing where (local child processes, a cluster).
+"""The executor interface: how the server runs jobs without knowing where (local child processes, Ray actors).
 
 The server marks a job running and calls :meth:`Executor.start`; the executor reports what
 happens as :class:`WorkerEvent` objects from :meth:`Executor.poll`, which the server
@@ -34,7 +34,8 @@ class WorkerEvent:
 
 
 class Executor(Protocol):
-    """What the server needs from the worker side (local child processes now, a cluster later)."""
+    """What the server needs from the worker side: :class:`~engine_server.service.worker.LocalWorker` (child
+    processes) or :class:`~engine_server.service.ray_executor.RayExecutor` (actors on a Ray cluster)."""
 
     def capacity(self) -> int:
         """How many more jobs could start now (0 while every device is busy)."""

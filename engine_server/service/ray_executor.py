@@ -83,8 +83,6 @@ class RayConfig:
     """Models and device of the runner in each actor (device "auto": the actor's GPU when it has one)."""
     cancel_grace_s: float = 0.4
     """How long a cancelled job may take to stop by itself before its actor is killed."""
-    object_store_bytes: int | None = None
-    """Object store size of a "local" cluster (None: Ray's default)."""
     log_level: str = "INFO"
     """Logging level in the actors (their log reaches the server's stderr through Ray)."""
 
@@ -210,7 +208,7 @@ class RayExecutor:
         """Counters: actors that died mid-job, cancels that needed a kill."""
         self._owns_ray = not ray.is_initialized()
         if self._owns_ray:
-            connect(self.config.address, self.config.object_store_bytes)
+            connect(self.config.address)
         self.session = secrets.token_hex(4)
         self._actors = [self._create(f"{ACTOR_PREFIX}-{self.session}-{i}") for i in range(self._count())]
 
@@ -394,11 +392,11 @@ class RayExecutor:
 # ----------------------------------------------------------------------------- the cluster, for info
 
 
-def connect(address: str, object_store_bytes: int | None = None) -> None:
+def connect(address: str) -> None:
     """Join the Ray cluster at ``address`` ("local": start a private one) as a driver in the engine's namespace."""
     try:
         if address == "local":
-            ray.init(namespace=NAMESPACE, include_dashboard=False, object_store_memory=object_store_bytes)
+            ray.init(namespace=NAMESPACE, include_dashboard=False)
         else:
             ray.init(address=address, namespace=NAMESPACE)
     except ConnectionError as exc:
