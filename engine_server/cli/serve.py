@@ -1,6 +1,7 @@
 """The service verbs: ``serve`` and ``jobs [list | show ID | result ID --out FILE | delete ID]``.
 
-``serve`` runs the ZeroMQ server with the real worker (``--protocol-only`` for none).
+``serve`` runs the ZeroMQ server with the real worker: child processes on this machine, or
+actors on a Ray cluster with ``--executor ray`` (``--protocol-only`` for none).
 ``jobs`` reads the job store folder directly (SQLite in WAL mode, opened without taking
 the server's lock), so it works the same whether a server is running or not; ``delete``
 refuses a running job. Failures print one line and exit with status 2.
