@@ -105,7 +105,8 @@ class GENERATE3D_PT_jobs(bpy.types.Panel):
             col = layout.column(align=True)
             row = col.row(align=True)
             icon = {"done": "CHECKMARK", "failed": "ERROR", "cancelled": "CANCEL"}.get(job.state, "TIME")
-            row.label(text=f"{job.name} - {job.state}", icon=icon)
+            where = f" on {job.node}" if job.node else ""  # a cluster engine's machine
+            row.label(text=f"{job.name} - {job.state}{where}", icon=icon)
             if job.state == "failed" and job.message:  # the failure's code and message
                 col.label(text=job.message)
             if job.state == "done":

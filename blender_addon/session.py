@@ -122,6 +122,8 @@ class JobView:
     """Folder the result's files (the chosen export format) are saved into on import, or None."""
     rig_cameras: int = 0
     """Cameras of the rig the job was made for (0: none)."""
+    node: str = ""
+    """The machine running the job, when the engine runs jobs on a cluster (its job listing says)."""
     submitted_at: float = field(default_factory=time.time)
     """Unix time of the submit."""
 
@@ -478,6 +480,8 @@ class Session:
                 job = self.jobs[summary["job_id"]] = JobView(summary["job_id"], kind=str(summary.get("kind") or "text"),
                                                              name=label)
             job.state = summary["state"]
+            progress = summary.get("progress")
+            job.node = str(progress.get("node") or "") if isinstance(progress, dict) and not job.terminal else ""
             if summary.get("error_code"):  # the job summary's names (Job.summary in the engine's job store)
                 job.message = f"{summary['error_code']}: {summary.get('error_message', '')}"
         self._save_jobs()

@@ -149,3 +149,16 @@ def test_a_rig_jobs_object_is_centred_on_its_placement_and_others_rest_on_it():
     assert JobView("a").rests() and not JobView("a", kind="refine").rests()
     assert not JobView("a", rig_cameras=2).rests()
     assert not JobView("a").rests({"kind": "text", "rig_cameras": 3})  # a job another Blender submitted
+
+
+def test_the_job_list_shows_the_node_a_cluster_engine_runs_each_job_on(tmp_path):
+    load_or_create_key(tmp_path / "key")
+    s = Session("tcp://127.0.0.1:1", str(tmp_path / "key"), state_dir=tmp_path / "addon")
+    try:
+        (running, done) = s.apply_listing([
+            {"job_id": "j1", "state": "running", "kind": "text", "label": "a cube",
+             "progress": {"stage": "coarse", "node": "gpu-box-2"}},
+            {"job_id": "j2", "state": "done", "kind": "text", "progress": {"node": "gpu-box-1"}}])
+        assert running.node == "gpu-box-2" and done.node == ""
+    finally:
+        s.close()
