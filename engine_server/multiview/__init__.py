@@ -14,7 +14,7 @@ import importlib
 _EXPORTS = {
     "STRATEGIES": "generate", "MultiViewConfig": "generate", "PriorSampler": "sampler", "scheduler_for": "sampler",
     "MultiViewResult": "generate", "ViewReference": "generate", "generate_views": "generate",
-    "DEFAULT_ELEVATION": "rig", "OVERHEAD_ELEVATION": "rig", "background_mask": "rig", "default_rig": "rig",
+    "AGREEMENT_THRESHOLD": "rig", "DEFAULT_ELEVATION": "rig", "OVERHEAD_ELEVATION": "rig", "background_mask": "rig", "default_rig": "rig",
     "mask_iou": "rig", "project_points": "rig", "silhouette_agreement": "rig",
 }
 

@@ -25,8 +25,12 @@ colour with what the caption implies): a wrong object is drawn again from fresh 
 ``MultiViewConfig.max_redraws`` times, keeping the closest draw; ``MultiViewResult.redrawn``
 counts the views drawn again. The anchor is checked before any view is conditioned on it.
 
-Returned masks come from the prior's plain background colour; ``agreement`` is the per-view
-IoU of each silhouette with the visual hull of all of them (:func:`silhouette_agreement`).
+Returned masks come from the prior's plain background colour; ``agreement`` is how well each
+view's silhouette agrees with the visual hull of the other views and the reference
+(:func:`silhouette_agreement`: about 1 for one solid, below ``AGREEMENT_THRESHOLD`` for a view of
+another shape). A view below it is drawn again from fresh noise (up to ``max_redraws`` times,
+keeping the better draw; ``extras["reshaped"]``), and what still disagrees is listed in
+``extras["disagreeing"]`` for the fit to leave out.
 """
 from __future__ import annotations
 
@@ -39,7 +43,7 @@ import numpy as np
 import torch
 
 from engine_server.cameras import Camera, azimuth_elevation
-from engine_server.multiview.rig import background_mask, silhouette_agreement
+from engine_server.multiview.rig import AGREEMENT_THRESHOLD, background_mask, silhouette_agreement
 from engine_server.multiview.sampler import PriorSampler
 
 logger = logging.getLogger(__name__)
@@ -64,7 +68,8 @@ class MultiViewConfig:
     mask_threshold: float = 0.15
     """A pixel is foreground when some channel is further than this from the background colour."""
     max_redraws: int = 3
-    """Times a view whose object is not the prompt's is drawn again (0: views are not checked)."""
+    """Times a view whose object is not the prompt's, or whose shape disagrees with the others', is drawn
+    again (0: views are not checked)."""
 
     def __post_init__(self) -> None:
         if self.strategy not in STRATEGIES:
@@ -102,14 +107,16 @@ class MultiViewResult:
     masks: torch.Tensor
     """(N, R, R) bool foreground (off the prior's background colour)."""
     agreement: torch.Tensor
-    """(N,) IoU of each silhouette with the visual hull of all silhouettes (and the reference's)."""
+    """(N,) agreement of each silhouette with the others' visual hull (and the reference's): ~1 agrees,
+    below :data:`~engine_server.multiview.rig.AGREEMENT_THRESHOLD` another shape."""
     strategy: str = "anchor"
     """The sampling strategy used."""
     redrawn: int = 0
     """How many views were drawn again because their object was not the prompt's."""
     extras: dict = field(default_factory=dict)
     """Anything else worth logging: seconds, azimuth / elevation per view, ``unresolved`` {view: what is
-    still wrong} for views no redraw fixed."""
+    still wrong} for views no redraw fixed, ``reshaped`` (views redrawn for disagreeing in shape) and
+    ``disagreeing`` (views that still do)."""
 
     def images_uint8(self) -> np.ndarray:
         """The views as (N, R, R, 3) uint8 (image files, wire arrays)."""
@@ -252,21 +259,49 @@ def generate_views(
     if unresolved:
         logger.warning("%d view(s) still differ from %r after %d redraws: %s", len(unresolved), prompt,
                        config.max_redraws, "; ".join(f"view {i}: {p}" for i, p in sorted(unresolved.items())))
-    imgs = torch.stack(images)
     bg = getattr(prior, "background_rgb", (0.0, 0.75, 0.75))
-    masks = background_mask(imgs, bg, config.mask_threshold)
-    all_masks, all_c2w, all_fovs = masks, c2w, fovs
-    if reference is not None:  # the reference's silhouette takes part in the hull too
-        ref_img = reference.image.float().cpu()
-        if ref_img.shape[-1] == imgs.shape[-1]:
-            ref_mask = background_mask(ref_img[None], bg, config.mask_threshold)
-            all_masks = torch.cat([masks, ref_mask])
-            all_c2w = torch.cat([c2w, reference.c2w.float().cpu()[None]])
-            all_fovs = torch.cat([fovs, torch.tensor([float(reference.fov_y_deg)])])
-    agreement = silhouette_agreement(all_masks, all_c2w, all_fovs)[:n]
+    # Views are scored against the others' visual hull; the reference (or the text anchor) is trusted.
+    known_c2w, known_fovs, known_masks, trusted = c2w, fovs, None, ()
+    if reference is not None and reference.image.shape[-1] == images[0].shape[-1]:
+        known_masks = background_mask(reference.image.float().cpu()[None], bg, config.mask_threshold)
+        known_c2w = torch.cat([c2w, reference.c2w.float().cpu()[None]])
+        known_fovs = torch.cat([fovs, torch.tensor([float(reference.fov_y_deg)])])
+        trusted = (n,)
+    elif reference is None and strategy in ("anchor", "sequential"):
+        trusted = (0,)
+
+    def agreement_of(imgs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        masks = background_mask(imgs, bg, config.mask_threshold)
+        every = masks if known_masks is None else torch.cat([masks, known_masks])
+        return masks, silhouette_agreement(every, known_c2w, known_fovs, trusted=trusted)[:n]
+
+    imgs = torch.stack(images)
+    masks, agreement = agreement_of(imgs)
+    # A view whose shape disagrees with the others' is drawn again from fresh noise (not for a multi-view
+    # prior, whose views are drawn together), conditioned as the first draw was, keeping the better one.
+    redraw_ref = reference if reference is not None else (anchor if strategy in ("anchor", "sequential") else None)
+    reshaped: set[int] = set()
+    for _ in range(config.max_redraws if strategy != "joint" else 0):
+        bad = [i for i in range(n) if i not in trusted and float(agreement[i]) < AGREEMENT_THRESHOLD]
+        if not bad:
+            break
+        logger.info("redrawing %d view(s) whose shape disagrees with the others': %s", len(bad),
+                    ", ".join(f"view {i} ({float(agreement[i]):.2f})" for i in bad))
+        trial = imgs.clone()
+        trial[bad] = sample(bad, redraw_ref, draw_noise(len(bad), redraw_gen))
+        trial_masks, trial_agreement = agreement_of(trial)
+        better = [i for i in bad if float(trial_agreement[i]) > float(agreement[i])]
+        reshaped.update(better)
+        imgs[better] = trial[better]
+        masks, agreement = agreement_of(imgs)
+    disagreeing = [i for i in range(n) if float(agreement[i]) < AGREEMENT_THRESHOLD]
+    if disagreeing:
+        logger.warning("%d view(s) still disagree in shape with the others: %s", len(disagreeing),
+                       ", ".join(f"view {i} ({float(agreement[i]):.2f})" for i in disagreeing))
     az, el = azimuth_elevation(c2w)
     logger.info("generated %d views (%s, %d redrawn) in %.1f s; silhouette agreement %s", n, strategy,
                 len(redrawn), time.perf_counter() - t0, ", ".join(f"{v:.2f}" for v in agreement.tolist()))
     return MultiViewResult(imgs, c2w, fovs, masks, agreement, strategy, len(redrawn),
                            {"seconds": time.perf_counter() - t0, "azimuth": az.tolist(), "elevation": el.tolist(),
-                            "unresolved": {str(i): p for i, p in sorted(unresolved.items())}})
+                            "unresolved": {str(i): p for i, p in sorted(unresolved.items())},
+                            "reshaped": sorted(reshaped), "disagreeing": disagreeing})

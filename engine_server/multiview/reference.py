@@ -374,7 +374,7 @@ class ReferenceCamera:
 
 @torch.no_grad()
 def estimate_reference_camera(prior, image: torch.Tensor, distance: float, fov_y_deg: float,
-                              default_elevation: float, samples: int = 16, seed: int = 0) -> ReferenceCamera:
+                              default_elevation: float, samples: int = 8, seed: int = 0) -> ReferenceCamera:
     """The orbit camera at ``distance`` under which the prior finds ``image`` (3, R, R) most likely.
 
     For each candidate (:data:`ELEVATIONS` x :data:`AZIMUTHS`) the image is noised at ``samples``

@@ -10,7 +10,8 @@ everything else (checkpoints, events, cancel, extraction, texture, export) is in
            without an image the prior first draws the reference view from the prompt
            (text -> views -> 3D: the ``multiview`` job);
   coarse   the hash-grid field is fitted to the reference view (photometric + mask losses,
-           weight ``ref_weight``) and to the generated views (weight ``view_weight``); after
+           weight ``ref_weight``) and to the generated views that agree in shape with the others
+           and the reference (weight ``view_weight``); after
            ``distill_start`` of the run, score distillation from the novel-view prior conditioned
            on the reference (Magic123's 3D prior) joins in at random views;
   extract / texture / export   as for text.
@@ -27,6 +28,7 @@ import torch
 
 from engine_server.cameras import Camera, CameraSampler, azimuth_elevation, look_at, orbit_position
 from engine_server.multiview import (
+    AGREEMENT_THRESHOLD,
     DEFAULT_ELEVATION,
     MultiViewConfig,
     MultiViewResult,
@@ -269,9 +271,11 @@ class ImageTo3D(TextTo3D):
         loss = f.ref_weight * ref
         logs = {"ref": float(ref.detach())}
         views = self.views
-        if f.views_per_step and f.view_weight > 0 and views is not None and len(views.images):
-            k = min(f.views_per_step, len(views.images))
-            idx = torch.randperm(len(views.images), generator=self.gen)[:k]
+        # Views whose shape disagrees with the others' and the reference's are left out of the fit.
+        usable = torch.nonzero(views.agreement >= AGREEMENT_THRESHOLD).flatten() if views is not None else []
+        if f.views_per_step and f.view_weight > 0 and len(usable):
+            k = min(f.views_per_step, len(usable))
+            idx = usable[torch.randperm(len(usable), generator=self.gen)[:k]]
             mv = self._fit_loss(views.c2w[idx], views.fovs[idx], views.images[idx], views.masks[idx])
             loss = loss + f.view_weight * mv
             logs["views"] = float(mv.detach())
@@ -306,5 +310,7 @@ class ImageTo3D(TextTo3D):
                           "fov_y_deg": self.reference_fov, "camera": self.reference_camera.record(),
                           "source": str(self.request.image) if isinstance(self.request.image, (str, Path)) else None},
             "views": {"count": len(views.images), "strategy": views.strategy,
-                      "agreement": [round(float(a), 4) for a in views.agreement]},
+                      "agreement": [round(float(a), 4) for a in views.agreement],
+                      "redrawn_for_shape": views.extras.get("reshaped", []),
+                      "left_out": [i for i, a in enumerate(views.agreement.tolist()) if a < AGREEMENT_THRESHOLD]},
         }

@@ -8,6 +8,7 @@ import torch
 
 from engine_server.cameras import azimuth_elevation
 from engine_server.multiview import (
+    AGREEMENT_THRESHOLD,
     OVERHEAD_ELEVATION,
     MultiViewConfig,
     background_mask,
@@ -152,3 +153,30 @@ def test_latent_priors_sample_views_through_their_vae(diffusers_priors):
         generate_views(mvdream, rig, reference=refs[0], config=cfg)
     with pytest.raises(ValueError, match="text-only"):
         generate_views(diffusers_priors["sd"], rig, reference=refs[0], config=cfg)
+
+
+def _procedural_masks(shape: str, rig) -> torch.Tensor:
+    from engine_server.models.bundled.procedural import render_shape
+
+    c2w = torch.stack([c.c2w for c in rig])
+    return render_shape(shape, c2w, torch.full((len(rig),), rig[0].fov_y_deg)).mask[:, 0] > 0.5
+
+
+@pytest.mark.parametrize("other", ["cube", "cone", "squashed"])
+def test_a_view_of_another_shape_drops_below_the_threshold(other):
+    """The issue's case: flattened ellipses beside discs scored 0.87-1.00 against the hull of all views."""
+    rig = default_rig(8, 2.5, 42.0, 32)
+    c2w, fovs = torch.stack([c.c2w for c in rig]), torch.full((8,), 42.0)
+    spheres = _procedural_masks("sphere", rig)
+    agree = silhouette_agreement(spheres, c2w, fovs, trusted=(0,))
+    assert agree.min() >= AGREEMENT_THRESHOLD + 0.05, agree
+    mixed = spheres.clone()
+    if other == "squashed":  # the sphere's disc flattened to 60% of its height: an ellipse
+        rows = torch.arange(32).float()
+        src = ((rows - 16) / 0.6 + 16).round().long().clamp(0, 31)
+        mixed[2] = spheres[2][src] & ((rows - 16).abs() < 0.6 * 16)[:, None]
+    else:
+        mixed[2] = _procedural_masks(other, rig)[2]
+    bad = silhouette_agreement(mixed, c2w, fovs, trusted=(0,))
+    assert bad[2] < AGREEMENT_THRESHOLD, bad
+    assert (torch.cat([bad[:2], bad[3:]]) >= AGREEMENT_THRESHOLD).all(), bad  # the odd one is singled out

@@ -20,6 +20,14 @@ import torch
 
 from engine_server.cameras import Camera, look_at, orbit_position
 from engine_server.models.bundled.vocab import COLORS
+from engine_server.multiview import (
+    AGREEMENT_THRESHOLD,
+    MultiViewConfig,
+    ViewReference,
+    default_rig,
+    generate_views,
+    silhouette_agreement,
+)
 from engine_server.multiview.reference import (
     AMBIENT_FLOOR,
     BadImageError,
@@ -146,3 +154,22 @@ def test_the_pipeline_records_which_camera_it_used(renders, prior):
     assert pipe.reference_camera.record() == {"source": "rig", "elevation_deg": 30.0, "azimuth_deg": 0.0,
                                               "fov_y_deg": 40.0}
     assert torch.equal(pipe.reference_c2w, rig[0].c2w)
+
+
+@needs_bpy
+def test_views_of_a_reference_agree_and_one_of_another_shape_does_not(renders, prior):
+    torch.set_num_threads(2)
+    views = {}
+    for key in (("cube", 20, "grey"), ("cone", 40, "grey")):
+        m = matte_reference(read_image(renders[key]))
+        image, _ = prepare_reference(normalise_light(m.rgba, m.mask), m.mask, prior.background_rgb, 32)
+        cam = estimate_reference_camera(prior, image, 2.5, 42.0, 15.0)
+        rig = default_rig(8, 2.5, 42.0, 32, start_azimuth=cam.azimuth_deg)[1:]
+        views[key[0]] = generate_views(prior, rig, reference=ViewReference(image, cam.c2w, 42.0),
+                                       config=MultiViewConfig(steps=10))
+    cube, cone = views["cube"], views["cone"]
+    assert cube.agreement.min() >= AGREEMENT_THRESHOLD and not cube.extras["disagreeing"], cube.agreement
+    mixed = cube.masks.clone()
+    mixed[2] = cone.masks[2]  # the same camera, another shape
+    agreement = silhouette_agreement(mixed, cube.c2w, cube.fovs)
+    assert agreement[2] < AGREEMENT_THRESHOLD, agreement
