@@ -156,7 +156,7 @@ class SurfaceProjector:
     faces with the ``candidates`` nearest centroids, exact point-triangle distances pick one.
     """
 
-    def __init__(self, vertices: np.ndarray, faces: np.ndarray, candidates: int = 8) -> None:
+    def __init__(self, vertices: np.ndarray, faces: np.ndarray, candidates: int = 6) -> None:
         from scipy.spatial import cKDTree
 
         v = np.asarray(vertices, dtype=np.float64)

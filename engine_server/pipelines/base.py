@@ -2,8 +2,10 @@
 
 A job pipeline (text, image, refine) is built from a request plus ``device``,
 ``progress``, ``cancelled`` and ``checkpoint_dir``, and ``run(out_path)`` ends the same way
-for all of them: the GLB and its JSON sidecar are written, the timings recorded, a last
-``export`` event sent and a :class:`PipelineResult` returned.
+for all of them: one :class:`~engine_server.export.TexturedMesh` is built (for new geometry by
+:func:`~engine_server.texture.asset.build_asset`: smoothed, decimated to the preset's ``faces``,
+baked with a normal map), written with its JSON sidecar by ``export_mesh``, the timings
+recorded, a last ``export`` event sent and a :class:`PipelineResult` returned.
 """
 from __future__ import annotations
 
@@ -12,12 +14,16 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import TYPE_CHECKING, Callable, Iterator
 
 import numpy as np
 import torch
 
 from engine_server.pipelines.events import Cancelled, ProgressCallback, ProgressEvent
+from engine_server.pipelines.presets import Preset
+
+if TYPE_CHECKING:
+    from engine_server.export import TexturedMesh
 
 logger = logging.getLogger(__name__)
 
@@ -27,7 +33,7 @@ class PipelineResult:
     """What ``run(out_path)`` of every job pipeline returns."""
 
     glb_path: Path
-    """The exported GLB."""
+    """The exported file (GLB, or what the path's extension names)."""
     vertices: np.ndarray
     """(V, 3) float32 as exported (text / image: unit bounding box centred at the origin, Z up;
     refine: the input's local frame)."""
@@ -39,6 +45,8 @@ class PipelineResult:
     """(S, S, 3) uint8 base colour."""
     sidecar: dict
     """What was written beside the GLB."""
+    mesh: TexturedMesh
+    """The exported mesh and material (``vertices`` ... ``texture`` above are its arrays)."""
     vmapping: np.ndarray | None = None
     """(V,) input vertex of each output vertex (refine in texture mode), else None."""
 
@@ -115,19 +123,25 @@ class JobPipeline:
         self.timings[f"{stage}_s"] = time.perf_counter() - t
         self._check_cancel()
 
-    def export(self, out_path: Path, started: float, vertices: np.ndarray, faces: np.ndarray, uvs: np.ndarray,
-               texture: np.ndarray, sidecar: dict, name: str, vmapping: np.ndarray | None = None) -> PipelineResult:
-        """The last stage: GLB + sidecar (with device and timings so far), total time, the ``export`` event.
+    def export(self, out_path: Path, started: float, mesh: TexturedMesh, sidecar: dict, name: str,
+               vmapping: np.ndarray | None = None) -> PipelineResult:
+        """The last stage: the file + sidecar (with device and timings so far), total time, the ``export`` event.
 
-        vertices (V, 3), faces (F, 3), uvs (V, 2), texture (S, S, 3) uint8; ``started`` is the
-        ``time.perf_counter()`` at the start of ``run``.
+        ``started`` is the ``time.perf_counter()`` at the start of ``run``.
         """
-        from engine_server.export import export_glb
+        from engine_server.export import export_mesh
 
         t = time.perf_counter()
         sidecar = {**sidecar, "device": str(self.device), "timings_s": dict(self.timings)}
-        export_glb(out_path, vertices, faces, uvs, texture, name=name, sidecar=sidecar)
+        export_mesh(out_path, mesh, name=name, sidecar=sidecar)
         self.timings["export_s"] = time.perf_counter() - t
         self.timings["total_s"] = time.perf_counter() - started
         self.progress(ProgressEvent("export", 1, 1))
-        return PipelineResult(Path(out_path), vertices, faces, uvs, texture, sidecar, vmapping)
+        return PipelineResult(Path(out_path), mesh.vertices, mesh.faces, mesh.uvs, mesh.base_color, sidecar, mesh,
+                              vmapping)
+
+    def asset_config(self, preset: Preset):
+        """How new geometry is finished: the preset's ``faces`` and ``texture_size``."""
+        from engine_server.texture.asset import AssetConfig
+
+        return AssetConfig(faces=preset.faces, texture_size=preset.texture_size)

@@ -49,7 +49,9 @@ class Preset:
     refine_steps: int = 0
     """DMTet + texture-field refinement steps on the rasterized mesh (0: skipped)."""
     texture_size: int = 512
-    """Baked texture size in pixels."""
+    """Baked base-colour and normal map size in pixels."""
+    faces: int = 20000
+    """Most triangles of the exported mesh: the extraction is decimated (quadric) to this before the UV unwrap."""
     preview_every: int = 50
     """Steps between preview images / intermediate meshes in progress events."""
     checkpoint_every: int = 100
@@ -88,6 +90,8 @@ class Preset:
             raise ValueError(f"preset option refine_steps must be >= 0, got {self.refine_steps}")
         if not 16 <= self.texture_size <= 8192:
             raise ValueError(f"texture_size must be in [16, 8192], got {self.texture_size}")
+        if not 100 <= self.faces <= 2_000_000:
+            raise ValueError(f"faces (the face-count target) must be in [100, 2000000], got {self.faces}")
 
 
 PRESETS: dict[str, Preset] = {
@@ -101,7 +105,8 @@ PRESETS: dict[str, Preset] = {
         samples_per_ray=64,
         occupancy_resolution=32,
         tet_resolution=48,
-        texture_size=256,
+        texture_size=512,
+        faces=5000,
         preview_every=50,
         checkpoint_every=100,
     ),
@@ -117,6 +122,7 @@ PRESETS: dict[str, Preset] = {
         tet_resolution=128,
         refine_steps=1000,
         texture_size=1024,
+        faces=20000,
         preview_every=100,
         checkpoint_every=250,
     ),
@@ -132,6 +138,7 @@ PRESETS: dict[str, Preset] = {
         tet_resolution=192,
         refine_steps=3000,
         texture_size=2048,
+        faces=50000,
         preview_every=200,
         checkpoint_every=500,
     ),

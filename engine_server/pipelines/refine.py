@@ -44,6 +44,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine_server.cameras import CameraSampler, look_at, orbit_position
+from engine_server.export import MaterialParams, TexturedMesh
 from engine_server.guidance.config import TimestepSchedule
 from engine_server.pipelines.base import JobPipeline, PipelineResult, never_cancelled, no_progress, to_uint8
 from engine_server.pipelines.events import Cancelled, ProgressCallback, ProgressEvent
@@ -117,6 +118,8 @@ class RefineConfig:
     """Annealed SDS timestep range (the mesh is already roughly right: less noise than a coarse stage)."""
     texture_size: int = 512
     """Baked texture size in pixels."""
+    faces: int = 20000
+    """Most triangles of the result in full mode (quadric decimation); texture mode keeps the input's."""
     preview_every: int = 50
     """Steps between preview images / intermediate meshes in progress events."""
     checkpoint_every: int = 100
@@ -133,6 +136,8 @@ class RefineConfig:
             raise ValueError(f"refine render_resolution must be in [8, 2048] or None, got {self.render_resolution}")
         if not 16 <= self.texture_size <= 8192:
             raise ValueError(f"texture_size must be in [16, 8192], got {self.texture_size}")
+        if not 100 <= self.faces <= 2_000_000:
+            raise ValueError(f"faces (the face-count target) must be in [100, 2000000], got {self.faces}")
         if self.grid_scale <= 0.5:
             raise ValueError(f"grid_scale must exceed 0.5 (the unit box's half-size), got {self.grid_scale}")
         for key in ("texture_lr", "sdf_lr", "deformation_lr"):
@@ -164,6 +169,7 @@ class RefineConfig:
             render_resolution=p.render_resolution,
             tet_resolution=p.tet_resolution,
             texture_size=p.texture_size,
+            faces=p.faces,
             preview_every=p.preview_every,
             checkpoint_every=p.checkpoint_every,
         )
@@ -232,6 +238,12 @@ def check_input_mesh(vertices, faces, uvs=None) -> tuple[np.ndarray, np.ndarray,
 @dataclass
 class RefineOutput:
     """What :meth:`MeshRefiner.run` returns, in the frame of the mesh it was given."""
+
+    mesh: TexturedMesh
+    """The result to export: full mode smoothed, decimated to ``faces``, with a normal map; texture mode the
+    input's geometry (split along UV seams) with its base colour. ``vertices`` ... ``texture`` are its arrays."""
+    asset: dict
+    """:func:`~engine_server.texture.asset.build_asset`'s report (full mode), or the texture size (texture mode)."""
 
     vertices: np.ndarray
     """(V', 3) float32 positions (texture mode: the input's, duplicated along UV seams)."""
@@ -463,7 +475,8 @@ class MeshRefiner:
         The result is in the same frame as the input (see :class:`RefineOutput`).
         """
         from engine_server.geometry import normalize_mesh
-        from engine_server.texture import BakeConfig, UnwrapConfig, bake_onto_uvs, bake_texture, unwrap
+        from engine_server.texture import BakeConfig, UnwrapConfig, bake_onto_uvs
+        from engine_server.texture.asset import ROUGHNESS, AssetConfig, build_asset
 
         v_in, f_in, uv_in = check_input_mesh(vertices, faces, uvs)
         used = np.unique(f_in)
@@ -475,24 +488,27 @@ class MeshRefiner:
             raise Cancelled()
 
         cfg = self.config
-        bake = BakeConfig(size=cfg.texture_size)
         if cfg.mode == "texture":
-            uv_mesh, texture = bake_onto_uvs(v_unit.astype(np.float32), f_in, uv_in, self.albedo, bake,
-                                             device=self.device, unwrap_config=UnwrapConfig(texture_size=cfg.texture_size))
+            uv_mesh, texture = bake_onto_uvs(v_unit.astype(np.float32), f_in, uv_in, self.albedo,
+                                             BakeConfig(size=cfg.texture_size), device=self.device,
+                                             unwrap_config=UnwrapConfig(texture_size=cfg.texture_size))
             out_v = v_in[uv_mesh.vmapping].astype(np.float32)  # exactly the input positions
+            mesh = TexturedMesh(out_v, uv_mesh.faces, uv_mesh.uvs, texture, material=MaterialParams(roughness=ROUGHNESS))
             self.progress(ProgressEvent("texture", 1, 1))
-            return RefineOutput(out_v, uv_mesh.faces, uv_mesh.uvs, texture, uv_mesh.vmapping, losses)
+            return RefineOutput(mesh, {"texture_size": cfg.texture_size}, out_v, uv_mesh.faces, uv_mesh.uvs, texture,
+                                uv_mesh.vmapping, losses)
 
         from engine_server.geometry import MIN_PIECE_FRACTION, clean_mesh
 
         v_new, f_new = clean_mesh(*self.dmtet.extract_mesh(clean=False), min_component_fraction=MIN_PIECE_FRACTION)
         if len(f_new) == 0:
             raise RuntimeError("refinement left no surface")
-        uv_mesh = unwrap(v_new, f_new, UnwrapConfig(texture_size=cfg.texture_size))
-        texture = bake_texture(uv_mesh, self.albedo, bake, device=self.device)
-        out_v = self._to_input_frame(uv_mesh.vertices).astype(np.float32)
+        mesh, report = build_asset(v_new, f_new, self.albedo, AssetConfig(faces=cfg.faces, texture_size=cfg.texture_size),
+                                   device=self.device)
+        # The unit box is a uniform scale and shift of the input's frame: normals carry over as they are.
+        mesh = dataclasses.replace(mesh, vertices=self._to_input_frame(mesh.vertices).astype(np.float32))
         self.progress(ProgressEvent("texture", 1, 1))
-        return RefineOutput(out_v, uv_mesh.faces, uv_mesh.uvs, texture, None, losses)
+        return RefineOutput(mesh, report, mesh.vertices, mesh.faces, mesh.uvs, mesh.base_color, None, losses)
 
 
 # ------------------------------------------------------------------------------------ job
@@ -567,11 +583,17 @@ class RefineMesh(JobPipeline):
         m = self.world_matrix
         with self.timed("refine"):
             out = self.refiner.run(self.vertices @ m[:3, :3].T + m[:3, 3], self.faces, self.uvs)
+        mesh = out.mesh
         if out.vmapping is not None:
-            local = self.vertices[out.vmapping].astype(np.float32)  # bit-exact input positions
+            mesh = dataclasses.replace(mesh, vertices=self.vertices[out.vmapping].astype(np.float32))  # bit-exact input
         else:
-            local = ((out.vertices.astype(np.float64) - m[:3, 3]) @ np.linalg.inv(m[:3, :3]).T).astype(np.float32)
-        if not np.isfinite(local).all():
+            inv = np.linalg.inv(m[:3, :3])
+            local = ((mesh.vertices.astype(np.float64) - m[:3, 3]) @ inv.T).astype(np.float32)
+            # Normals go back with the inverse transpose of world -> local, i.e. n @ M (rows), renormalised.
+            normals = mesh.normals.astype(np.float64) @ m[:3, :3]
+            normals /= np.maximum(np.linalg.norm(normals, axis=1, keepdims=True), 1e-30)
+            mesh = dataclasses.replace(mesh, vertices=local, normals=normals.astype(np.float32))
+        if not np.isfinite(mesh.vertices).all():
             raise FloatingPointError("the refined mesh has non-finite vertices")
         sidecar = {
             "kind": "refine",
@@ -588,6 +610,7 @@ class RefineMesh(JobPipeline):
                       "uvs_given": self.uvs is not None},
             "world_matrix": m.tolist(),
             "final_loss": out.losses[-1] if out.losses else None,
+            "asset": out.asset,
         }
-        return self.export(Path(out_path), t0, local, out.faces, out.uvs, out.texture, sidecar,
-                           name=object_name(self.request.prompt, prefix="refined_"), vmapping=out.vmapping)
+        return self.export(Path(out_path), t0, mesh, sidecar, name=object_name(self.request.prompt, prefix="refined_"),
+                           vmapping=out.vmapping)

@@ -11,12 +11,15 @@ Stages, each reporting through one progress callback:
            from ``preset.progressive_start`` to the full size over the first steps;
   extract  marching tetrahedra on the field's density at a threshold found from
            the density statistics (Otsu's method on log-density), then cleanup;
-  texture  xatlas unwrap + albedo baked from the field, seams dilated;
-  export   GLB (trimesh) + JSON sidecar.
+  texture  the extraction smoothed (edges kept), decimated to the preset's ``faces``, unwrapped
+           (xatlas), albedo and a tangent-space normal map baked from the full-resolution surface
+           (:func:`~engine_server.texture.asset.build_asset`);
+  export   one TexturedMesh written by ``export_mesh`` (GLB, or the extension's format) + JSON sidecar.
 The coarse stage checkpoints (field, optimizer, RNG, step) so a job can resume.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import time
@@ -332,22 +335,24 @@ class TextTo3D(JobPipeline):
         return v, f
 
     def texture(self, vertices: np.ndarray, faces: np.ndarray):
-        from engine_server.texture import BakeConfig, UnwrapConfig, bake_texture, unwrap
+        """Finish the extraction: smooth, decimate to the preset's faces, unwrap, bake colour + normal map.
 
-        size = self.preset.texture_size
-        uv_mesh = unwrap(vertices, faces, UnwrapConfig(texture_size=size))
+        Returns the :class:`~engine_server.export.TexturedMesh` (field frame) and the finishing report.
+        """
+        from engine_server.texture.asset import build_asset
 
         def albedo(points: torch.Tensor) -> torch.Tensor:
             return self.field(points.to(self.device, torch.float32))["albedo"]
 
-        tex = bake_texture(uv_mesh, albedo, BakeConfig(size=size), device=self.device)
+        out = build_asset(vertices, faces, albedo, self.asset_config(self.preset), device=self.device)
         self.progress(ProgressEvent("texture", 1, 1))
-        return uv_mesh, tex
+        return out
 
     def refine(self, vertices: np.ndarray, faces: np.ndarray):
         """DMTet + texture-field refinement on the rasterized mesh (presets with refine_steps > 0).
 
-        Returns (vertices, faces, uvs, texture) in the frame of the given mesh.
+        Returns the finished :class:`~engine_server.export.TexturedMesh` in the frame of the given mesh
+        and the finishing report.
         """
         from engine_server.pipelines.refine import MeshRefiner, RefineConfig
 
@@ -359,7 +364,7 @@ class TextTo3D(JobPipeline):
                               self.progress, self.cancelled, seed=self.request.seed,
                               checkpoint_dir=self.checkpoint_dir, texture_field=start)
         out = refiner.run((vertices - centre) / scale, faces)
-        return out.vertices * scale + centre, out.faces, out.uvs, out.texture
+        return dataclasses.replace(out.mesh, vertices=out.mesh.vertices * scale + centre), out.asset
 
     def sidecar(self) -> dict:
         """What the sidecar records about this job (the export adds device and timings)."""
@@ -383,16 +388,15 @@ class TextTo3D(JobPipeline):
             vertices, faces = self.extract()
         if self.preset.refine_steps > 0:
             with self.timed("refine"):
-                v, faces, uvs, texture = self.refine(vertices, faces)
+                mesh, asset = self.refine(vertices, faces)
         else:
             with self.timed("texture"):
-                uv_mesh, texture = self.texture(vertices, faces)
-                v, faces, uvs = uv_mesh.vertices, uv_mesh.faces, uv_mesh.uvs
+                mesh, asset = self.texture(vertices, faces)
         # Normalise to a unit bounding box centred at the origin (DESIGN.md coordinates).
-        v = v.astype(np.float32)
+        v = mesh.vertices.astype(np.float32)
         lo, hi = v.min(0), v.max(0)
-        v = (v - 0.5 * (lo + hi)) / float((hi - lo).max())
-        return self.export(Path(out_path), t0, v, faces, uvs, texture, self.sidecar(),
+        mesh = dataclasses.replace(mesh, vertices=(v - 0.5 * (lo + hi)) / float((hi - lo).max()))
+        return self.export(Path(out_path), t0, mesh, self.sidecar() | {"asset": asset},
                            name=object_name(self.request.prompt))
 
 

@@ -1,10 +1,13 @@
-"""Benchmark of the texture and export stages: unwrap, rasterize, bake, GLB write and read.
+"""Benchmark of the finishing stages (``engine-server bench texture``): smooth, decimate, unwrap, bake, export.
 
 The mesh is a marching-cubes surface of a bumpy sphere (irregular triangles, like a
-marching-tets mesh) with about ``--faces`` triangles; the colour function is analytic,
-so the bake time is the texture stage's own cost, not a field's.
-Options read from ``args``: ``repeat``, ``faces`` (20000), ``size`` (1024),
-``xatlas_default`` (also time xatlas's default of one chart iteration; slow).
+marching-tets extraction) with about ``faces`` triangles (100k), finished as a pipeline
+finishes an extraction (:func:`~engine_server.texture.asset.build_asset`'s steps, timed one
+by one) to ``target`` faces (20k) with ``size`` x ``size`` maps (2048): base colour and
+normal map, 2 x 2 samples per texel. The colour function is analytic, so the bake time is
+the texture stage's own cost, not a field's; the draft coarse stage's time per step (the
+bundled prior) is printed beside it for scale. Options read from ``args``: ``repeat``,
+``faces``, ``target``, ``size``.
 """
 from __future__ import annotations
 
@@ -19,9 +22,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from engine_server.export import export_glb, load_glb
-from engine_server.texture.bake import BakeConfig, bake_texture, rasterize_uv
-from engine_server.texture.unwrap import UnwrapConfig, UVMesh, unwrap
+from engine_server.geometry.surface import SurfaceProjector, decimate, smooth_surface
+from engine_server.texture.bake import BakeConfig, bake_maps
+from engine_server.texture.unwrap import UnwrapConfig, unwrap
 
 logger = logging.getLogger(__name__)
 
@@ -55,39 +58,55 @@ def _time(fn: Callable[[], object], repeat: int) -> tuple[float, object]:
     return statistics.median(times), out
 
 
+def coarse_step_seconds(steps: int = 6) -> float:
+    """Seconds per coarse step of the draft preset with the bundled prior (warm-up and preview steps left out)."""
+    from engine_server.pipelines.text_to_3d import TextTo3D, TextTo3DRequest
+
+    marks: list[float] = []
+    pipeline = TextTo3D(TextTo3DRequest(prompt="a blue sphere", overrides={"coarse_steps": steps + 2}),
+                        progress=lambda event: marks.append(time.perf_counter()) if event.stage == "coarse" else None)
+    pipeline.coarse()  # the last step also renders a preview: time the steps between the first and the last
+    return (marks[-2] - marks[0]) / (len(marks) - 2)
+
+
 def run(args: argparse.Namespace) -> dict:
     """Time each stage; returns {"title", "rows", "notes"} for the CLI's bench printer."""
-    repeat = int(getattr(args, "repeat", 3))
-    target = int(getattr(args, "faces", 20000))
-    size = int(getattr(args, "size", 1024))
-    vertices, faces = bumpy_sphere(target)
+    from engine_server.export import MaterialParams, TexturedMesh, export_mesh, smooth_normals
+
+    repeat = int(getattr(args, "repeat", 1))
+    extracted = int(getattr(args, "faces", 100_000))
+    target = int(getattr(args, "target", 20_000))
+    size = int(getattr(args, "size", 2048))
+    vertices, faces = bumpy_sphere(extracted)
     rows: list[dict] = []
 
     def row(stage: str, seconds: float, **extra: object) -> None:
-        rows.append({"stage": stage, "faces": len(faces), "size": size, "seconds": round(seconds, 3), **extra})
+        rows.append({"stage": stage, "seconds": round(seconds, 3), **extra})
 
-    t, uv_mesh = _time(lambda: unwrap(vertices, faces, UnwrapConfig(texture_size=size)), repeat)
-    assert isinstance(uv_mesh, UVMesh)
-    row("unwrap (xatlas, max_iterations=0)", t, vertices_out=len(uv_mesh.vertices))
-    if getattr(args, "xatlas_default", False):
-        t, m1 = _time(lambda: unwrap(vertices, faces, UnwrapConfig(texture_size=size, max_iterations=1)), 1)
-        row("unwrap (xatlas, max_iterations=1)", t, vertices_out=len(m1.vertices))
-    t, raster = _time(lambda: rasterize_uv(uv_mesh, size), repeat)
-    row("rasterize_uv", t, texels_on_surface=int(raster.mask.sum()))
-    t, texture = _time(lambda: bake_texture(uv_mesh, _colour, BakeConfig(size=size)), repeat)
-    row("bake_texture (raster + colour + dilate 8 + fill)", t)
+    t, smooth = _time(lambda: smooth_surface(vertices, faces), repeat)
+    row("smooth (bilateral normal filtering)", t, faces=len(faces))
+    t, (low_v, low_f) = _time(lambda: decimate(smooth, faces, target), repeat)
+    row("decimate (quadric, fast-simplification)", t, faces=len(low_f))
+    t, uv_mesh = _time(lambda: unwrap(low_v, low_f, UnwrapConfig(texture_size=size)), repeat)
+    row("unwrap (xatlas)", t, faces=len(low_f), size=size)
+    normals = smooth_normals(uv_mesh.vertices, uv_mesh.faces)
+    t, surface = _time(lambda: SurfaceProjector(smooth, faces), repeat)
+    row("projector (k-d tree of the full surface)", t, faces=len(faces))
+    t, maps = _time(lambda: bake_maps(uv_mesh, _colour, BakeConfig(size=size), surface=surface, normals=normals),
+                    repeat)
+    row("bake colour + normal map (2x2 samples, padding)", t, faces=len(low_f), size=size)
+    t, _ = _time(lambda: bake_maps(uv_mesh, _colour, BakeConfig(size=size)), repeat)
+    row("bake colour only, on the decimated surface", t, faces=len(low_f), size=size)
+    mesh = TexturedMesh(uv_mesh.vertices, uv_mesh.faces, uv_mesh.uvs, maps.base_color, maps.normal_map,
+                        MaterialParams(), normals)
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "bench.glb"
-        t, _ = _time(lambda: export_glb(path, uv_mesh.vertices, uv_mesh.faces, uv_mesh.uvs, texture,
-                                        sidecar={"bench": True}), repeat)
-        row("export_glb (PNG encode + write)", t, glb_bytes=path.stat().st_size)
-        t, _ = _time(lambda: load_glb(path), repeat)
-        row("load_glb", t)
+        t, _ = _time(lambda: export_mesh(path, mesh), repeat)
+        row("export GLB (2 PNG encodes + write)", t, bytes=path.stat().st_size)
+    row("coarse stage, per step (draft, bundled prior)", coarse_step_seconds())
     return {
-        "title": f"texture + export stages ({len(faces)} faces, {size}x{size} texture)",
+        "title": f"finishing: {len(faces)}-face extraction -> {target} faces, {size}x{size} colour + normal map",
         "rows": rows,
-        "notes": [
-            f"torch threads: {torch.get_num_threads()}; median of {repeat} run(s)",
-            "colour function is analytic: a real field's query time adds to bake_texture",
-        ],
+        "notes": [f"torch threads: {torch.get_num_threads()}; median of {repeat} run(s)",
+                  "colour function is analytic: a real field's query time adds to the bakes"],
     }

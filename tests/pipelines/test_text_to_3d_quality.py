@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import trimesh
 
 from engine_server.export import load_glb
 from engine_server.guidance import load_prior
@@ -111,6 +112,28 @@ def test_cube_is_boxier_than_the_cylinder(runs):
     # Fill: ideal 1.0 (cube) vs 0.79 (cylinder). Mid-height section roundness: square 0.64, circle 1.0.
     assert m["cube"]["fill"] > m["cylinder"]["fill"] + 0.01, _summary(runs)
     assert m["cube"]["roundness"] < m["cylinder"]["roundness"] - 0.03, _summary(runs)
+
+
+def test_assets_are_smooth_within_the_face_budget_with_a_normal_map(runs):
+    """Issue 17: the sphere's median dihedral angle within 1.5x an ideal sphere's at its face count;
+    every mesh within the draft's 5000 faces, closed, with a normal map and PBR factors."""
+    from engine_server.geometry.mesh_utils import dihedral_ratio, mesh_stats
+    from engine_server.texture.asset import ROUGHNESS
+
+    for shape in PROMPTS:
+        result, _ = runs[shape]
+        asset = result.sidecar["asset"]
+        assert asset["faces"] == len(result.faces) <= asset["faces_requested"] == 5000, asset
+        mesh = result.mesh
+        assert mesh.normal_map is not None and mesh.normal_map.shape == mesh.base_color.shape
+        assert (mesh.material.metallic, mesh.material.roughness) == (0.0, ROUGHNESS)
+        loaded = load_glb(result.glb_path)
+        closed = trimesh.Trimesh(loaded.vertices, loaded.faces)  # merges the UV-seam copies
+        assert mesh_stats(closed.vertices, closed.faces).is_watertight, shape
+    sphere = runs["sphere"][0]
+    assert sphere.sidecar["asset"]["dihedral_ratio"] <= 1.5, sphere.sidecar["asset"]
+    merged = trimesh.Trimesh(sphere.vertices, sphere.faces)
+    assert dihedral_ratio(merged.vertices, merged.faces) <= 1.5
 
 
 def test_glb_is_valid_gltf(runs):
