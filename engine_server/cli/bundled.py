@@ -1,9 +1,12 @@
-"""The bundled prior's verbs: ``train-bundled``, ``eval-bundled`` and ``export-bundled``."""
+"""The bundled prior's verbs: ``train-bundled``, ``eval-bundled``, ``export-bundled`` and ``eval-text-to-3d``."""
 from __future__ import annotations
 
 import argparse
 import json
 from pathlib import Path
+
+from engine_server.cli.common import UsageError
+from engine_server.pipelines.presets import DEFAULT_PRESET, PRESETS
 
 DEFAULT_RUN_DIR = "runs/bundled"
 
@@ -50,11 +53,30 @@ def add_export_parser(sub) -> argparse.ArgumentParser:
     return p
 
 
+def add_eval_text_parser(sub) -> argparse.ArgumentParser:
+    """``eval-text-to-3d``: text to 3D on the vocabulary, scored against the procedural ground truth."""
+    p = sub.add_parser("eval-text-to-3d",
+                       help="run text to 3D on the bundled vocabulary and score the meshes at held-out cameras")
+    p.add_argument("--shapes", default=None, metavar="S,S", help="shape words (default: all)")
+    p.add_argument("--colours", "--colors", dest="colours", default=None, metavar="C,C",
+                   help="colour words, each with every shape (default: one colour per shape)")
+    p.add_argument("--seeds", type=int, default=2, metavar="N", help="seeds 0..N-1 per prompt")
+    p.add_argument("--preset", default=DEFAULT_PRESET, choices=list(PRESETS), help="the pipeline's preset")
+    p.add_argument("--steps", type=int, default=None, help="coarse steps (default: the preset's)")
+    p.add_argument("--json", nargs="?", const="-", default=None, metavar="FILE",
+                   help="write the result as JSON to FILE (no FILE: print it instead of the table)")
+    p.add_argument("--keep", default=None, metavar="DIR", help="keep the GLBs in this folder")
+    p.add_argument("--write-card", action="store_true", help="(re)write the card beside the prior's MODEL_CARD.md")
+    p.set_defaults(func=cmd_eval_text)
+    return p
+
+
 def add_parsers(sub) -> None:
     """Register every bundled-prior command on an argparse subparsers object."""
     add_train_parser(sub)
     add_eval_parser(sub)
     add_export_parser(sub)
+    add_eval_text_parser(sub)
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -120,3 +142,32 @@ def cmd_export(args: argparse.Namespace) -> int:
         print(f"wrote {card}")
     return 0
 
+
+
+def cmd_eval_text(args: argparse.Namespace) -> int:
+    """Run eval-text-to-3d; exit status 1 when the issue's bar is not met."""
+    from engine_server.models.bundled.train import adapt_threads
+    from engine_server.pipelines.evaluate_text import TextEvalConfig, as_json, evaluate, format_table, write_card
+
+    words = lambda text: tuple(w.strip() for w in text.split(",") if w.strip())  # noqa: E731
+    overrides = {"coarse_steps": args.steps} if args.steps is not None else {}
+    try:
+        PRESETS[args.preset].override(**overrides)  # a bad --steps fails here, before any work
+        cfg = TextEvalConfig(preset=args.preset, seeds=args.seeds, overrides=overrides,
+                             **({"shapes": words(args.shapes)} if args.shapes is not None else {}),
+                             **({"colors": words(args.colours)} if args.colours is not None else {}))
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    adapt_threads()
+    result = evaluate(cfg, out_dir=args.keep)
+    if args.json == "-":
+        print(as_json(result))
+    else:
+        print(format_table(result))
+        if args.json:
+            Path(args.json).write_text(as_json(result) + "\n")
+    if args.write_card:
+        path = write_card(result)
+        if args.json != "-":
+            print(f"wrote {path}")
+    return 0 if result["passed"] else 1

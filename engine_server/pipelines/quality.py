@@ -7,7 +7,8 @@ A primitive's measures (on a clean, closed mesh; the object's vertical axis is Z
                 cylinder ~1, sphere ~1 (symmetric), cone ~0.2;
   extent_ratio  smallest over largest bounding-box side;
   roundness     horizontal cross-section at mid-height: area / (pi r_max^2) around its centroid:
-                circle (sphere, cylinder, cone) 1.0, square (cube) 0.64, any rotation about Z.
+                circle (sphere, cylinder, cone) 1.0, square (cube) 0.64, any rotation about Z;
+  genus         handles of the largest piece: torus 1, every other solid 0.
 """
 from __future__ import annotations
 
@@ -86,6 +87,31 @@ def _section_roundness(mesh, z: float, band: float = 0.05) -> float:
     centre = np.array([((x + np.roll(x, -1)) * cross).sum(), ((y + np.roll(y, -1)) * cross).sum()]) / (6 * area)
     r_max = float(np.linalg.norm(ring - centre, axis=1).max())
     return float(abs(area) / (math.pi * r_max**2)) if r_max > 0 else 0.0
+
+
+def genus(vertices: np.ndarray, faces: np.ndarray) -> int:
+    """Handles of the largest piece (by area) once vertices at one position (UV seams) are merged.
+
+    From its Euler characteristic: V - E + F = 2 - 2 g - b, with b the boundary loops (0 when closed).
+    """
+    import trimesh
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+
+    mesh = trimesh.Trimesh(np.asarray(vertices, dtype=np.float64), np.asarray(faces), process=True)
+    parts = mesh.split(only_watertight=False)
+    main = max(parts, key=lambda m: m.area) if len(parts) else mesh
+    edges = np.sort(main.edges, axis=1)
+    unique, counts = np.unique(edges, axis=0, return_counts=True)
+    boundary = unique[counts == 1]
+    loops = 0
+    if len(boundary):
+        nodes, idx = np.unique(boundary, return_inverse=True)
+        idx = idx.reshape(-1, 2)
+        graph = coo_matrix((np.ones(len(idx)), (idx[:, 0], idx[:, 1])), shape=(len(nodes), len(nodes)))
+        loops = connected_components(graph, directed=False)[0]
+    euler = len(main.vertices) - len(unique) + len(main.faces)
+    return int(round((2 - euler - loops) / 2))
 
 
 def dominant_color(texture: np.ndarray, uvs: np.ndarray | None = None, faces: np.ndarray | None = None) -> np.ndarray:
