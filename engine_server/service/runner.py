@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from engine_server.devices import resolve_device
-from engine_server.export import SUFFIXES, TexturedMesh, export_mesh, format_of, glb_facts
+from engine_server.export import SUFFIXES, export_mesh, format_of, glb_facts
 from engine_server.pipelines.kinds import KINDS, KindError
 from engine_server.service.jobs import EventSink, JobFailure, Result, checkpoint_dir
 
@@ -233,10 +233,8 @@ class EngineRunner:
         """Write the pipeline's mesh in the requested format into its own folder; returns the files written."""
         if export_path is None:
             return []
-        # pipelines hand over their TexturedMesh as ``out.mesh``; one that does not yet is rebuilt from its arrays
-        mesh = getattr(out, "mesh", None) or TexturedMesh(out.vertices, out.faces, out.uvs, out.texture)
         if export_path.parent.exists():  # a resumed attempt's leftovers
             shutil.rmtree(export_path.parent)
         export_path.parent.mkdir(parents=True)
-        export_mesh(export_path, mesh, name=name)
+        export_mesh(export_path, out.mesh, name=name)
         return sorted(export_path.parent.iterdir())
