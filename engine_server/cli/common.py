@@ -26,13 +26,18 @@ def add_job_flags(p: argparse.ArgumentParser, *, steps_help: str, preset: bool =
     p.add_argument("--steps", type=int, default=None, help=steps_help)
 
 
-def add_guidance_flags(p: argparse.ArgumentParser) -> None:
-    """The distillation flags of the generating verbs; unset ones leave the prior's defaults (``doctor`` shows them)."""
+def add_guidance_flags(p: argparse.ArgumentParser, perp_neg: bool = False) -> None:
+    """The distillation flags of the generating verbs; unset ones leave the prior's defaults (``doctor`` shows them).
+    ``perp_neg``: also --perp-neg (the verbs whose text prompts go to a text-to-image prior)."""
     p.add_argument("--guidance", default="sds", choices=["sds", "vsd"], help="score distillation mode")
     p.add_argument("--guidance-scale", type=float, default=None, metavar="S",
                    help="classifier-free guidance scale (default: the prior's for the mode, e.g. 100 for SDS "
                         "and 7.5 for VSD with Stable Diffusion)")
     p.add_argument("--negative-prompt", default="", metavar="TEXT", help="what to avoid")
+    if perp_neg:
+        p.add_argument("--perp-neg", action="store_true",
+                       help="Perp-Neg against multi-faced (Janus) objects: text-to-image priors such as Stable "
+                            "Diffusion; two extra denoiser passes per step")
     p.add_argument("--render-size", type=int, default=None, metavar="PX",
                    help="render size during distillation (default: the prior's; latent priors' renders are "
                         "upsampled for their encoder)")
@@ -66,7 +71,10 @@ def guidance_fields(args: argparse.Namespace) -> dict:
         raise UsageError(f"--guidance-scale must be >= 0, got {args.guidance_scale}")
     if args.render_size is not None and not 8 <= args.render_size <= 2048:
         raise UsageError(f"--render-size must be in [8, 2048], got {args.render_size}")
-    return {"guidance": args.guidance, "guidance_scale": args.guidance_scale, "negative_prompt": args.negative_prompt}
+    fields = {"guidance": args.guidance, "guidance_scale": args.guidance_scale, "negative_prompt": args.negative_prompt}
+    if getattr(args, "perp_neg", False):
+        fields["perp_neg"] = True
+    return fields
 
 
 def usage_from(exc: Exception) -> UsageError:

@@ -32,7 +32,7 @@ def add_parsers(sub) -> None:
     p.add_argument("--out", required=True, metavar="FILE", help=_OUT_HELP)
     add_job_flags(p, steps_help="distillation steps (the preset's coarse_steps)")
     add_asset_flags(p)
-    add_guidance_flags(p)
+    add_guidance_flags(p, perp_neg=True)
     p.add_argument("--previews", metavar="DIR", default=None, help="save preview renders here")
     p.set_defaults(func=cmd_generate)
 

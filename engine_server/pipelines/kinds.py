@@ -10,7 +10,8 @@ the ``--steps`` option name from here.
 
 A request's ``options`` are preset overrides (checked by the preset, which names an unknown
 key) plus the kind's ``run_options``, which are taken out first: ``model`` (one of the
-models the server offers), ``guidance`` (sds | vsd), ``guidance_scale`` and, for the kinds
+models the server offers), ``guidance`` (sds | vsd), ``guidance_scale``, for text jobs ``perp_neg``
+(true | false) and, for the kinds
 that generate views, ``views`` (2-16), ``multiview_strategy`` and ``multiview_steps``.
 
 Rig cameras arrive as Blender ``matrix_world`` rows; with a ``placement`` (where the result
@@ -84,6 +85,8 @@ class Kind:
         run = {k: overrides.pop(k) for k in self.run_options if k in overrides}
         if "guidance" in run and run["guidance"] not in GUIDANCE_MODES:
             raise KindError(f"options.guidance must be 'sds' or 'vsd', got {run['guidance']!r}")
+        if "perp_neg" in run and not isinstance(run["perp_neg"], bool):
+            raise KindError(f"options.perp_neg must be true or false, got {run['perp_neg']!r}")
         if "guidance_scale" in run and (isinstance(run["guidance_scale"], bool)
                                         or not isinstance(run["guidance_scale"], (int, float))):
             raise KindError(f"options.guidance_scale must be a number, got {run['guidance_scale']!r}")
@@ -183,7 +186,7 @@ _VIEW_RUN = ("views", "multiview_strategy", "multiview_steps")
 KINDS: dict[str, Kind] = {
     "text": Kind("text", "engine_server.pipelines.text_to_3d:TextTo3DRequest",
                  "engine_server.pipelines.text_to_3d:TextTo3D",
-                 fields=("rig", "placement"), needs=(("prompt",),), run_options=_TEXT_RUN,
+                 fields=("rig", "placement"), needs=(("prompt",),), run_options=_TEXT_RUN + ("perp_neg",),
                  steps_option="coarse_steps", build=_text),
     "image": Kind("image", "engine_server.pipelines.image_to_3d:ImageTo3DRequest",
                   "engine_server.pipelines.image_to_3d:ImageTo3D",

@@ -70,6 +70,9 @@ class TextTo3DRequest:
     """Cameras to concentrate views around (Blender matrix_world + FOV); None: all around."""
     guidance_scale: float | None = None
     """Classifier-free guidance scale; None: the prior's recommended scale for the mode (and stage)."""
+    perp_neg: bool = False
+    """Perp-Neg against the Janus problem (text-to-image priors: the neighbouring views' prompts as
+    perpendicular negatives; two extra denoiser passes per step)."""
 
 
 def otsu_threshold(values: torch.Tensor, bins: int = 256) -> float:
@@ -106,14 +109,15 @@ class TextTo3D(JobPipeline):
     request: TextTo3DRequest
 
     def setup(self, prior) -> None:
-        from engine_server.guidance import Conditioning, build_guidance, prior_defaults
+        from engine_server.guidance import Conditioning, ViewPromptConfig, build_guidance, prior_defaults
 
         request = self.request
         self.preset: Preset = get_preset(request.preset, **request.overrides)
         self.prior = self.use_prior(prior)
         self.defaults = prior_defaults(self.prior)
         self.guidance = build_guidance(self.prior, self.defaults.guidance_config(
-            request.guidance, request.guidance_scale, self.GUIDANCE_STAGE, seed=request.seed))
+            request.guidance, request.guidance_scale, self.GUIDANCE_STAGE, seed=request.seed,
+            view_prompts=ViewPromptConfig(perp_neg=request.perp_neg)))
         self.cond = Conditioning(prompt=request.prompt, negative_prompt=request.negative_prompt)
         # Fail on a prompt the prior cannot read now, before any optimisation (and cache its embedding).
         self.guidance.prepare_inputs(self.cond, look_at(orbit_position(0.0, 0.0, 2.5))[None].to(self.device))
@@ -376,6 +380,7 @@ class TextTo3D(JobPipeline):
             "model": self.request.model,
             "guidance": self.request.guidance,
             "guidance_scale": self.guidance.config.guidance_scale,
+            "perp_neg": self.request.perp_neg,
         }
 
     def run(self, out_path: str | Path) -> PipelineResult:

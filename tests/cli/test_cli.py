@@ -98,3 +98,10 @@ def test_python_dash_m_runs_the_same_main():
     r = subprocess.run([sys.executable, "-m", "engine_server", "--version"], capture_output=True, text=True,
                        timeout=60)
     assert r.returncode == 0 and r.stdout.startswith("engine-server ")
+
+
+def test_perp_neg_with_a_prior_that_cannot_take_it_is_one_usage_line(tmp_path, capsys):
+    assert main(["generate", "a red cube", "--perp-neg", "--out", str(tmp_path / "x.glb"), "--steps", "1"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "Perp-Neg is for text-to-image priors" in err[0]
+    assert list(tmp_path.iterdir()) == []

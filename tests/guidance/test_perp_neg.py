@@ -88,3 +88,25 @@ def test_perp_neg_is_refused_for_priors_that_do_not_take_text_embeddings(model_d
         build_guidance(load_prior(model_dir / "zero123"), PERP_NEG)
     with pytest.raises(ValueError, match="BundledPriorAdapter is a 'multiview' prior"):
         build_guidance(load_prior("bundled"), PERP_NEG)
+
+
+def test_a_text_to_3d_request_with_perp_neg_distils_with_it_on_stable_diffusion(model_dir):
+    from engine_server.pipelines.text_to_3d import TextTo3D, TextTo3DRequest
+
+    request = TextTo3DRequest(prompt="a red chair", model=str(model_dir / "sd"), perp_neg=True,
+                              overrides={"coarse_steps": 2, "views_per_step": 2, "render_resolution": 16})
+    pipe = TextTo3D(request)
+    assert pipe.guidance.config.view_prompts.perp_neg and pipe.sidecar()["perp_neg"] is True
+    loss, logs = pipe.coarse_loss()
+    loss.backward()
+    assert torch.isfinite(loss) and logs["sds"] > 0
+
+
+def test_perp_neg_on_the_wire_is_a_text_jobs_boolean_run_option():
+    from engine_server.pipelines.kinds import KINDS, KindError
+
+    run, overrides = KINDS["text"].split_options({"perp_neg": True, "coarse_steps": 5})
+    assert run == {"perp_neg": True} and overrides == {"coarse_steps": 5}
+    with pytest.raises(KindError, match="options.perp_neg must be true or false"):
+        KINDS["text"].split_options({"perp_neg": "yes"})
+    assert "perp_neg" not in KINDS["image"].run_options  # novel-view priors take no text views
