@@ -67,6 +67,8 @@ def output_options(settings, kind: str) -> dict:
         options["texture_size"] = int(settings.texture_size)
     if settings.guidance_scale > 0 and kind != "refine":
         options["guidance_scale"] = float(settings.guidance_scale)
+    if settings.perp_neg and kind == "text":  # text-to-image priors only
+        options["perp_neg"] = True
     if settings.export_format not in ("NONE", "GLB"):  # the GLB is always made
         options["format"] = settings.export_format.lower()
     return options
@@ -131,6 +133,9 @@ class Generate3DSettings(bpy.types.PropertyGroup):
     guidance_scale: FloatProperty(name="Guidance", default=0.0, min=0.0, max=100.0, precision=1,
                                   description="Classifier-free guidance scale of the prior for Generate "
                                               "(0: the model's default); Refine uses the model's")
+    perp_neg: BoolProperty(name="Perp-Neg (one face)", default=False,
+                           description="Against multi-faced objects with Stable Diffusion priors (text jobs; "
+                                       "two extra denoiser passes per step)")
     export_format: EnumProperty(name="Save As", items=EXPORT_FORMATS, default="NONE",
                                 description="Also save the result as files in this format, beside the object")
     export_dir: StringProperty(name="Folder", subtype="DIR_PATH", default="//exports/",

@@ -47,10 +47,11 @@ def main(root: str, report_path: str) -> int:
                          pixel=list(tex.image.pixels[:3]))
         report["objects"][o.name] = entry
     settings = SimpleNamespace(faces=5000, texture_size="1024", guidance_scale=0.0, export_format="USDZ",
-                               export_dir="//exports/")
+                               export_dir="//exports/", perp_neg=True)
     report["options"] = props.output_options(settings, "text")
+    report["options_image"] = props.output_options(settings, "image")  # Perp-Neg is for text jobs only
     report["export_folder"] = props.export_folder(settings)  # an unsaved .blend: under the home folder
-    preset = SimpleNamespace(faces=0, texture_size="PRESET", guidance_scale=0.0, export_format="GLB")
+    preset = SimpleNamespace(faces=0, texture_size="PRESET", guidance_scale=0.0, export_format="GLB", perp_neg=False)
     report["options_preset"] = props.output_options(preset, "text")  # the GLB is always made: no format option
     report["export_folder_none"] = props.export_folder(SimpleNamespace(export_format="NONE"))
     with open(report_path, "w", encoding="utf-8") as fh:
