@@ -91,18 +91,40 @@ def smooth_surface(vertices: np.ndarray, faces: np.ndarray, config: SmoothConfig
         for k in range(3):
             np.add.at(move, f[:, k], filtered * offset[:, k:k + 1])
         v[used] += move[used] / valence[used, None]
-    return v.astype(np.float32)
+    return _untangle(v, f, filtered, incidence).astype(np.float32)
 
 
-def decimate(vertices: np.ndarray, faces: np.ndarray, max_faces: int, aggressiveness: float = 7.0
+def _untangle(v: np.ndarray, f: np.ndarray, target: np.ndarray, incidence: sp.csr_matrix, rounds: int = 10
+              ) -> np.ndarray:
+    """Relax the vertices of faces folded against their filtered normal (sliver triangles of an extraction
+    can flip in the vertex update): a few uniform-Laplacian steps on those vertices only."""
+    adjacency = (incidence @ incidence.T).tocsr()
+    adjacency.setdiag(0)
+    adjacency.eliminate_zeros()
+    degree = np.maximum(np.asarray(adjacency.sum(1)).ravel(), 1.0)
+    for _ in range(rounds):
+        normals = _face_geometry(v, f)[0]
+        folded = np.einsum("ij,ij->i", normals, target) < 0.5  # more than 60 degrees off
+        if not folded.any():
+            break
+        moving = np.unique(f[folded])
+        mean = (adjacency @ v) / degree[:, None]
+        v[moving] = 0.5 * v[moving] + 0.5 * mean[moving]
+    return v
+
+
+def decimate(vertices: np.ndarray, faces: np.ndarray, max_faces: int, aggressiveness: float = 3.5
              ) -> tuple[np.ndarray, np.ndarray]:
     """Quadric decimation to at most ``max_faces`` triangles: (V', 3) float32, (F', 3) int64.
 
-    A mesh already within the budget comes back cleaned but not simplified. A closed
-    (watertight) input stays closed: an open result is retried more gently and, failing
-    that, its holes are filled; a RuntimeError says so if none of that closes it.
+    A mesh already within the budget comes back cleaned but not simplified. ``aggressiveness``
+    is fast-simplification's ``agg``: 3.5 gave evener triangles (lower dihedral ratios) than its
+    default 7 on extracted spheres and cubes at the same speed. A closed (watertight) input stays
+    closed: an open result is retried with other settings and, failing that, its holes are filled;
+    a RuntimeError says so if none of that closes it within the budget.
     """
     import fast_simplification
+    import trimesh
 
     if max_faces < 4:
         raise ValueError(f"the face-count target must be >= 4 (a tetrahedron), got {max_faces}")
@@ -110,29 +132,30 @@ def decimate(vertices: np.ndarray, faces: np.ndarray, max_faces: int, aggressive
     if len(f) <= max_faces:
         return v, f
     closed = mesh_stats(v, f).is_watertight
-    last = None
-    for agg in (aggressiveness, aggressiveness / 2, 1.0):
-        out_v, out_f = fast_simplification.simplify(v.astype(np.float64), f.astype(np.int32), target_count=max_faces,
-                                                    agg=agg)
-        out_v, out_f = clean_mesh(out_v, out_f, min_component_fraction=0.0)
-        # The library stops near the target; tighten until the cap holds.
+    open_result = None
+    for agg in (aggressiveness, 0.6 * aggressiveness, max(2.0 * aggressiveness, 7.0)):  # 7: the library default
+        out_v, out_f = v, f
         target = max_faces
-        while len(out_f) > max_faces and target > 4:
-            target = max(4, target - (len(out_f) - max_faces) - 2)
+        for _ in range(6):  # the library stops near the target, sometimes above it: tighten until the cap holds
             out_v, out_f = fast_simplification.simplify(out_v.astype(np.float64), out_f.astype(np.int32),
                                                         target_count=target, agg=agg)
             out_v, out_f = clean_mesh(out_v, out_f, min_component_fraction=0.0)
+            if len(out_f) <= max_faces:
+                break
+            target = max(4, target - (len(out_f) - max_faces) - 2)
+        if len(out_f) > max_faces:
+            logger.info("decimate: aggressiveness %.1f stopped at %d faces, above %d", agg, len(out_f), max_faces)
+            continue
         if not closed or mesh_stats(out_v, out_f).is_watertight:
             return out_v, out_f
-        last = (out_v, out_f)
-        logger.info("decimate: the result at aggressiveness %.1f is open; retrying more gently", agg)
-    import trimesh
-
-    mesh = trimesh.Trimesh(*last, process=False)
-    trimesh.repair.fill_holes(mesh)
-    if mesh.is_watertight and len(mesh.faces) <= max_faces:
-        return np.asarray(mesh.vertices, np.float32), np.asarray(mesh.faces, np.int64)
-    raise RuntimeError(f"decimating {len(f)} faces to {max_faces} left the closed surface open; "
+        open_result = open_result or (out_v, out_f)
+        logger.info("decimate: the result at aggressiveness %.1f is open; retrying", agg)
+    if open_result is not None:
+        mesh = trimesh.Trimesh(*open_result, process=False)
+        trimesh.repair.fill_holes(mesh)
+        if mesh.is_watertight and len(mesh.faces) <= max_faces:
+            return np.asarray(mesh.vertices, np.float32), np.asarray(mesh.faces, np.int64)
+    raise RuntimeError(f"decimating {len(f)} faces to at most {max_faces} did not give a closed surface; "
                        "ask for more faces")
 
 
