@@ -65,7 +65,9 @@ def add_eval_text_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=None, help="coarse steps (default: the preset's)")
     p.add_argument("--json", nargs="?", const="-", default=None, metavar="FILE",
                    help="write the result as JSON to FILE (no FILE: print it instead of the table)")
-    p.add_argument("--keep", default=None, metavar="DIR", help="keep the GLBs in this folder")
+    p.add_argument("--keep", default=None, metavar="DIR",
+                   help="keep the GLBs and coarse checkpoints here; a rerun resumes them (re-scores extraction and "
+                        "texturing without distilling again: remove the folder after changing the coarse stage)")
     p.add_argument("--write-card", action="store_true", help="(re)write the card beside the prior's MODEL_CARD.md")
     p.set_defaults(func=cmd_eval_text)
     return p

@@ -22,6 +22,7 @@ hue below ``max_bg_hue``; the set passes when every prompt does and the mean IoU
 from __future__ import annotations
 
 import colorsys
+import hashlib
 import json
 import logging
 import tempfile
@@ -211,7 +212,8 @@ def evaluate(cfg: TextEvalConfig | None = None, prior=None, out_dir: str | Path 
     """Run the pipeline on every caption and seed and score it.
 
     Returns {"rows": one per run, "per_shape": the rows' means per shape, "mean_iou", "passed",
-    "config", "seconds"}. GLBs go to ``out_dir`` (default: a temporary folder, removed).
+    "config", "seconds"}. GLBs and coarse checkpoints go to ``out_dir`` (default: a temporary folder,
+    removed); with one kept, a rerun re-distils only what is not there.
     """
     from engine_server.guidance import load_prior
     from engine_server.pipelines.text_to_3d import TextTo3D, TextTo3DRequest
@@ -227,7 +229,12 @@ def evaluate(cfg: TextEvalConfig | None = None, prior=None, out_dir: str | Path 
             for seed in range(cfg.seeds):
                 t = time.perf_counter()
                 request = TextTo3DRequest(prompt=caption.text, seed=seed, preset=cfg.preset, overrides=dict(cfg.overrides))
-                result = TextTo3D(request, prior=prior).run(folder / f"{caption.shape}-{caption.color}-{seed}.glb")
+                name = f"{caption.shape}-{caption.color}-{seed}"
+                # Keyed by the request: a rerun into the same folder resumes the finished coarse stage, so a change
+                # to extraction or texturing is measured on the same fields without distilling again.
+                key = hashlib.sha256(json.dumps(asdict(request), sort_keys=True).encode()).hexdigest()[:12]
+                result = TextTo3D(request, prior=prior, checkpoint_dir=folder / "checkpoints" / f"{name}-{key}").run(
+                    folder / f"{name}.glb")
                 row = {"prompt": caption.text, "shape": caption.shape, "seed": seed,
                        **score_mesh(result.vertices, result.faces, result.uvs, result.texture, caption),
                        "seconds": time.perf_counter() - t}
