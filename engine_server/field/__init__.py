@@ -9,7 +9,7 @@ from __future__ import annotations
 from engine_server.field.background import FixedBackground, MLPBackground, MLPBackgroundConfig
 from engine_server.field.network import FieldConfig, RadianceField, trunc_exp
 from engine_server.field.occupancy import OccupancyConfig, OccupancyGrid
-from engine_server.field.renderer import RendererConfig, VolumeRenderer, intersect_aabb, render_camera
+from engine_server.field.renderer import RendererConfig, VolumeRenderer, intersect_aabb, render_camera, surface_albedo
 
 __all__ = [
     "FieldConfig",
@@ -23,5 +23,6 @@ __all__ = [
     "VolumeRenderer",
     "intersect_aabb",
     "render_camera",
+    "surface_albedo",
     "trunc_exp",
 ]

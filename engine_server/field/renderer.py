@@ -301,3 +301,26 @@ def render_camera(
 ) -> dict:
     """`VolumeRenderer.render_camera` with a default renderer when none is given."""
     return (renderer or VolumeRenderer()).render_camera(field, camera, background, **kwargs)
+
+
+def surface_albedo(field: nn.Module, points: torch.Tensor, outside: float, inside: float,
+                   samples: int = 24) -> torch.Tensor:
+    """The albedo a ray looking at each surface point along its inward normal shows: points (N, 3) -> (N, 3).
+
+    The ray runs from ``outside`` in front of the point to ``inside`` behind it (world units) and
+    composites the field's albedo as a render does. A surface extracted at a density level lies in the
+    outer fringe that renders barely show, whose albedo blends into the background's; this reads
+    the colour the renders (and so the prior) saw instead.
+    """
+    normals = field.normals(points)
+    t = torch.linspace(outside, -inside, samples, device=points.device, dtype=points.dtype)
+    delta = (outside + inside) / (samples - 1)
+    out = field((points[:, None] + t[None, :, None] * normals[:, None]).reshape(-1, 3))
+    alpha = 1.0 - torch.exp(-out["density"].view(len(points), samples) * delta)
+    transmittance = torch.cumprod(torch.cat([torch.ones_like(alpha[:, :1]), 1.0 - alpha[:, :-1]], dim=1), dim=1)
+    weights = (alpha * transmittance)[..., None]
+    albedo = out["albedo"].view(len(points), samples, 3)
+    # Where nothing along the ray is dense (weights ~ 0) the albedo nearest the point stands.
+    own = albedo[:, int(round((samples - 1) * outside / (outside + inside)))]
+    eps = 1e-6
+    return ((weights * albedo).sum(1) + eps * own) / (weights.sum(1) + eps)

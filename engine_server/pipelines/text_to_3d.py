@@ -12,8 +12,9 @@ Stages, each reporting through one progress callback:
   extract  marching tetrahedra on the field's density at a threshold found from
            the density statistics (Otsu's method on log-density), then cleanup;
   texture  the extraction smoothed (edges kept), decimated to the preset's ``faces``, unwrapped
-           (xatlas), albedo and a tangent-space normal map baked from the full-resolution surface
-           (:func:`~engine_server.texture.asset.build_asset`);
+           (xatlas), albedo (as renders see it: composited along the inward normal,
+           :func:`~engine_server.field.surface_albedo`) and a tangent-space normal map baked from the
+           full-resolution surface (:func:`~engine_server.texture.asset.build_asset`);
   export   one TexturedMesh written by ``export_mesh`` (GLB, or the extension's format) + JSON sidecar.
 The coarse stage checkpoints (field, optimizer, RNG, step) so a job can resume.
 """
@@ -343,10 +344,16 @@ class TextTo3D(JobPipeline):
 
         Returns the :class:`~engine_server.export.TexturedMesh` (field frame) and the finishing report.
         """
+        from engine_server.field import surface_albedo
+        from engine_server.geometry import grid_spacing
         from engine_server.texture.asset import build_asset
 
+        cell = grid_spacing(self.preset.tet_resolution)
+
         def albedo(points: torch.Tensor) -> torch.Tensor:
-            return self.field(points.to(self.device, torch.float32))["albedo"]
+            # What the renders showed there, not the fringe's albedo at the extraction level (it leans to the
+            # background's colour: issue 23 measured half a white snowman cyan).
+            return surface_albedo(self.field, points.to(self.device, torch.float32), outside=2 * cell, inside=4 * cell)
 
         out = build_asset(vertices, faces, albedo, self.asset_config(self.preset), device=self.device)
         self.progress(ProgressEvent("texture", 1, 1))
