@@ -243,14 +243,19 @@ def evaluate(cfg: TextEvalConfig | None = None, prior=None, out_dir: str | Path 
                             caption.text, seed, row["iou"], row["colour"], 100 * row["bg_hue"], row["genus"],
                             row["seconds"])
                 rows.append(row)
+    return summarise(rows, cfg, time.perf_counter() - t0)
+
+
+def summarise(rows: list[dict], cfg: TextEvalConfig, seconds: float) -> dict:
+    """The result of :func:`evaluate` from its per-run rows (also to join runs made apart)."""
     per_shape = []
-    for shape in cfg.shapes:
+    for shape in dict.fromkeys(r["shape"] for r in rows):
         mine = [r for r in rows if r["shape"] == shape]
         per_shape.append({
             "shape": shape, "runs": len(mine),
             "iou": float(np.mean([r["iou"] for r in mine])), "iou_min": min(r["iou"] for r in mine),
             "colour_ok": sum(r["colour_ok"] for r in mine) / len(mine),
-            "bg_hue": max(r["bg_hue"] for r in mine),
+            "bg_hue_max": max(r["bg_hue"] for r in mine),
             "genus": "/".join(str(r["genus"]) for r in mine), "genus_truth": GENUS[shape],
             "pass": all(r["pass"] for r in mine),
         })
@@ -258,7 +263,7 @@ def evaluate(cfg: TextEvalConfig | None = None, prior=None, out_dir: str | Path 
     return {"rows": rows, "per_shape": per_shape, "mean_iou": mean_iou,
             "passed": mean_iou >= TARGETS["mean_iou"] and all(r["pass"] for r in rows),
             "config": asdict(cfg), "targets": dict(TARGETS), "resolution": RESOLUTION,
-            "threads": torch.get_num_threads(), "seconds": time.perf_counter() - t0}
+            "threads": torch.get_num_threads(), "seconds": seconds}
 
 
 def _table(rows: list[dict], markdown: bool) -> str:

@@ -20,8 +20,11 @@ from engine_server.pipelines.evaluate_text import (
     TextEvalConfig,
     background_hue_share,
     ground_truth_mesh,
+    format_table,
     passes,
     score_mesh,
+    summarise,
+    write_card,
 )
 from engine_server.pipelines.quality import genus
 
@@ -105,3 +108,21 @@ def test_cli_refuses_bad_words_before_any_work(capsys):
     assert "unknown shape(s) bogus" in capsys.readouterr().err
     assert main(["eval-text-to-3d", "--steps", "0"]) == 2
     assert "coarse_steps must be >= 1" in capsys.readouterr().err
+
+
+def test_tables_and_card_from_scored_rows(tmp_path):
+    rows = []
+    for shape, seed in (("torus", 0), ("torus", 1), ("sphere", 0)):
+        color = DEFAULT_COLORS[shape]
+        v, f = ground_truth_mesh(shape, 48)
+        uvs, texture = _painted(v, COLORS[color] if seed == 0 else P.BACKGROUND_RGB)  # seed 1 leaks
+        row = {"prompt": Caption(color, shape).text, "shape": shape, "seed": seed,
+               **score_mesh(v, f, uvs, texture, Caption(color, shape)), "seconds": 1.0}
+        rows.append(row | {"pass": passes(row)})
+    result = summarise(rows, TextEvalConfig(shapes=("torus", "sphere"), seeds=2), 3.0)
+    torus, sphere = result["per_shape"]
+    assert (torus["runs"], torus["bg_hue_max"], torus["pass"], torus["genus"]) == (2, 1.0, False, "1/1")
+    assert sphere["pass"] and not result["passed"]
+    assert "NOT PASSED" in format_table(result)
+    card = write_card(result, tmp_path).read_text()
+    assert "| torus | 2 |" in card and "a yellow torus" in card and "NOT PASSED" in card
