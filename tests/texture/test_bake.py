@@ -258,3 +258,14 @@ def test_reuse_or_unwrap_unwraps_missing_or_unusable_uvs(sphere_uv, caplog):
     np.testing.assert_array_equal(again.vmapping[again.faces], src.faces)
     with pytest.raises(ValueError, match="uvs must be"):
         reuse_or_unwrap(src.vertices, src.faces, np.zeros((3, 2)))
+
+
+def test_build_asset_supersamples_small_maps_and_not_2048_ones():
+    from engine_server.texture.asset import AssetConfig, build_asset, default_supersample
+
+    assert default_supersample(512) == 2 and default_supersample(2048) == 1 and default_supersample(4096) == 1
+    sphere = trimesh.creation.icosphere(subdivisions=3)
+    mesh, report = build_asset(sphere.vertices, sphere.faces, lambda p: torch.full_like(p, 0.5),
+                               AssetConfig(faces=200, texture_size=64))
+    assert report["supersample"] == 2 and report["faces"] <= 200 and len(mesh.faces) == report["faces"]
+    assert mesh.normal_map is not None and mesh.normal_map.shape == (64, 64, 3)
