@@ -34,7 +34,7 @@ def test_help_builds_without_importing_torch_or_the_engine():
 def test_every_verb_is_registered_once():
     verbs = _verbs()
     assert set(verbs) == {"info", "bench", "generate", "multiview", "refine", "doctor", "serve", "jobs",
-                          "train-bundled", "eval-bundled", "export-bundled"}
+                          "train-bundled", "eval-bundled", "export-bundled", "eval-text-to-3d"}
 
 
 @pytest.mark.parametrize("verb", ["generate", "refine"])
