@@ -130,6 +130,7 @@ def test_light_is_moved_to_the_prior_s(renders):
 
 
 @needs_bpy
+@pytest.mark.slow  # the prior's camera search / view sampling: 1-2 minutes on a shared 2-core CPU
 def test_the_prior_finds_the_reference_s_elevation(renders, prior):
     found = {}
     for el in (0, 40):
@@ -142,6 +143,7 @@ def test_the_prior_finds_the_reference_s_elevation(renders, prior):
 
 
 @needs_bpy
+@pytest.mark.slow  # the prior's camera search / view sampling: 1-2 minutes on a shared 2-core CPU
 def test_the_pipeline_records_which_camera_it_used(renders, prior):
     from engine_server.pipelines.image_to_3d import ImageTo3D, ImageTo3DRequest
 
@@ -157,6 +159,7 @@ def test_the_pipeline_records_which_camera_it_used(renders, prior):
 
 
 @needs_bpy
+@pytest.mark.slow  # the prior's camera search / view sampling: 1-2 minutes on a shared 2-core CPU
 def test_views_of_a_reference_agree_and_one_of_another_shape_does_not(renders, prior):
     torch.set_num_threads(2)
     views = {}
