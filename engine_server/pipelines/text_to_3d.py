@@ -10,7 +10,8 @@ Stages, each reporting through one progress callback:
            sparsity and an optional orientation penalty on lit steps; the render size grows
            from ``preset.progressive_start`` to the full size over the first steps;
   extract  marching tetrahedra on the field's density at a threshold found from
-           the density statistics (Otsu's method on log-density), then cleanup;
+           the density statistics (Otsu's method on log-density), tunnels a cell or two wide
+           closed (:func:`close_tunnels`), then cleanup;
   texture  the extraction smoothed (edges kept), decimated to the preset's ``faces``, unwrapped
            (xatlas), albedo (as renders see it: composited along the inward normal,
            :func:`~engine_server.field.surface_albedo`) and a tangent-space normal map baked from the
@@ -93,6 +94,20 @@ def otsu_threshold(values: torch.Tensor, bins: int = 256) -> float:
     best = torch.nonzero(between >= between.max() * (1 - 1e-9)).flatten()
     k_lo, k_hi = int(best.min()), int(best.max())
     return float(0.5 * (centers[k_lo] + centers[k_hi + 1]))
+
+
+def close_tunnels(density: torch.Tensor, threshold: float, resolution: int) -> torch.Tensor:
+    """Density (N,) on the tet grid's (R+1)^3 lattice with tunnels and gaps up to two cells wide filled.
+
+    A morphological closing (3x3x3) of the cells above ``threshold``: the noise of a distilled field's
+    level set makes small handles (issue 23: a cone and a pyramid of genus 2) that no object has; a
+    torus's hole, many cells wide, stays open.
+    """
+    n = resolution + 1
+    inside = (density > threshold).to(density.dtype).view(1, 1, n, n, n)
+    closed = -torch.nn.functional.max_pool3d(-torch.nn.functional.max_pool3d(inside, 3, 1, 1), 3, 1, 1)
+    fill = (closed.view(-1) > 0.5) & (density <= threshold)
+    return torch.where(fill, torch.full_like(density, 1.5 * threshold), density)
 
 
 class TextTo3D(JobPipeline):
@@ -331,7 +346,7 @@ class TextTo3D(JobPipeline):
         log_density = torch.log1p(density)
         threshold = math.expm1(otsu_threshold(log_density))
         logger.info("surface density threshold %.4g (Otsu on log-density; max %.4g)", threshold, float(density.max()))
-        sdf = threshold - density  # negative inside, as marching_tets expects
+        sdf = threshold - close_tunnels(density, threshold, res)  # negative inside, as marching_tets expects
         v, f = marching_tets(verts, tets, sdf)
         if len(f) == 0:
             raise RuntimeError("the field is empty: no surface at the density threshold (try more steps)")

@@ -27,6 +27,7 @@ from engine_server.pipelines.evaluate_text import (
     write_card,
 )
 from engine_server.pipelines.quality import genus
+from engine_server.pipelines.text_to_3d import close_tunnels
 
 
 def _painted(vertices: np.ndarray, rgb) -> tuple[np.ndarray, np.ndarray]:
@@ -126,3 +127,25 @@ def test_tables_and_card_from_scored_rows(tmp_path):
     assert "NOT PASSED" in format_table(result)
     card = write_card(result, tmp_path).read_text()
     assert "| torus | 2 |" in card and "a yellow torus" in card and "NOT PASSED" in card
+
+
+def _extract_genus(sdf, resolution: int = 48, close: bool = False) -> int:
+    from engine_server.geometry import marching_tets, tet_grid
+
+    verts, tets = tet_grid(resolution)
+    density = torch.exp(-20.0 * sdf(verts))  # a field-like density: 1 on the surface, rising inside
+    if close:
+        density = close_tunnels(density, 1.0, resolution)
+    v, f = marching_tets(verts, tets, 1.0 - density)
+    return genus(v.numpy(), f.numpy())
+
+
+def test_close_tunnels_removes_thin_handles_and_keeps_a_torus_hole():
+    ball = P.shape_sdf("sphere")
+
+    def drilled(p):  # a ball with a tunnel 0.06 wide (one and a half cells of the draft's grid) through it
+        return torch.maximum(ball(p), 0.03 - p[:, :2].norm(dim=-1))
+
+    assert _extract_genus(drilled) == 1
+    assert _extract_genus(drilled, close=True) == 0
+    assert _extract_genus(P.shape_sdf("torus"), close=True) == 1
