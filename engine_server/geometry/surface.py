@@ -120,8 +120,10 @@ def decimate(vertices: np.ndarray, faces: np.ndarray, max_faces: int, aggressive
     A mesh already within the budget comes back cleaned but not simplified. ``aggressiveness``
     is fast-simplification's ``agg``: 3.5 gave evener triangles (lower dihedral ratios) than its
     default 7 on extracted spheres and cubes at the same speed. A closed (watertight) input stays
-    closed: an open result is retried with other settings and, failing that, its holes are filled;
-    a RuntimeError says so if none of that closes it within the budget.
+    closed where it can: an open result is retried with other settings and, failing that, its holes
+    are filled; a spiky surface that none of that closes within the budget comes back open, with a
+    warning (the job keeps its result; the sidecar's ``asset.closed`` says so). A RuntimeError only
+    when no setting reaches the budget at all.
     """
     import fast_simplification
     import trimesh
@@ -155,8 +157,10 @@ def decimate(vertices: np.ndarray, faces: np.ndarray, max_faces: int, aggressive
         trimesh.repair.fill_holes(mesh)
         if mesh.is_watertight and len(mesh.faces) <= max_faces:
             return np.asarray(mesh.vertices, np.float32), np.asarray(mesh.faces, np.int64)
-    raise RuntimeError(f"decimating {len(f)} faces to at most {max_faces} did not give a closed surface; "
-                       "ask for more faces")
+        logger.warning("decimating %d faces to at most %d left holes that could not be filled; the mesh is open "
+                       "(more faces may keep it closed)", len(f), max_faces)
+        return open_result
+    raise RuntimeError(f"decimating {len(f)} faces could not reach at most {max_faces}; ask for more faces")
 
 
 def vertex_normals(vertices: np.ndarray, faces: np.ndarray) -> np.ndarray:

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from engine_server.geometry.mesh_utils import dihedral_ratio
+from engine_server.geometry.mesh_utils import dihedral_ratio, mesh_stats
 from engine_server.geometry.surface import SmoothConfig, SurfaceProjector, decimate, smooth_surface
 from engine_server.texture.bake import BakeConfig, ColorFn, bake_maps
 from engine_server.texture.unwrap import UnwrapConfig, unwrap
@@ -98,6 +98,7 @@ def build_asset(vertices: np.ndarray, faces: np.ndarray, color_fn: ColorFn, conf
         "texture_size": int(config.texture_size),
         "supersample": supersample,
         "dihedral_ratio": round(dihedral_ratio(low_v, low_f), 3),
+        "closed": bool(mesh_stats(low_v, low_f).is_watertight),
         "seconds": {k: round(s, 3) for k, s in seconds.items()},
     }
     logger.info("asset: %d -> %d faces (target %d), %dx%d maps, dihedral ratio %.2f, %s", len(f), len(low_f),

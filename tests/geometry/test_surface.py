@@ -97,3 +97,18 @@ def test_projector_finds_the_nearest_surface_point_and_its_smooth_normal():
     # On the icosphere (radius within its flat facets' sag) and the normal is the sphere's, radially out.
     assert torch.allclose(p.norm(dim=1), torch.full((1000,), 0.5), atol=0.005)
     assert float((n * torch.as_tensor(d, dtype=torch.float32)).sum(1).min()) > 0.995
+
+
+def test_a_spiky_surface_that_cannot_stay_closed_comes_back_open_with_a_warning(caplog):
+    """A job must keep its result: when no setting keeps a very spiky closed surface closed within the budget, the
+    decimated mesh comes back open (the cap still holds) and the log says so."""
+    import logging
+
+    from engine_server.geometry.mesh_utils import mesh_stats
+
+    sphere = trimesh.creation.icosphere(subdivisions=4)
+    spikes = 1 + 0.5 * np.random.default_rng(0).standard_normal((len(sphere.vertices), 1)).clip(-0.99, 3)
+    with caplog.at_level(logging.WARNING, logger="engine_server.geometry.surface"):
+        v, f = decimate((sphere.vertices * spikes).astype(np.float32), sphere.faces, 40)
+    assert len(f) <= 40 and not mesh_stats(v, f).is_watertight
+    assert "the mesh is open" in caplog.text
