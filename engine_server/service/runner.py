@@ -211,8 +211,9 @@ class EngineRunner:
             arrays.update(views=np.ascontiguousarray(views.images_uint8()),
                           view_c2w=views.c2w.numpy().astype(np.float32),
                           view_fov_y_deg=views.fovs.numpy().astype(np.float32))
-            meta["views"] = {"count": len(views.images), "strategy": views.strategy,
-                             "agreement": [round(float(a), 4) for a in views.agreement]}
+            # what the sidecar says of them (agreement, redrawn, left out of the fit) and which reference camera
+            meta["views"] = out.sidecar["views"]
+            meta["reference_camera"] = out.sidecar["reference"]["camera"]
         return Result(glb_path=Path(out.glb_path), texture_png=glb.texture_png, arrays=arrays, meta=meta,
                       normal_png=glb.normal_png, files=files)
 

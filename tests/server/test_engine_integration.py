@@ -201,7 +201,8 @@ def test_multiview_job_returns_agreeing_views_and_their_reconstruction(engine, t
     assert result.arrays["view_fov_y_deg"].numpy().shape == (3,)
     meta = result.meta
     assert meta["kind"] == "multiview" and meta["views"]["strategy"] == "sequential"
-    assert len(meta["views"]["agreement"]) == 3
+    assert len(meta["views"]["agreement"]) == 3 and isinstance(meta["views"]["left_out"], list)
+    assert meta["reference_camera"]["source"] in ("default", "estimated", "rig")
     # Blue on the cyan background: the views show the prompt.
     fg = views.reshape(-1, 3)[np.abs(views.reshape(-1, 3).astype(int) - [0, 191, 191]).max(1) > 40]
     assert len(fg) > 30 and np.median(fg[:, 2]) > np.median(fg[:, 0]) + 60
