@@ -20,6 +20,7 @@ import scipy.sparse as sp
 import torch
 
 from engine_server.geometry.mesh_utils import clean_mesh, mesh_stats
+from engine_server.export import smooth_normals
 
 logger = logging.getLogger(__name__)
 
@@ -163,18 +164,6 @@ def decimate(vertices: np.ndarray, faces: np.ndarray, max_faces: int, aggressive
     raise RuntimeError(f"decimating {len(f)} faces could not reach at most {max_faces}; ask for more faces")
 
 
-def vertex_normals(vertices: np.ndarray, faces: np.ndarray) -> np.ndarray:
-    """(V, 3) float64 unit area-weighted vertex normals of a welded mesh (+Z for unreferenced vertices)."""
-    v = np.asarray(vertices, dtype=np.float64)
-    f = np.asarray(faces, dtype=np.int64)
-    cross = np.cross(v[f[:, 1]] - v[f[:, 0]], v[f[:, 2]] - v[f[:, 0]])
-    acc = np.zeros_like(v)
-    for k in range(3):
-        np.add.at(acc, f[:, k], cross)
-    length = np.linalg.norm(acc, axis=1, keepdims=True)
-    return np.where(length > 1e-30, acc / np.maximum(length, 1e-30), np.array([0.0, 0.0, 1.0]))
-
-
 class SurfaceProjector:
     """Closest points on a triangle mesh and its smooth (vertex-interpolated) normal there.
 
@@ -191,7 +180,7 @@ class SurfaceProjector:
         if len(f) == 0:
             raise ValueError("SurfaceProjector needs a mesh with faces")
         self.tri = torch.as_tensor(v[f], dtype=torch.float32)  # (F, 3, 3)
-        self.corner_normals = torch.as_tensor(vertex_normals(v, f)[f], dtype=torch.float32)  # (F, 3, 3)
+        self.corner_normals = torch.as_tensor(smooth_normals(v, f)[f], dtype=torch.float32)  # (F, 3, 3)
         self.tree = cKDTree(v[f].mean(1))
         self.candidates = min(candidates, len(f))
 
