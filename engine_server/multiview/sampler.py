@@ -3,21 +3,20 @@
     sampler = PriorSampler(prior, steps=20, guidance_scale=2.0)
     images = sampler.sample(cond, cameras, sampler.noise(len(cameras), generator))   # (B, 3, R, R) in [0, 1]
 
-The scheduler is built from the prior's own scheduler config as trained (``scheduler_config``
-where the adapter exposes it, else ``<source>/scheduler/scheduler_config.json``), so timestep
-spacing, zero-terminal-SNR rescaling and prediction type ("epsilon", "v_prediction", "sample")
-are the ones the model learned; a prior with neither gets a DDIM schedule of its own
-``alphas_cumprod``. Classifier-free guidance mixes the network's native outputs (linear in
-each of the three types), from the adapter's optional ``predict_output(latents_t, t, embeddings,
-cameras)``; an adapter with only ``predict_noise`` has its eps converted back. Why native: at
-zero terminal SNR the first step has ᾱ = 0, where an epsilon estimate is the input itself and
-says nothing of the image, while v still does (an eps-only prior skips that step).
+The scheduler is built from the prior's own scheduler config as trained (its ``scheduler_config``:
+every diffusers adapter reads it from the model's ``scheduler/``, the bundled one from its
+weights), so timestep spacing, zero-terminal-SNR rescaling and prediction type ("epsilon",
+"v_prediction", "sample") are the ones the model learned; a prior without one gets a DDIM
+schedule of its own ``alphas_cumprod``. Classifier-free guidance mixes the network's native
+outputs (linear in each of the three types), from the adapter's ``predict_output(latents_t, t,
+embeddings, cameras)`` (every adapter here has it, so a diffusers pipeline on the same folder
+draws the same images); a prior with only ``predict_noise`` has its eps converted back. Why
+native: at zero terminal SNR the first step has ᾱ = 0, where an epsilon estimate is the input
+itself and says nothing of the image, while v still does (an eps-only prior skips that step).
 """
 from __future__ import annotations
 
-import json
 import logging
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -30,27 +29,17 @@ PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 
 def scheduler_for(prior) -> DDIMScheduler:
     """A DDIM scheduler on the prior's trained schedule, stepping in its ``prediction_type``."""
-    config = _trained_config(prior)
+    config = getattr(prior, "scheduler_config", None)
     acp = prior.alphas_cumprod.detach().float().cpu()
     kind = str(prior.prediction_type)
     if kind not in PREDICTION_TYPES:
         raise ValueError(f"cannot sample a prior predicting {kind!r}; expected one of {PREDICTION_TYPES}")
     if config is not None:
-        sched = DDIMScheduler.from_config(config, prediction_type=kind)
+        sched = DDIMScheduler.from_config(dict(config), prediction_type=kind)
         if sched.alphas_cumprod.shape == acp.shape and torch.allclose(sched.alphas_cumprod, acp, atol=1e-5):
             return sched
         logger.warning("the scheduler config of %r does not give its alphas_cumprod; sampling its own schedule", prior)
     return _from_alphas_cumprod(acp, kind)
-
-
-def _trained_config(prior) -> dict | None:
-    config = getattr(prior, "scheduler_config", None)
-    if config is not None:
-        return dict(config)
-    path = Path(str(getattr(prior, "source", ""))) / "scheduler" / "scheduler_config.json"
-    if path.is_file():
-        return json.loads(path.read_text())
-    return None
 
 
 def _from_alphas_cumprod(acp: torch.Tensor, kind: str) -> DDIMScheduler:

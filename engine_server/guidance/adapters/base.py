@@ -53,7 +53,8 @@ def load_noise_schedule(folder: Path) -> DDPMScheduler:
 class LatentDiffusionPrior:
     """A latent diffusion model from diffusers: VAE latent space, a UNet, a DDPM noise schedule.
 
-    Subclasses set ``kind`` and implement ``prepare_conditioning`` and ``predict_noise``.
+    Subclasses set ``kind`` and implement ``prepare_conditioning`` and ``predict_output`` (the UNet's
+    native output); ``predict_noise`` converts it to eps for guidance, samplers step in it directly.
     """
 
     kind = "text"
@@ -79,6 +80,8 @@ class LatentDiffusionPrior:
         self.dtype = dtype
         self.source = source
         self.num_train_timesteps = int(schedule.config.num_train_timesteps)
+        self.scheduler_config = dict(schedule.config)
+        """The diffusers scheduler config the model was trained with (samplers build their scheduler from it)."""
         self.prediction_type = str(schedule.config.prediction_type)
         if self.prediction_type not in ("epsilon", "v_prediction", "sample"):
             raise PriorLoadError(f"{source}: unsupported scheduler prediction_type {self.prediction_type!r}")
@@ -133,9 +136,18 @@ class LatentDiffusionPrior:
         )[0]
         return out.float()
 
-    def to_epsilon(self, output: torch.Tensor, latents_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """The network's native output converted to a noise estimate."""
-        return to_epsilon(output, latents_t, t, self.alphas_cumprod, self.prediction_type)
+    def predict_output(
+        self, latents_t: torch.Tensor, t: torch.Tensor, embeddings: dict[str, Any], cameras: torch.Tensor
+    ) -> torch.Tensor:
+        """The UNet's native prediction (N, 4, h, w) float32, in ``prediction_type``, of noisy latents at t (N,)."""
+        raise NotImplementedError
+
+    def predict_noise(
+        self, latents_t: torch.Tensor, t: torch.Tensor, embeddings: dict[str, Any], cameras: torch.Tensor
+    ) -> torch.Tensor:
+        """eps (N, 4, h, w) of noisy latents (N, 4, h, w) at t (N,): the native output converted."""
+        out = self.predict_output(latents_t, t, embeddings, cameras)
+        return to_epsilon(out, latents_t, t, self.alphas_cumprod, self.prediction_type)
 
 
 class TextConditioned:

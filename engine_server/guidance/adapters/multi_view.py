@@ -273,15 +273,14 @@ class MultiViewPrior(TextConditioned, LatentDiffusionPrior):
     def prepare_conditioning(
         self, cond: Conditioning, cameras: torch.Tensor, prompts: list[str] | None = None
     ) -> PriorInputs:
-        """Text embeddings for B views; the views' cameras go to ``predict_noise`` instead of the prompt."""
+        """Text embeddings for B views; the views' cameras go to ``predict_output`` instead of the prompt."""
         n = cameras.shape[0]
         if n % self.num_views:
             raise ValueError(f"a multi-view prior needs a multiple of {self.num_views} views per batch, got {n}")
         return self.text_inputs(cond, n, prompts)
 
-    def predict_noise(
+    def predict_output(
         self, latents_t: torch.Tensor, t: torch.Tensor, embeddings: dict[str, Any], cameras: torch.Tensor
     ) -> torch.Tensor:
-        """eps (N, 4, h, w); N is a multiple of num_views, consecutive groups are one object's views."""
-        out = self._unet(latents_t, t, embeddings["text"], cameras)
-        return self.to_epsilon(out, latents_t, t)
+        """The UNet's output (N, 4, h, w); N is a multiple of num_views, consecutive groups are one object's views."""
+        return self._unet(latents_t, t, embeddings["text"], cameras)

@@ -222,11 +222,10 @@ class NovelViewPrior(LatentDiffusionPrior):
             uncond={"context": torch.zeros_like(context), "reference": torch.zeros_like(latents)},
         )
 
-    def predict_noise(
+    def predict_output(
         self, latents_t: torch.Tensor, t: torch.Tensor, embeddings: dict[str, Any], cameras: torch.Tensor
     ) -> torch.Tensor:
-        """eps (N, 4, h, w) of noisy latents at t, given the reference latent and camera context."""
+        """The UNet's output (N, 4, h, w) for noisy latents at t, given the reference latent and camera context."""
         sample = torch.cat([latents_t.to(self.dtype), embeddings["reference"]], dim=1)
-        out = self._unet(sample, t, embeddings["context"], cameras)
-        return self.to_epsilon(out, latents_t, t)
+        return self._unet(sample, t, embeddings["context"], cameras)
 

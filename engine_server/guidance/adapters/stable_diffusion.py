@@ -120,9 +120,8 @@ class StableDiffusionPrior(TextConditioned, LatentDiffusionPrior):
         """Text embeddings for B views (per-view ``prompts`` carry view suffixes)."""
         return self.text_inputs(cond, cameras.shape[0], prompts)
 
-    def predict_noise(
+    def predict_output(
         self, latents_t: torch.Tensor, t: torch.Tensor, embeddings: dict[str, Any], cameras: torch.Tensor
     ) -> torch.Tensor:
-        """eps (N, 4, h, w) of noisy latents (N, 4, h, w) at t (N,); v-prediction converted."""
-        out = self._unet(latents_t, t, embeddings["text"], cameras)
-        return self.to_epsilon(out, latents_t, t)
+        """The UNet's output (N, 4, h, w) for noisy latents (N, 4, h, w) at t (N,): eps, v or x0 as trained."""
+        return self._unet(latents_t, t, embeddings["text"], cameras)
