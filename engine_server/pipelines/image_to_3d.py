@@ -125,6 +125,8 @@ class ImageTo3D(TextTo3D):
     GUIDANCE_STAGE = "image"
 
     request: ImageTo3DRequest
+    reference_redrawn = 0
+    """Times the reference view drawn from the prompt was drawn again for not showing it (kept in reference.pt)."""
 
     def setup(self, prior) -> None:
         request = self.request
@@ -185,6 +187,7 @@ class ImageTo3D(TextTo3D):
         path = self.checkpoint_path("reference.pt")
         if path is not None and path.exists():
             state = torch.load(path, map_location="cpu", weights_only=False)
+            self.reference_redrawn = int(state.get("redrawn", 0))
             return state["image"], state["mask"]
         f = request.fit
         cfg = MultiViewConfig(strategy="independent", steps=f.multiview_steps,
@@ -195,7 +198,8 @@ class ImageTo3D(TextTo3D):
         if int(mask.sum()) < 4:
             raise ValueError(f"the prior drew no object for {request.prompt!r} (try another seed)")
         if path is not None:
-            save_torch(path, {"image": image, "mask": mask})
+            save_torch(path, {"image": image, "mask": mask, "redrawn": drawn.redrawn})
+        self.reference_redrawn = drawn.redrawn
         return image, mask
 
     # TextTo3D.__init__ assigns a prompt-only Conditioning; this pipeline adds the reference view to it.
@@ -248,7 +252,8 @@ class ImageTo3D(TextTo3D):
             if path is not None:
                 v = self.views
                 save_torch(path, {"images": v.images, "c2w": v.c2w, "fovs": v.fovs, "masks": v.masks,
-                                  "agreement": v.agreement, "strategy": v.strategy, "extras": v.extras})
+                                  "agreement": v.agreement, "strategy": v.strategy, "redrawn": v.redrawn,
+                                  "extras": v.extras})
         n = len(self.views.images)
         self.progress(ProgressEvent("views", n, n, preview=self.views.strip()))
         return self.views
@@ -311,6 +316,7 @@ class ImageTo3D(TextTo3D):
                           "source": str(self.request.image) if isinstance(self.request.image, (str, Path)) else None},
             "views": {"count": len(views.images), "strategy": views.strategy,
                       "agreement": [round(float(a), 4) for a in views.agreement],
+                      "redrawn": self.reference_redrawn + views.redrawn,  # for not showing the prompt
                       "redrawn_for_shape": views.extras.get("reshaped", []),
                       "left_out": [i for i, a in enumerate(views.agreement.tolist()) if a < AGREEMENT_THRESHOLD]},
         }
