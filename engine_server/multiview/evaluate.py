@@ -12,6 +12,12 @@ procedural renderer's ground truth for that caption and camera, and the foregrou
 word. Per shape the mean IoU and colour accuracy sit beside the text evaluation's numbers
 (``weights/eval.json``); a shape passes when its colour is always right and its IoU is at most
 ``MAX_IOU_DROP`` below the text evaluation's. ``run`` returns the bench format (title, rows, notes).
+
+The same table through a real server (``run(SimpleNamespace(server="tcp://127.0.0.1:5557"))``, or
+``python -m engine_server.multiview.evaluate --server ENDPOINT``): each prompt is a ``multiview``
+job whose rig puts the reference view (drawn from the prompt, checked, redrawn) at the first camera
+and the six views at the evaluation's cameras, so the job draws what the in-process anchor strategy
+draws; the views come back over the wire and are scored by the same function.
 """
 from __future__ import annotations
 
@@ -29,6 +35,7 @@ from engine_server.models.bundled.prior import DEFAULT_WEIGHTS_DIR
 from engine_server.models.bundled.vocab import COLOR_NAMES, SHAPES, Caption
 from engine_server.multiview.generate import MultiViewConfig, generate_views
 from engine_server.multiview.rig import mask_iou
+from engine_server.wire.client import EngineClient
 
 logger = logging.getLogger(__name__)
 
@@ -40,6 +47,8 @@ MAX_IOU_DROP = 0.05
 """How far below its text-evaluation IoU a shape's multi-view IoU may be."""
 MIN_MEAN_IOU = 0.75
 """The mean IoU over shapes the issue asks for."""
+JOB_OPTIONS = {"coarse_steps": 1, "tet_resolution": 24, "texture_size": 64}
+"""A server job's fit after the views: not scored here, so as short as a job allows."""
 
 
 def captions(shapes: tuple[str, ...] = SHAPES, colors_per_shape: int = len(COLOR_NAMES)) -> list[Caption]:
@@ -66,6 +75,16 @@ def score_views(images: torch.Tensor, caption: Caption, c2w: torch.Tensor, fov: 
     return mask_iou(masks, gt), [classify_color(images[i], masks[i]) for i in range(n)]
 
 
+def _row(cap: Caption, images: torch.Tensor, c2w: torch.Tensor, redrawn: int, seconds: float) -> dict:
+    """A caption's row: its views (N, 3, R, R) at c2w (N, 4, 4) scored, with redrawn views and seconds."""
+    iou, colors = score_views(images, cap, c2w, FOV)
+    row = {"prompt": cap.text, "shape": cap.shape, "iou": float(iou.mean()), "iou_min": float(iou.min()),
+           "color": sum(c == cap.color for c in colors) / len(colors), "redrawn": int(redrawn), "seconds": seconds}
+    logger.info("%s: IoU %.3f (min %.3f), colour %.2f, %d redrawn, %.1f s", cap.text, row["iou"], row["iou_min"],
+                row["color"], redrawn, seconds)
+    return row
+
+
 def evaluate_prompts(prior, caps: list[Caption], config: MultiViewConfig) -> list[dict]:
     """One row per caption: mean IoU, colour accuracy, redrawn views, seconds (the seed varies per caption)."""
     res = int(prior.resolution)
@@ -76,13 +95,45 @@ def evaluate_prompts(prior, caps: list[Caption], config: MultiViewConfig) -> lis
         cfg = MultiViewConfig(**{**vars(config), "seed": config.seed + i})
         t0 = time.perf_counter()
         result = generate_views(prior, cams, prompt=cap.text, config=cfg)
-        seconds = time.perf_counter() - t0
-        iou, colors = score_views(result.images, cap, c2w, FOV)
-        rows.append({"prompt": cap.text, "shape": cap.shape, "iou": float(iou.mean()), "iou_min": float(iou.min()),
-                     "color": sum(c == cap.color for c in colors) / len(colors), "redrawn": result.redrawn,
-                     "seconds": seconds})
-        logger.info("%s: IoU %.3f (min %.3f), colour %.2f, %d redrawn, %.1f s", cap.text, rows[-1]["iou"],
-                    rows[-1]["iou_min"], rows[-1]["color"], result.redrawn, seconds)
+        rows.append(_row(cap, result.images, c2w, result.redrawn, time.perf_counter() - t0))
+    return rows
+
+
+def job_rig(resolution: int) -> list[dict]:
+    """The evaluation's cameras as a ``multiview`` job's rig: the reference view's camera (the first), then all six."""
+    cams = [orbit_camera(a, ELEVATION, DISTANCE, FOV, resolution) for a in (AZIMUTHS[0], *AZIMUTHS)]
+    return [{"matrix_world": c.c2w.tolist(), "fov_y_deg": FOV, "width": resolution, "height": resolution}
+            for c in cams]
+
+
+def evaluate_prompts_server(client: EngineClient, caps: list[Caption], config: MultiViewConfig, resolution: int = 32,
+                            timeout: float = 900.0) -> list[dict]:
+    """``evaluate_prompts`` through a server: one ``multiview`` job per caption (same seeds), its views scored.
+
+    The job samples with its own guidance scale and redraw limit (``MultiViewConfig``'s defaults); other
+    values are refused here rather than scored as if used. Each job is deleted once its views are fetched.
+    """
+    default = MultiViewConfig()
+    if (config.guidance_scale, config.max_redraws, config.shared_noise) != \
+            (default.guidance_scale, default.max_redraws, default.shared_noise):
+        raise ValueError(f"a multiview job samples at guidance {default.guidance_scale}, max_redraws "
+                         f"{default.max_redraws}, shared noise; got {config.guidance_scale}, {config.max_redraws}, "
+                         f"{config.shared_noise}")
+    options = {**JOB_OPTIONS, "views": len(AZIMUTHS), "multiview_strategy": config.strategy,
+               "multiview_steps": config.steps}
+    rig = job_rig(resolution)
+    rows = []
+    for i, cap in enumerate(caps):
+        t0 = time.perf_counter()
+        job = client.submit("multiview", cap.text, seed=config.seed + i, rig=rig, options=options)
+        end = client.wait(job, timeout)
+        if end.type != "done":
+            raise RuntimeError(f"the multiview job for {cap.text!r} ended {end.type}: {end.get('message')}")
+        result = client.result(job, glb=False)
+        client.delete(job)
+        images = torch.tensor(result.arrays["views"].numpy()).permute(0, 3, 1, 2).float() / 255.0
+        c2w = torch.tensor(result.arrays["view_c2w"].numpy()).float()
+        rows.append(_row(cap, images, c2w, result.meta["views"]["redrawn"], time.perf_counter() - t0))
     return rows
 
 
@@ -104,7 +155,9 @@ def per_shape(prompt_rows: list[dict], text: dict[str, dict]) -> list[dict]:
 
 def run(args: Any = None) -> dict:
     """The per-shape table (bench format). Options read from ``args``: shapes (comma list), colors_per_shape (8),
-    strategy ("anchor"), steps (20), guidance_scale (2.0), seed (0), max_redraws (3), device ("cpu")."""
+    strategy ("anchor"), steps (20), guidance_scale (2.0), seed (0), max_redraws (3), device ("cpu"); server
+    (an endpoint: score its ``multiview`` jobs instead, the server's own prior must be the bundled one) and
+    key_file (the server's key file; default: the per-user one)."""
     from engine_server.guidance import load_prior
 
     shapes = tuple(s.strip() for s in str(getattr(args, "shapes", None) or ",".join(SHAPES)).split(",") if s.strip())
@@ -114,17 +167,27 @@ def run(args: Any = None) -> dict:
     config = MultiViewConfig(strategy=str(getattr(args, "strategy", "anchor")), steps=int(getattr(args, "steps", 20)),
                              guidance_scale=float(getattr(args, "guidance_scale", 2.0)),
                              seed=int(getattr(args, "seed", 0)), max_redraws=int(getattr(args, "max_redraws", 3)))
-    prior = load_prior("bundled", device=getattr(args, "device", "cpu"))
+    server = getattr(args, "server", None)
     t0 = time.perf_counter()
     caps = captions(shapes, int(getattr(args, "colors_per_shape", len(COLOR_NAMES))))
-    prompt_rows = evaluate_prompts(prior, caps, config)
+    if server:
+        client = EngineClient(server, getattr(args, "key_file", None), timeout=30.0)
+        try:
+            prompt_rows = evaluate_prompts_server(client, caps, config)
+        finally:
+            client.close()
+        path = f"a real server's multiview jobs ({server}: reference view at the first camera, then the six)"
+    else:
+        prompt_rows = evaluate_prompts(prior=load_prior("bundled", device=getattr(args, "device", "cpu")),
+                                       caps=caps, config=config)
+        path = "in process"
     seconds = time.perf_counter() - t0
     rows = per_shape(prompt_rows, text_eval_per_shape())
     mean_iou = sum(r["mv_iou"] for r in rows) / len(rows)
     passed = all(r["pass"] for r in rows) and mean_iou >= MIN_MEAN_IOU
     notes = [
         f"{len(prompt_rows)} prompts x {len(AZIMUTHS)} cameras (azimuth {AZIMUTHS[0]:.0f}-{AZIMUTHS[-1]:.0f}, "
-        f"elevation {ELEVATION:.0f}, distance {DISTANCE}, FOV {FOV:.0f}); strategy {config.strategy}, "
+        f"elevation {ELEVATION:.0f}, distance {DISTANCE}, FOV {FOV:.0f}), {path}; strategy {config.strategy}, "
         f"{config.steps} DDIM steps, guidance {config.guidance_scale}, max_redraws {config.max_redraws}.",
         "mv_*: the multi-view text path; text_*: the bundled prior's own text evaluation (weights/eval.json, "
         "one held-out camera per caption); drop = text_iou - mv_iou; pass: colour 100 % and drop <= "
@@ -150,5 +213,20 @@ def format_table(result: dict) -> str:
 
 
 if __name__ == "__main__":
+    import argparse
+
+    parser = argparse.ArgumentParser(description="The multi-view text path's per-shape table (issue 22).")
+    parser.add_argument("--shapes", help="comma-separated shapes (default: all)")
+    parser.add_argument("--colors-per-shape", type=int, default=len(COLOR_NAMES))
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--server", help="score a running server's multiview jobs (its endpoint) instead")
+    parser.add_argument("--key-file", help="the server's key file (default: the per-user one)")
+    parser.add_argument("--json", help="also write the result here")
+    cli = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    print(format_table(run()))
+    table = run(cli)
+    if cli.json:
+        from pathlib import Path
+
+        Path(cli.json).write_text(json.dumps(table, indent=1))
+    print(format_table(table))

@@ -44,3 +44,17 @@ def test_the_multiview_text_path_is_as_good_as_the_text_evaluation_on_every_shap
     bad = [r for r in result["rows"] if not r["pass"]]
     assert not bad, format_table(result)
     assert result["mean_iou"] >= 0.75 and result["passed"]
+
+
+def test_a_server_job_is_asked_for_the_evaluation_s_cameras_and_settings():
+    from engine_server.cameras import orbit_camera
+    from engine_server.multiview import MultiViewConfig
+    from engine_server.multiview.evaluate import AZIMUTHS, FOV, evaluate_prompts_server, job_rig
+
+    rig = job_rig(32)
+    assert len(rig) == 1 + len(AZIMUTHS) and rig[0] == rig[1]  # the reference view sits at the first camera
+    for cam, az in zip(rig[1:], AZIMUTHS):
+        assert torch.allclose(torch.tensor(cam["matrix_world"]), orbit_camera(az, 15.0, 2.5, FOV, 32).c2w)
+        assert (cam["fov_y_deg"], cam["width"], cam["height"]) == (FOV, 32, 32)
+    with pytest.raises(ValueError, match="guidance 2.0"):  # a setting the job cannot take is refused, not ignored
+        evaluate_prompts_server(None, captions(("cube",), 1), MultiViewConfig(guidance_scale=5.0))
