@@ -56,6 +56,7 @@ class GENERATE3D_PT_main(bpy.types.Panel):
         col.prop(s, "export_format", text="")
         if s.export_format != "NONE":
             col.prop(s, "export_dir", text="")
+        _draw_advanced(layout, s)
         col = layout.column(align=True)
         col.label(text="Preset Overrides (name=value)")
         col.prop(s, "overrides", text="")
@@ -116,6 +117,27 @@ class GENERATE3D_PT_jobs(bpy.types.Panel):
             elif not job.terminal:
                 op = row.operator("generate3d.cancel", text="", icon="CANCEL")
                 op.job_id = job.job_id
+
+
+def _draw_advanced(layout, s) -> None:
+    """The Advanced fold: image to 3D's DreamCraft3D stages (sent with a reference image only)."""
+    box = layout.box()
+    box.prop(s, "show_advanced", icon="TRIA_DOWN" if s.show_advanced else "TRIA_RIGHT", emboss=False)
+    if not s.show_advanced:
+        return
+    col = box.column(align=True)
+    col.prop(s, "hybrid")
+    sub = col.row()
+    sub.enabled = s.hybrid
+    sub.prop(s, "hybrid_weight")
+    col = box.column(align=True)
+    col.prop(s, "view_start_range")
+    sub = col.row()
+    sub.enabled = s.view_start_range > 0
+    sub.prop(s, "view_widen")
+    col = box.column(align=True)
+    col.prop(s, "depth_weight")
+    col.prop(s, "normal_weight")
 
 
 def _engine_line(session) -> str:

@@ -71,6 +71,29 @@ def output_options(settings, kind: str) -> dict:
         options["perp_neg"] = True
     if settings.export_format not in ("NONE", "GLB"):  # the GLB is always made
         options["format"] = settings.export_format.lower()
+    if kind in ("image", "multiview"):
+        options.update(image_fit_options(settings))
+    return options
+
+
+HYBRID_WEIGHT_DEFAULT = 2.0
+"""The engine's default ``hybrid_weight`` (DreamCraft3D's mu): not sent when left there."""
+
+
+def image_fit_options(settings) -> dict:
+    """The Advanced fold's image-to-3D stages as engine options (``hybrid``, ``hybrid_weight``,
+    ``view_start_range`` + ``view_widen``, ``depth_weight``, ``normal_weight``); nothing for a stage left off."""
+    options: dict = {}
+    if settings.hybrid:
+        options["hybrid"] = True
+        if settings.hybrid_weight != HYBRID_WEIGHT_DEFAULT:
+            options["hybrid_weight"] = float(settings.hybrid_weight)
+    if settings.view_start_range > 0:
+        options["view_start_range"] = float(settings.view_start_range)
+        options["view_widen"] = float(settings.view_widen)
+    for name in ("depth_weight", "normal_weight"):
+        if getattr(settings, name) > 0:
+            options[name] = float(getattr(settings, name))
     return options
 
 
@@ -140,6 +163,23 @@ class Generate3DSettings(bpy.types.PropertyGroup):
                                 description="Also save the result as files in this format, beside the object")
     export_dir: StringProperty(name="Folder", subtype="DIR_PATH", default="//exports/",
                                description="Where the files go (//: next to the .blend file), one folder per object")
+    show_advanced: BoolProperty(name="Advanced (Image to 3D)", default=False,
+                                description="Show the DreamCraft3D stages of image to 3D")
+    hybrid: BoolProperty(name="Hybrid Distillation", default=False,
+                         description="Add a text-to-image prior's guidance on the prompt to the novel-view prior's "
+                                     "(needs a prompt)")
+    hybrid_weight: FloatProperty(name="3D Prior Weight", default=HYBRID_WEIGHT_DEFAULT, min=0.0, max=100.0,
+                                 description="Weight of the novel-view prior beside the text prior's (DreamCraft3D: 2)")
+    view_start_range: FloatProperty(name="Views Start Within", default=0.0, min=0.0, max=180.0, precision=0,
+                                    description="Progressive views: distillation starts within this many degrees "
+                                                "of the reference camera and widens to all around (0: all around "
+                                                "from the start)")
+    view_widen: FloatProperty(name="Widen Over", default=0.5, min=0.01, max=1.0, subtype="FACTOR",
+                              description="Share of the distillation over which the views widen to 360 degrees")
+    depth_weight: FloatProperty(name="Depth Alignment", default=0.0, min=0.0, max=100.0,
+                                description="Depth term against the silhouettes' visual hull (0: off)")
+    normal_weight: FloatProperty(name="Normal Alignment", default=0.0, min=0.0, max=100.0,
+                                 description="Normal term against the visual hull's smoothed normals (0: off)")
     overrides: StringProperty(name="Overrides", default="",
                               description="More preset overrides as name=value pairs, e.g. 'render_resolution=32 refine_steps=0'")
 

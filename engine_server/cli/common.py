@@ -53,6 +53,50 @@ def add_asset_flags(p: argparse.ArgumentParser) -> None:
                         f"{TEXTURE_SIZE_RANGE[1]} (default: the preset's)")
 
 
+IMAGE_FIT_FLAGS = ("hybrid", "hybrid_weight", "view_start_range", "view_widen", "depth_weight", "normal_weight")
+"""The ImageFitConfig fields :func:`add_image_fit_flags` sets (flag: the name with dashes)."""
+
+
+def add_image_fit_flags(p: argparse.ArgumentParser) -> None:
+    """The DreamCraft3D stages of image to 3D (issue 25); unset ones keep the image fit's defaults."""
+    g = p.add_argument_group("image to 3D, DreamCraft3D stages (with --image)")
+    g.add_argument("--hybrid", action="store_true", default=None,
+                   help="hybrid distillation: a text-to-image prior's SDS on the prompt plus --hybrid-weight x the "
+                        "novel-view prior's (needs a prompt)")
+    g.add_argument("--hybrid-weight", type=float, default=None, metavar="MU",
+                   help="weight of the novel-view prior beside the text prior's (default 2, as in DreamCraft3D)")
+    g.add_argument("--text-model", default=None, metavar="PATH_OR_ID",
+                   help="the hybrid's text-to-image prior (default: --model when it reads prompts, as the bundled "
+                        "one does; a Zero123 --model needs e.g. a Stable Diffusion folder here)")
+    g.add_argument("--view-start-range", type=float, default=None, metavar="DEG",
+                   help="progressive views: distillation starts within DEG degrees of the reference camera and "
+                        "widens to all around (default: all around from the start)")
+    g.add_argument("--view-widen", type=float, default=None, metavar="F",
+                   help="fraction of the distillation over which the views widen to 360 degrees (default 0.5)")
+    g.add_argument("--depth-weight", type=float, default=None, metavar="W",
+                   help="geometry alignment: depth term against the silhouettes' visual hull (default 0: off)")
+    g.add_argument("--normal-weight", type=float, default=None, metavar="W",
+                   help="geometry alignment: normal term against the visual hull's smoothed normals (default 0: off)")
+
+
+def image_fit_fields(args: argparse.Namespace) -> dict:
+    """``{"fit": ImageFitConfig, "text_model": ...}`` from :func:`add_image_fit_flags` (checked); {} when none is set."""
+    given = {name: getattr(args, name) for name in IMAGE_FIT_FLAGS if getattr(args, name) is not None}
+    if not given and args.text_model is None:
+        return {}
+    flags = ", ".join("--" + n.replace("_", "-") for n in [*given, *(["text_model"] if args.text_model else [])])
+    if not args.image:
+        raise UsageError(f"{flags} apply to image to 3D: give --image REF.png")
+    from engine_server.pipelines.image_to_3d import ImageFitConfig
+
+    try:
+        fit = ImageFitConfig(**given)
+    except ValueError as exc:  # names the field and its bounds
+        name = str(exc).split(" ")[0].removeprefix("ImageFitConfig.")
+        raise UsageError(str(exc).replace(f"ImageFitConfig.{name}", "--" + name.replace("_", "-"))) from None
+    return {"fit": fit, "text_model": args.text_model}
+
+
 def asset_overrides(args: argparse.Namespace) -> dict:
     """The preset overrides of :func:`add_asset_flags` (checked; the same bounds as the wire's)."""
     over = {}

@@ -14,9 +14,11 @@ from engine_server.cli.common import (
     UsageError,
     add_asset_flags,
     add_guidance_flags,
+    add_image_fit_flags,
     add_job_flags,
     asset_overrides,
     guidance_fields,
+    image_fit_fields,
     output_file,
     output_glb,
     run_in_process,
@@ -33,6 +35,7 @@ def add_parsers(sub) -> None:
     add_job_flags(p, steps_help="distillation steps (the preset's coarse_steps)")
     add_asset_flags(p)
     add_guidance_flags(p, perp_neg=True)
+    add_image_fit_flags(p)
     p.add_argument("--previews", metavar="DIR", default=None, help="save preview renders here")
     p.set_defaults(func=cmd_generate)
 
@@ -83,12 +86,14 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from engine_server.devices import resolve_device
 
     out = output_file(args.out, args.steps)
+    fit = image_fit_fields(args)
     device = resolve_device(args.device)
     if args.image:
         from engine_server.pipelines.image_to_3d import ImageTo3D, ImageTo3DRequest
 
         request = ImageTo3DRequest(image=args.image, prompt=args.prompt or "", seed=args.seed, preset=args.preset,
-                                   model=args.model, overrides=_overrides(args, "image"), **guidance_fields(args))
+                                   model=args.model, overrides=_overrides(args, "image"), **guidance_fields(args),
+                                   **fit)
         pipeline, result = run_in_process(partial(ImageTo3D, request, device=device), out, _previews(args))
         print(f"wrote {out} ({len(result.faces)} faces) in {pipeline.timings['total_s']:.1f} s")
         return 0

@@ -20,6 +20,7 @@ The generated views are saved with the coarse checkpoint, so a resumed job fits 
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -80,15 +81,43 @@ class ImageFitConfig:
     """Classifier-free guidance scale when generating the views."""
     multiview_strategy: str = "anchor"
     """How generated views agree: "anchor", "sequential" or "independent" (engine_server.multiview)."""
+    hybrid: bool = False
+    """Hybrid score distillation (DreamCraft3D): a text-to-image prior's SDS on the prompt plus
+    ``hybrid_weight`` x the novel-view prior's (:class:`~engine_server.guidance.hybrid.HybridGuidance`).
+    Needs a prompt."""
+    hybrid_weight: float = 2.0
+    """mu, the novel-view (3D) prior's weight beside the text prior's in hybrid distillation (paper: 2)."""
+    view_start_range: float | None = None
+    """Progressive views: distillation views start within this many degrees (azimuth either side of the
+    reference, elevation either side of it within the prior's range) and widen to all around over
+    ``view_widen`` of the distillation; None: all around from the start."""
+    view_widen: float = 0.5
+    """Fraction of the distillation steps over which the views widen from ``view_start_range`` to 360 degrees."""
+    depth_weight: float = 0.0
+    """Geometry alignment: weight of the depth term (1 - Pearson correlation of rendered and estimated depth,
+    times the pixels it covers) at the reference view and the fitted generated views; 0: off."""
+    normal_weight: float = 0.0
+    """Geometry alignment: weight of the normal term (sum over pixels of 1 - cos(rendered, estimated normal))."""
 
     def __post_init__(self) -> None:
-        for name in ("ref_weight", "view_weight", "mask_weight", "distill_weight"):
+        for name in ("ref_weight", "view_weight", "mask_weight", "distill_weight", "hybrid_weight", "depth_weight",
+                     "normal_weight"):
             if getattr(self, name) < 0:
                 raise ValueError(f"ImageFitConfig.{name} must be >= 0, got {getattr(self, name)}")
         if not 0.0 <= self.distill_start <= 1.0:
             raise ValueError(f"ImageFitConfig.distill_start must be in [0, 1], got {self.distill_start}")
         if self.views_per_step < 0:
             raise ValueError(f"ImageFitConfig.views_per_step must be >= 0, got {self.views_per_step}")
+        if self.view_start_range is not None and not 0.0 <= self.view_start_range <= 180.0:
+            raise ValueError(f"ImageFitConfig.view_start_range must be in [0, 180] degrees or None, "
+                             f"got {self.view_start_range}")
+        if not 0.0 < self.view_widen <= 1.0:
+            raise ValueError(f"ImageFitConfig.view_widen must be in (0, 1], got {self.view_widen}")
+
+    @property
+    def aligns(self) -> bool:
+        """Whether the geometry alignment terms are on."""
+        return self.depth_weight > 0 or self.normal_weight > 0
 
 
 @dataclass
@@ -113,6 +142,112 @@ class ImageTo3DRequest(TextTo3DRequest):
     """Centre and scale the object in the reference image (only without a rig)."""
     fit: ImageFitConfig = field(default_factory=ImageFitConfig)
     """Weights and schedule of the fit."""
+    text_model: str | None = None
+    """Hybrid distillation's text-to-image prior ("bundled", a folder or a hub id); None: ``model`` itself when it
+    reads prompts (the bundled model's text mode), else an error (a Zero123 model needs one, e.g. an SD folder)."""
+
+
+# ------------------------------------------------------------------------------------------ schedules and estimates
+
+
+@dataclass(frozen=True)
+class ViewWindow:
+    """Where one step's distillation views are drawn: azimuth within ``half_width`` degrees of ``azimuth``,
+    elevation in ``elevation`` (degrees)."""
+
+    azimuth: float
+    half_width: float
+    elevation: tuple[float, float]
+
+
+def view_window(fit: ImageFitConfig, reference: tuple[float, float], elevation_range: tuple[float, float],
+                step: int, total_steps: int) -> ViewWindow:
+    """Progressive views at ``step`` of ``total_steps``: near the reference (azimuth, elevation) when distillation
+    starts, all around (the prior's elevation range) after ``fit.view_widen`` of the distillation steps."""
+    az, el = reference
+    lo, hi = (float(v) for v in elevation_range)
+    if fit.view_start_range is None:
+        return ViewWindow(az, 180.0, (lo, hi))
+    start = fit.distill_start * total_steps
+    p = min(max((step - start) / max(fit.view_widen * (total_steps - start), 1.0), 0.0), 1.0)
+    s = fit.view_start_range
+    lo0, hi0 = min(max(el - s, lo), hi), max(min(el + s, hi), lo)
+    return ViewWindow(az, s + p * (180.0 - s), (lo0 + p * (lo - lo0), hi0 + p * (hi - hi0)))
+
+
+def _blur3d(volume: torch.Tensor, sigma: float) -> torch.Tensor:
+    """A (D, H, W) volume blurred by a separable Gaussian of ``sigma`` voxels."""
+    r = max(int(math.ceil(2.5 * sigma)), 1)
+    x = torch.arange(-r, r + 1, dtype=volume.dtype)
+    k = torch.exp(-0.5 * (x / sigma) ** 2)
+    k = k / k.sum()
+    v = volume[None, None]
+    for dim in range(3):
+        shape = [1, 1, 1, 1, 1]
+        shape[2 + dim] = len(k)
+        pad = [0, 0, 0, 0, 0, 0]
+        pad[2 * (2 - dim)] = pad[2 * (2 - dim) + 1] = r
+        v = torch.nn.functional.conv3d(torch.nn.functional.pad(v, pad, mode="replicate"), k.view(shape))
+    return v[0, 0]
+
+
+def hull_surface(masks: torch.Tensor, c2w: torch.Tensor, fovs: torch.Tensor, cameras: torch.Tensor,
+                 camera_fovs: torch.Tensor, resolution: int, grid: int = 64, extent: float = 0.75,
+                 sigma: float = 1.5) -> dict[str, torch.Tensor]:
+    """Depth and normals of the visual hull of silhouettes masks (N, H, W) bool at c2w (N, 4, 4), fovs (N,),
+    seen from ``cameras`` (K, 4, 4) with ``camera_fovs`` (K,) at ``resolution`` R.
+
+    The geometry alignment's offline estimate: the lattice points over [-extent, extent]^3 that project inside
+    every silhouette (a point outside a frame is kept), the occupancy blurred (``sigma`` voxels) so its 0.5
+    level is a smooth surface, rays marched to that level. Returns ``t`` (K, R, R) distance along each pixel's
+    ray (as the field renderer's depth), ``normal`` (K, R, R, 3) outward unit normals (world), ``hit``
+    (K, R, R) bool.
+    """
+    from engine_server.cameras import camera_rays
+    from engine_server.multiview import project_points
+
+    axis = torch.linspace(-extent, extent, grid)
+    pts = torch.stack(torch.meshgrid(axis, axis, axis, indexing="ij"), -1).reshape(-1, 3)
+    keep = torch.ones(len(pts), dtype=torch.bool)
+    n, h, w = masks.shape
+    for k in range(n):
+        col, row, depth = project_points(pts, c2w[k].float(), float(fovs[k]), w, h)
+        ci, ri = col.floor().long(), row.floor().long()
+        inside = (ci >= 0) & (ci < w) & (ri >= 0) & (ri < h) & (depth > 0)
+        hit = torch.ones(len(pts), dtype=torch.bool)
+        hit[inside] = masks[k].cpu().bool()[ri[inside], ci[inside]]
+        keep &= hit
+    occ = _blur3d(keep.view(grid, grid, grid).float(), sigma)[None, None]  # indexed (x, y, z)
+
+    def sample(p: torch.Tensor) -> torch.Tensor:  # (M, 3) world -> (M,) occupancy; grid_sample wants (z, y, x)
+        g = (p / extent).flip(-1).view(1, -1, 1, 1, 3)
+        return torch.nn.functional.grid_sample(occ, g, align_corners=True, padding_mode="zeros").view(-1)
+
+    rays = [camera_rays(c.float().cpu(), float(f), resolution, resolution) for c, f in zip(cameras, camera_fovs)]
+    o = torch.stack([r[0] for r in rays]).reshape(-1, 3)
+    d = torch.stack([r[1] for r in rays]).reshape(-1, 3)
+    # March from where the ray enters the lattice's bounding sphere, in half-voxel steps.
+    step = extent / grid
+    b = (o * d).sum(-1)
+    near = (-b - (b * b - (o * o).sum(-1) + 3 * extent ** 2).clamp_min(0).sqrt()).clamp_min(0)
+    count = int(math.ceil(2 * math.sqrt(3) * extent / step))
+    t_hit = torch.zeros(len(o))
+    hit = torch.zeros(len(o), dtype=torch.bool)
+    prev = sample(o + near[:, None] * d)
+    for i in range(1, count + 1):
+        t = near + i * step
+        cur = sample(o + t[:, None] * d)
+        cross = ~hit & (prev < 0.5) & (cur >= 0.5)
+        frac = ((0.5 - prev) / (cur - prev).clamp_min(1e-6)).clamp(0, 1)
+        t_hit = torch.where(cross, t - step + frac * step, t_hit)
+        hit |= cross
+        prev = cur
+    p = o + t_hit[:, None] * d
+    eps = 1.0 * (2 * extent / (grid - 1))
+    grad = torch.stack([sample(p + eps * e) - sample(p - eps * e) for e in torch.eye(3)], -1)
+    normal = torch.nn.functional.normalize(-grad, dim=-1, eps=1e-8)
+    k, r = len(cameras), resolution
+    return {"t": t_hit.view(k, r, r), "normal": normal.view(k, r, r, 3), "hit": hit.view(k, r, r)}
 
 
 # ------------------------------------------------------------------------------------------ pipeline
@@ -177,6 +312,36 @@ class ImageTo3D(TextTo3D):
         self.background = FixedBackground(self.background_rgb).to(self.device)
         self.cameras = CameraSampler(ranges, None, self.gen)
         self.fit = request.fit
+        if self.fit.hybrid:
+            self.guidance = self._hybrid_guidance()
+        self.alignment: dict[str, torch.Tensor] | None = None
+        """The geometry alignment's estimate (:func:`hull_surface`) at the reference (index 0) and the generated
+        views (1...), once the views exist and when the alignment is on."""
+
+    def _hybrid_guidance(self):
+        """The image guidance plus a text-to-image prior's (the request's ``text_model``, or the prior itself)."""
+        from engine_server.guidance import build_guidance, load_prior, prior_defaults
+        from engine_server.guidance.hybrid import TEXT_KINDS, HybridGuidance
+
+        request = self.request
+        if request.text_model is not None and request.text_model != request.model:
+            text_prior = load_prior(request.text_model, device=self.device)
+        elif request.text_model is not None or getattr(self.prior, "kind", None) in TEXT_KINDS:
+            text_prior = self.prior
+        else:
+            raise ValueError(f"hybrid distillation needs a text-to-image prior beside the novel-view prior "
+                             f"{request.model!r} (a {self.prior.kind!r} prior, which reads no prompt): give "
+                             "text_model, e.g. a Stable Diffusion folder or hub id")
+        config = prior_defaults(text_prior).guidance_config(request.guidance, None, None, seed=request.seed + 1)
+        hybrid = HybridGuidance(build_guidance(text_prior, config), self.guidance, self.fit.hybrid_weight)
+        hybrid.prepare_inputs(self.cond, self.reference_c2w[None].to(self.device))  # no prompt, or an unknown one: now
+        return hybrid
+
+    def generators(self) -> dict[str, torch.Generator]:
+        gens = super().generators()
+        if self.fit.hybrid:
+            gens["text_guidance"] = self.guidance.text_generator
+        return gens
 
     def _draw_reference(self, prior) -> tuple[torch.Tensor, torch.Tensor]:
         """The reference view drawn from the prompt at the reference camera: image (3, R, R), mask (R, R).
@@ -259,43 +424,123 @@ class ImageTo3D(TextTo3D):
         return self.views
 
     # ---------------------------------------------------------------- coarse objective
-    def _fit_loss(self, c2w: torch.Tensor, fovs: torch.Tensor, images: torch.Tensor,
-                  masks: torch.Tensor) -> torch.Tensor:
-        """Sum over pixels of photometric + mask losses of views c2w (B, 4, 4) against images (B, 3, R, R)."""
-        out = self.render_views(c2w, fovs, jitter=True)
+    def _fit_loss(self, c2w: torch.Tensor, fovs: torch.Tensor, images: torch.Tensor, masks: torch.Tensor,
+                  estimate: list[int] | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Sum over pixels of photometric + mask losses of views c2w (B, 4, 4) against images (B, 3, R, R);
+        with ``estimate`` (the views' rows in :attr:`alignment`) also the alignment terms, by name."""
+        f = self.fit
+        out = self.render_views(c2w, fovs, jitter=True, compute_normals=estimate is not None and f.normal_weight > 0)
         photo = ((out["image"] - images.to(self.device)) ** 2).sum()
         opacity = out["opacity"].reshape(len(c2w), self.resolution, self.resolution)
-        mask = ((opacity - masks.to(self.device).float()) ** 2).sum()
-        return 0.5 * (photo + self.fit.mask_weight * mask)
+        masks = masks.to(self.device)
+        mask = ((opacity - masks.float()) ** 2).sum()
+        terms = {} if estimate is None else self._align_terms(out, opacity, masks.bool(), estimate)
+        return 0.5 * (photo + f.mask_weight * mask), terms
+
+    def _align_terms(self, out: dict, opacity: torch.Tensor, masks: torch.Tensor,
+                     rows: list[int]) -> dict[str, torch.Tensor]:
+        """Depth and normal terms of renders (B views, opacity (B, R, R)) against the estimate's ``rows``.
+
+        Counted on pixels inside the target silhouette where the estimate has a surface and the render is
+        mostly opaque. Depth: per view, 0.5 sum (z(rendered) - z(estimate))^2 of the standardised depths,
+        i.e. n (1 - Pearson correlation), blind to the estimate's scale and offset (DreamCraft3D's choice for
+        monocular depth; a visual hull sits in front of a concave object's surface). Normal: sum of
+        1 - cos(rendered, estimated).
+        """
+        f, est, b, r = self.fit, self.alignment, len(rows), self.resolution
+        t_est, n_est = est["t"][rows].to(self.device), est["normal"][rows].to(self.device)
+        valid = est["hit"][rows].to(self.device) & masks & (opacity.detach() > 0.5)
+        terms = {}
+        if f.depth_weight > 0:
+            t = out["depth"].view(b, r, r) / opacity.clamp_min(1e-3)
+            depth = opacity.sum() * 0.0
+            for i in range(b):
+                sel = valid[i]
+                if int(sel.sum()) < 8:
+                    continue
+                a, e = t[i][sel], t_est[i][sel]
+                za = (a - a.mean()) / a.std().clamp_min(1e-4)
+                ze = (e - e.mean()) / e.std().clamp_min(1e-4)
+                depth = depth + 0.5 * ((za - ze) ** 2).sum()
+            terms["depth"] = depth
+        if f.normal_weight > 0:
+            n = torch.nn.functional.normalize(out["normal"].view(b, r, r, 3), dim=-1, eps=1e-6)
+            terms["normal"] = (1.0 - (n * n_est).sum(-1))[valid].sum()
+        return terms
+
+    def _aligned(self, loss: torch.Tensor, terms: dict[str, torch.Tensor], logs: dict) -> torch.Tensor:
+        """``loss`` plus the alignment terms times their weights, logged under their names."""
+        for name, value in terms.items():
+            loss = loss + getattr(self.fit, f"{name}_weight") * value
+            logs[name] = logs.get(name, 0.0) + float(value.detach())
+        return loss
+
+    def estimate_alignment(self) -> dict[str, torch.Tensor]:
+        """The visual hull of the reference's and the agreeing views' silhouettes, seen from every fitted camera.
+
+        No monocular depth or normal estimator can ship offline, so the estimate is the shape the
+        silhouettes agree on, smoothed: exact for the convex parts the views see, in front of concave ones.
+        """
+        views = self.views
+        usable = torch.nonzero(views.agreement >= AGREEMENT_THRESHOLD).flatten()
+        masks = torch.cat([self.reference_mask[None].bool(), views.masks[usable].bool()])
+        c2w = torch.cat([self.reference_c2w[None].float(), views.c2w[usable].float()])
+        fovs = torch.cat([torch.tensor([float(self.reference_fov)]), views.fovs[usable].float()])
+        cams = torch.cat([self.reference_c2w[None].float(), views.c2w.float()])
+        cam_fovs = torch.cat([torch.tensor([float(self.reference_fov)]), views.fovs.float()])
+        return hull_surface(masks, c2w, fovs, cams, cam_fovs, self.resolution)
+
+    def distill_cameras(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """This step's distillation views (n, 4, 4) and FOVs (n,): the prior's ranges, within the progressive
+        window around the reference (:func:`view_window`) when ``view_start_range`` is set."""
+        if self.fit.view_start_range is None:
+            return self.cameras.sample(n)
+        az, el = azimuth_elevation(self.reference_c2w.float())
+        w = view_window(self.fit, (float(az), float(el)), self.cameras.elevation, self.step,
+                        self.preset.coarse_steps)
+        u = torch.rand(n, 4, generator=self.gen)
+        poses, fovs = [], []
+        for a, e, d, f in u.tolist():
+            dist = self.cameras.distance[0] + d * (self.cameras.distance[1] - self.cameras.distance[0])
+            elevation = w.elevation[0] + e * (w.elevation[1] - w.elevation[0])
+            poses.append(look_at(orbit_position(w.azimuth + (2 * a - 1) * w.half_width, elevation, dist)))
+            fovs.append(self.cameras.fov[0] + f * (self.cameras.fov[1] - self.cameras.fov[0]))
+        return torch.stack(poses), torch.tensor(fovs)
 
     def coarse_loss(self) -> tuple[torch.Tensor, dict]:
         """Reference + generated-view reconstruction, then novel-view distillation (Magic123)."""
         f, p = self.fit, self.preset
-        ref = self._fit_loss(self.reference_c2w[None], torch.tensor([self.reference_fov]),
-                             self.reference_image[None], self.reference_mask[None])
-        loss = f.ref_weight * ref
+        align = self.alignment is not None
+        ref, terms = self._fit_loss(self.reference_c2w[None], torch.tensor([self.reference_fov]),
+                                    self.reference_image[None], self.reference_mask[None], [0] if align else None)
         logs = {"ref": float(ref.detach())}
+        loss = self._aligned(f.ref_weight * ref, terms, logs)
         views = self.views
         # Views whose shape disagrees with the others' and the reference's are left out of the fit.
         usable = torch.nonzero(views.agreement >= AGREEMENT_THRESHOLD).flatten() if views is not None else []
         if f.views_per_step and f.view_weight > 0 and len(usable):
             k = min(f.views_per_step, len(usable))
             idx = usable[torch.randperm(len(usable), generator=self.gen)[:k]]
-            mv = self._fit_loss(views.c2w[idx], views.fovs[idx], views.images[idx], views.masks[idx])
-            loss = loss + f.view_weight * mv
+            mv, terms = self._fit_loss(views.c2w[idx], views.fovs[idx], views.images[idx], views.masks[idx],
+                                       (idx + 1).tolist() if align else None)
+            loss = self._aligned(loss + f.view_weight * mv, terms, logs)
             logs["views"] = float(mv.detach())
         if f.distill_weight > 0 and self.step >= f.distill_start * p.coarse_steps:
-            c2w, fovs = self.cameras.sample(p.views_per_step)
+            c2w, fovs = self.distill_cameras(p.views_per_step)
             out = self.render_views(c2w, fovs, jitter=True)
             g = self.guidance(out["image"], c2w.to(self.device), self.cond, self.step, p.coarse_steps)
             opacity = out["opacity"].clamp(1e-5, 1 - 1e-5)
             loss = loss + f.distill_weight * g.loss + p.sparsity_weight * opacity.sum()
             logs["sds"] = float(g.loss.detach())
+            if "text_loss" in g.extras:
+                logs["sds_text"], logs["sds_image"] = g.extras["text_loss"], g.extras["image_loss"]
         return loss, logs
 
     def coarse(self) -> None:
         if self.views is None:
             self.generate()
+        if self.fit.aligns and self.alignment is None:
+            self.alignment = self.estimate_alignment()
         self._check_cancel()
         super().coarse()
 
@@ -307,8 +552,8 @@ class ImageTo3D(TextTo3D):
 
     # ---------------------------------------------------------------- export
     def sidecar(self) -> dict:
-        """The text sidecar plus the reference and the generated views."""
-        views = self.views
+        """The text sidecar plus the reference, the generated views and the fit's DreamCraft3D stages."""
+        views, f = self.views, self.fit
         return super().sidecar() | {
             "kind": "image" if self.request.image is not None else "multiview",
             "reference": {"mask_source": self.mask_source, "c2w": self.reference_c2w.tolist(),
@@ -319,4 +564,9 @@ class ImageTo3D(TextTo3D):
                       "redrawn": self.reference_redrawn + views.redrawn,  # for not showing the prompt
                       "redrawn_for_shape": views.extras.get("reshaped", []),
                       "left_out": [i for i, a in enumerate(views.agreement.tolist()) if a < AGREEMENT_THRESHOLD]},
+            "fit": {"hybrid": f.hybrid, "hybrid_weight": f.hybrid_weight if f.hybrid else None,
+                    "text_model": (self.request.text_model or self.request.model) if f.hybrid else None,
+                    "view_start_range": f.view_start_range, "view_widen": f.view_widen,
+                    "depth_weight": f.depth_weight, "normal_weight": f.normal_weight,
+                    "alignment_estimate": "visual hull of the agreeing silhouettes" if f.aligns else None},
         }

@@ -12,7 +12,9 @@ A request's ``options`` are preset overrides (checked by the preset, which names
 key) plus the kind's ``run_options``, which are taken out first: ``model`` (one of the
 models the server offers), ``guidance`` (sds | vsd), ``guidance_scale``, for text jobs ``perp_neg``
 (true | false) and, for the kinds
-that generate views, ``views`` (2-16), ``multiview_strategy`` and ``multiview_steps``.
+that generate views, ``views`` (2-16), ``multiview_strategy`` and ``multiview_steps`` and the DreamCraft3D
+stages of the fit (:data:`FIT_OPTIONS`: ``hybrid``, ``hybrid_weight``, ``view_start_range``, ``view_widen``,
+``depth_weight``, ``normal_weight``; see :class:`~engine_server.pipelines.image_to_3d.ImageFitConfig`).
 
 Rig cameras arrive as Blender ``matrix_world`` rows; with a ``placement`` (where the result
 will rest in the scene: the 3D cursor) they are taken relative to it, so the engine, which
@@ -153,7 +155,19 @@ def _view_settings(run: dict[str, Any]) -> dict[str, Any]:
     steps = run.pop("multiview_steps", ImageFitConfig.multiview_steps)
     if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= 1000:
         raise KindError(f"options.multiview_steps must be an integer from 1 to 1000, got {steps!r}")
-    out["fit"] = ImageFitConfig(multiview_strategy=strategy, multiview_steps=steps)
+    fit = {}
+    for name, kind in FIT_OPTIONS.items():
+        if name in run:
+            value = run.pop(name)
+            if kind is bool and not isinstance(value, bool):
+                raise KindError(f"options.{name} must be true or false, got {value!r}")
+            if kind is float and value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+                raise KindError(f"options.{name} must be a number, got {value!r}")
+            fit[name] = value
+    try:
+        out["fit"] = ImageFitConfig(multiview_strategy=strategy, multiview_steps=steps, **fit)
+    except ValueError as exc:  # the config names the field and its bounds
+        raise KindError(str(exc).replace("ImageFitConfig.", "options.")) from None
     return out
 
 
@@ -181,7 +195,11 @@ def _refine(cls: type, fields: Mapping[str, Any], common: dict[str, Any]) -> Any
 # ----------------------------------------------------------------------------- the table
 
 _TEXT_RUN = ("model", "guidance", "guidance_scale", "format")
-_VIEW_RUN = ("views", "multiview_strategy", "multiview_steps")
+FIT_OPTIONS = {"hybrid": bool, "hybrid_weight": float, "view_start_range": float, "view_widen": float,
+               "depth_weight": float, "normal_weight": float}
+"""Run options of the image kinds that set :class:`~engine_server.pipelines.image_to_3d.ImageFitConfig` fields
+of the same name, with their type (``view_start_range`` may be null: all around from the start)."""
+_VIEW_RUN = ("views", "multiview_strategy", "multiview_steps", *FIT_OPTIONS)
 
 KINDS: dict[str, Kind] = {
     "text": Kind("text", "engine_server.pipelines.text_to_3d:TextTo3DRequest",

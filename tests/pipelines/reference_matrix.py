@@ -1,6 +1,7 @@
 """Image to 3D from references rendered as an artist would (Blender defaults), measured case by case.
 
     python tests/pipelines/reference_matrix.py OUT_DIR [shape,...] [elevation,...] [background,...]
+    python tests/pipelines/reference_matrix.py --stages OUT_DIR [shape:background:elevation,...]
 
 Each case renders a reference with real Blender (``blender_reference.py``, child process),
 runs the draft image-to-3D pipeline on it, and measures the mesh: the texture's hue, the
@@ -9,6 +10,14 @@ the views' agreement and the reference camera used. A case passes when the colou
 its shape's measure is on the right side of the other shapes' in the same (elevation,
 background) cell, and the surface is smooth (dihedral ratio <= 2). Prints a markdown table
 and writes ``results.json`` beside the GLBs.
+
+``--stages`` compares the DreamCraft3D stages of issue 25 on a few references (default
+:data:`STAGE_CASES`), each with the prompt naming its shape and colour: (a) the novel-view prior
+alone, (b) hybrid distillation, (c) hybrid + progressive views + geometry alignment
+(:data:`STAGES`). Each result is measured against the true object (Blender's primitive, turned
+so the reference camera sits where the engine put it, both in a unit box) at held-out views
+(:data:`HELD_OUT`, none near the reference): silhouette IoU, colour error (mean absolute sRGB
+difference on the pixels both cover) and the dihedral ratio. Writes ``stages.json``.
 """
 from __future__ import annotations
 
@@ -110,8 +119,134 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+PROMPTS = {"sphere": "a blue sphere", "cube": "a red cube", "cone": "a green cone"}
+"""Shape -> the prompt of its stage comparison (the bundled prior's words)."""
+STAGE_CASES = (("sphere", "grey", 20.0), ("cube", "transparent", 20.0), ("cone", "gradient", 0.0))
+"""(shape, background, elevation) of the default stage comparison."""
+STAGES = {
+    "a": {},
+    "b": {"hybrid": True},
+    "c": {"hybrid": True, "view_start_range": 30.0, "depth_weight": 0.5, "normal_weight": 1.0},
+}
+"""Stage name -> ImageFitConfig fields: (a) novel-view prior alone, (b) hybrid, (c) hybrid + progressive + alignment."""
+HELD_OUT = tuple((az, el) for el in (10.0, 35.0) for az in (60.0, 120.0, 180.0, 240.0, 300.0))
+"""(azimuth, elevation) of the held-out views, degrees from the reference camera's azimuth."""
+
+
+def true_mesh(shape: str, turn_deg: float):
+    """Blender's primitive of ``shape`` turned ``turn_deg`` about Z, in a unit box centred at the origin."""
+    import trimesh
+
+    if shape == "cube":
+        mesh = trimesh.creation.box((2.0, 2.0, 2.0))
+    elif shape == "sphere":
+        mesh = trimesh.creation.icosphere(4, radius=1.0)
+    elif shape == "cone":
+        mesh = trimesh.creation.cone(radius=1.0, height=2.0, sections=64)
+    else:
+        raise ValueError(f"no true mesh for {shape!r}")
+    mesh.apply_transform(trimesh.transformations.rotation_matrix(np.radians(turn_deg), (0, 0, 1)))
+    v = np.asarray(mesh.vertices, dtype=np.float32)
+    lo, hi = v.min(0), v.max(0)
+    return (v - 0.5 * (lo + hi)) / float((hi - lo).max()), np.asarray(mesh.faces, dtype=np.int64)
+
+
+def srgb(linear) -> np.ndarray:
+    """Linear RGB -> sRGB-encoded values in [0, 1]."""
+    c = np.clip(np.asarray(linear, dtype=np.float64), 0.0, 1.0)
+    return np.where(c <= 0.0031308, 12.92 * c, 1.055 * c ** (1 / 2.4) - 0.055)
+
+
+def held_out_scores(result, shape: str, reference_azimuth: float, size: int = 64) -> dict:
+    """Silhouette IoU and colour error of a result against the true object at :data:`HELD_OUT` views."""
+    import torch
+
+    from engine_server.cameras import look_at, orbit_position
+    from engine_server.multiview import mask_iou
+    from kernels.rasterize import render_mesh
+
+    # The engine put the reference camera at ``reference_azimuth``; Blender's was at AZIMUTH.
+    tv, tf = true_mesh(shape, reference_azimuth - AZIMUTH)
+    c2w = torch.stack([look_at(orbit_position(reference_azimuth + az, el, 2.5)) for az, el in HELD_OUT])
+    truth = render_mesh(torch.from_numpy(tv), torch.from_numpy(tf), c2w, 30.0, size, size)
+    uv = np.asarray(result.mesh.uvs, dtype=np.float32).copy()
+    uv[:, 1] = 1.0 - uv[:, 1]  # glTF (top-left origin) -> the rasterizer's (v up)
+    tex = torch.from_numpy(np.asarray(result.mesh.base_color)[..., :3].astype(np.float32) / 255.0)
+    made = render_mesh(torch.as_tensor(result.vertices, dtype=torch.float32), torch.as_tensor(result.faces),
+                       c2w, 30.0, size, size, uv=torch.from_numpy(uv), texture=tex)
+    a, b = made["mask"][..., 0] > 0.5, truth["mask"][..., 0] > 0.5
+    both = a & b
+    colour = torch.as_tensor(srgb(SHAPES[shape]), dtype=torch.float32)
+    err = (made["rgb"] - colour).abs().mean(-1)[both]
+    return {"iou": round(float(mask_iou(a, b).mean()), 3), "colour_error": round(float(err.mean()), 3)}
+
+
+def run_stage(prior, out_dir: Path, shape: str, background: str, elevation: float, stage: str) -> dict:
+    """One reference through one stage configuration; its row of the comparison."""
+    from engine_server.geometry.mesh_utils import dihedral_ratio
+    from engine_server.pipelines.image_to_3d import ImageFitConfig, ImageTo3D, ImageTo3DRequest
+
+    ref = out_dir / f"{shape}_{background}_{elevation:g}.png"
+    if not ref.is_file():
+        ref = render(out_dir, shape, elevation, background)
+    t0 = time.perf_counter()
+    pipe = ImageTo3D(ImageTo3DRequest(image=ref, prompt=PROMPTS[shape], seed=0, preset="draft",
+                                      fit=ImageFitConfig(**STAGES[stage])), prior=prior)
+    result = pipe.run(out_dir / f"{ref.stem}_{stage}.glb")
+    az = float(pipe.reference_camera.azimuth_deg)
+    return {"shape": shape, "background": background, "elevation": elevation, "stage": stage,
+            **held_out_scores(result, shape, az),
+            "dihedral_ratio": round(dihedral_ratio(result.vertices, result.faces), 2),
+            "camera_elevation": round(float(pipe.reference_camera.elevation_deg), 1),
+            "seconds": round(time.perf_counter() - t0, 1)}
+
+
+def stage_table(rows: list[dict]) -> str:
+    """The comparison as a markdown table, per reference and stage, with each stage's mean."""
+    cols = ["shape", "background", "elevation", "stage", "iou", "colour_error", "dihedral_ratio", "seconds"]
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for r in rows:
+        lines.append("| " + " | ".join(str(r.get(c)) for c in cols) + " |")
+    lines += ["", "| stage | mean IoU | mean colour error | mean dihedral ratio |", "|---|---|---|---|"]
+    for stage in STAGES:
+        part = [r for r in rows if r["stage"] == stage and "iou" in r]
+        if part:
+            lines.append(f"| {stage} | {np.mean([r['iou'] for r in part]):.3f} | "
+                         f"{np.mean([r['colour_error'] for r in part]):.3f} | "
+                         f"{np.mean([r['dihedral_ratio'] for r in part]):.2f} |")
+    return "\n".join(lines)
+
+
+def main_stages(argv: list[str]) -> int:
+    import torch
+
+    from engine_server.guidance import load_prior
+
+    out_dir = Path(argv[0])
+    out_dir.mkdir(parents=True, exist_ok=True)
+    cases = [(s, b, float(e)) for s, b, e in (c.split(":") for c in argv[1].split(","))] if len(argv) > 1 \
+        else list(STAGE_CASES)
+    torch.set_num_threads(1)
+    prior = load_prior("bundled")
+    rows = []
+    for case in cases:
+        for stage in STAGES:
+            try:
+                rows.append(run_stage(prior, out_dir, *case, stage))
+            except Exception as exc:  # a failed run is a row of the table, not the end of the comparison
+                rows.append({"shape": case[0], "background": case[1], "elevation": case[2], "stage": stage,
+                             "error": str(exc).splitlines()[0]})
+            print(json.dumps(rows[-1]), flush=True)
+            (out_dir / "stages.json").write_text(json.dumps(rows, indent=1))
+    print(stage_table(rows))
+    return 0
+
+
 def main(argv: list[str]) -> int:
     import torch
+
+    if argv and argv[0] == "--stages":
+        return main_stages(argv[1:])
 
     from engine_server.guidance import load_prior
 
