@@ -80,7 +80,7 @@ def add_image_fit_flags(p: argparse.ArgumentParser) -> None:
 
 
 def image_fit_fields(args: argparse.Namespace) -> dict:
-    """``{"fit": ImageFitConfig, "text_model": ...}`` from :func:`add_image_fit_flags` (checked); {} when none is set."""
+    """``{"fit": ImageFitConfig, "text_model": ...}`` from :func:`add_image_fit_flags` (checked); {} without any."""
     given = {name: getattr(args, name) for name in IMAGE_FIT_FLAGS if getattr(args, name) is not None}
     if not given and args.text_model is None:
         return {}

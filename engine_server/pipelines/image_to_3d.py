@@ -14,6 +14,13 @@ everything else (checkpoints, events, cancel, extraction, texture, export) is in
            and the reference (weight ``view_weight``); after
            ``distill_start`` of the run, score distillation from the novel-view prior conditioned
            on the reference (Magic123's 3D prior) joins in at random views;
+           DreamCraft3D's stages, each opt-in (:class:`ImageFitConfig`): ``hybrid`` adds a text-to-image
+           prior's SDS on the prompt to the novel-view prior's (weight ``hybrid_weight``,
+           :class:`~engine_server.guidance.hybrid.HybridGuidance`); ``view_start_range`` starts the
+           distillation views near the reference camera and widens them to all around
+           (:func:`view_window`); ``depth_weight`` / ``normal_weight`` align the rendered depth and normals
+           at the reference and the fitted views with the visual hull of the agreeing silhouettes
+           (:func:`hull_surface`: no monocular estimator ships offline);
   extract / texture / export   as for text.
 The generated views are saved with the coarse checkpoint, so a resumed job fits the same views.
 """

@@ -1,7 +1,7 @@
 """Image to 3D from references rendered as an artist would (Blender defaults), measured case by case.
 
     python tests/pipelines/reference_matrix.py OUT_DIR [shape,...] [elevation,...] [background,...]
-    python tests/pipelines/reference_matrix.py --stages OUT_DIR [shape:background:elevation,...]
+    python tests/pipelines/reference_matrix.py --stages OUT_DIR [shape:background:elevation,...] [stage,...]
 
 Each case renders a reference with real Blender (``blender_reference.py``, child process),
 runs the draft image-to-3D pipeline on it, and measures the mesh: the texture's hue, the
@@ -17,7 +17,7 @@ alone, (b) hybrid distillation, (c) hybrid + progressive views + geometry alignm
 (:data:`STAGES`). Each result is measured against the true object (Blender's primitive, turned
 so the reference camera sits where the engine put it, both in a unit box) at held-out views
 (:data:`HELD_OUT`, none near the reference): silhouette IoU, colour error (mean absolute sRGB
-difference on the pixels both cover) and the dihedral ratio. Writes ``stages.json``.
+difference on the pixels both cover) and the dihedral ratio. Writes ``stages_<stages>.json``.
 """
 from __future__ import annotations
 
@@ -127,8 +127,12 @@ STAGES = {
     "a": {},
     "b": {"hybrid": True},
     "c": {"hybrid": True, "view_start_range": 30.0, "depth_weight": 0.5, "normal_weight": 1.0},
+    "a+align": {"depth_weight": 0.5, "normal_weight": 1.0},
+    "a+views": {"view_start_range": 30.0},
+    "a+normal": {"normal_weight": 1.0},
 }
-"""Stage name -> ImageFitConfig fields: (a) novel-view prior alone, (b) hybrid, (c) hybrid + progressive + alignment."""
+"""Stage name -> ImageFitConfig fields: (a) novel-view prior alone, (b) hybrid, (c) hybrid + progressive + alignment;
+"a+align", "a+views" and "a+normal" (one part of (c) without the hybrid) tell which part of (c) does what."""
 HELD_OUT = tuple((az, el) for el in (10.0, 35.0) for az in (60.0, 120.0, 180.0, 240.0, 300.0))
 """(azimuth, elevation) of the held-out views, degrees from the reference camera's azimuth."""
 
@@ -208,7 +212,7 @@ def stage_table(rows: list[dict]) -> str:
     for r in rows:
         lines.append("| " + " | ".join(str(r.get(c)) for c in cols) + " |")
     lines += ["", "| stage | mean IoU | mean colour error | mean dihedral ratio |", "|---|---|---|---|"]
-    for stage in STAGES:
+    for stage in dict.fromkeys(r["stage"] for r in rows):
         part = [r for r in rows if r["stage"] == stage and "iou" in r]
         if part:
             lines.append(f"| {stage} | {np.mean([r['iou'] for r in part]):.3f} | "
@@ -224,20 +228,21 @@ def main_stages(argv: list[str]) -> int:
 
     out_dir = Path(argv[0])
     out_dir.mkdir(parents=True, exist_ok=True)
-    cases = [(s, b, float(e)) for s, b, e in (c.split(":") for c in argv[1].split(","))] if len(argv) > 1 \
-        else list(STAGE_CASES)
+    cases = [(s, b, float(e)) for s, b, e in (c.split(":") for c in argv[1].split(","))] \
+        if len(argv) > 1 and argv[1] else list(STAGE_CASES)
+    stages = argv[2].split(",") if len(argv) > 2 else ["a", "b", "c"]
     torch.set_num_threads(1)
     prior = load_prior("bundled")
     rows = []
     for case in cases:
-        for stage in STAGES:
+        for stage in stages:
             try:
                 rows.append(run_stage(prior, out_dir, *case, stage))
             except Exception as exc:  # a failed run is a row of the table, not the end of the comparison
                 rows.append({"shape": case[0], "background": case[1], "elevation": case[2], "stage": stage,
                              "error": str(exc).splitlines()[0]})
             print(json.dumps(rows[-1]), flush=True)
-            (out_dir / "stages.json").write_text(json.dumps(rows, indent=1))
+            (out_dir / f"stages_{'_'.join(stages)}.json").write_text(json.dumps(rows, indent=1))
     print(stage_table(rows))
     return 0
 
