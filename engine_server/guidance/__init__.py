@@ -64,7 +64,7 @@ raises ``PriorLoadError`` while its weights are missing.
 """
 from __future__ import annotations
 
-from engine_server.guidance import adapters  # noqa: F401  (registers the adapters)
+from engine_server.guidance.adapters import bundled  # noqa: F401  (registers it; the others register on demand)
 from engine_server.guidance.config import (
     Conditioning,
     GuidanceConfig,

@@ -165,9 +165,17 @@ def register_prior(name: str, *, expects: str = "", matches: Callable[[dict, Pat
     return deco
 
 
+def _registry() -> dict[str, _Entry]:
+    """Every adapter, the diffusers ones imported (and so registered) on first need."""
+    from engine_server.guidance.adapters import register_all
+
+    register_all()
+    return _REGISTRY
+
+
 def registered_priors() -> list[str]:
     """Names of the registered adapters."""
-    return sorted(_REGISTRY)
+    return sorted(_registry())
 
 
 def default_dtype(device: torch.device) -> torch.dtype:
@@ -215,30 +223,31 @@ def load_prior(
     """
     device = torch.device(device)
     dtype = dtype or default_dtype(device)
-    if adapter is not None and adapter not in _REGISTRY:
-        raise PriorLoadError(f"unknown prior adapter {adapter!r}; registered: {', '.join(registered_priors())}")
-    named = _REGISTRY.get(os.fspath(name_or_path))
-    path = Path(os.fspath(name_or_path)).expanduser()
+    named = _REGISTRY.get(os.fspath(name_or_path))  # a shipped model (bundled) loads without the diffusers adapters
     if named is not None and named.folder is not None and adapter in (None, named.name):
-        entry, folder = named, named.folder
-    elif path.is_file():
+        logger.info("loading %s prior from %s (%s, %s)", named.name, named.folder, device, dtype)
+        return named.load(named.folder, device, dtype)
+    registry = _registry()
+    if adapter is not None and adapter not in registry:
+        raise PriorLoadError(f"unknown prior adapter {adapter!r}; registered: {', '.join(registered_priors())}")
+    path = Path(os.fspath(name_or_path)).expanduser()
+    if path.is_file():
         return _load_single_file(path, device, dtype, adapter)
-    else:
-        entry = _REGISTRY[adapter] if adapter is not None else None
-        folder, index = resolve_model_folder(name_or_path, dtype, check=entry is None)
-        if entry is None or entry.folder is None:  # diffusers adapters read the folder's model_index.json
-            index = index if index is not None else read_model_index(folder)
-            entry = entry or pick_adapter(index, folder)
+    entry = registry[adapter] if adapter is not None else None
+    folder, index = resolve_model_folder(name_or_path, dtype, check=entry is None)
+    if entry is None or entry.folder is None:  # diffusers adapters read the folder's model_index.json
+        index = index if index is not None else read_model_index(folder)
+        entry = entry or pick_adapter(index, folder)
     logger.info("loading %s prior from %s (%s, %s)", entry.name, folder, device, dtype)
     return entry.load(folder, device, dtype)
 
 
 def pick_adapter(index: dict, where: Path | str) -> _Entry:
     """The registered adapter for a ``model_index.json``, or a ``PriorLoadError`` naming its class."""
-    for entry in _REGISTRY.values():
+    for entry in _registry().values():
         if entry.matches is not None and entry.matches(index, Path(where)):
             return entry
-    expected = "; ".join(f"{e.name}: {e.expects}" for e in _REGISTRY.values() if e.matches is not None)
+    expected = "; ".join(f"{e.name}: {e.expects}" for e in _registry().values() if e.matches is not None)
     raise PriorLoadError(
         f"{where} holds a {index.get('_class_name', 'pipeline without _class_name')!r} with components "
         f"{sorted(k for k in index if not k.startswith('_'))}, which is no diffusion prior this engine can use. "
@@ -250,7 +259,7 @@ def _load_single_file(path: Path, device: torch.device, dtype: torch.dtype, adap
     if path.suffix.lower() not in SINGLE_FILE_SUFFIXES:
         raise PriorLoadError(f"{path} is a file; expected a diffusers model folder with model_index.json or a "
                              f"single-file Stable Diffusion checkpoint ({' / '.join(SINGLE_FILE_SUFFIXES)})")
-    entries = [e for e in _REGISTRY.values() if e.load_file is not None and adapter in (None, e.name)]
+    entries = [e for e in _registry().values() if e.load_file is not None and adapter in (None, e.name)]
     if not entries:
         raise PriorLoadError(f"{path}: the {adapter!r} adapter does not read single-file checkpoints")
     logger.info("loading %s prior from single-file checkpoint %s (%s, %s)", entries[0].name, path, device, dtype)

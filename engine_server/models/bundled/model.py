@@ -1,4 +1,5 @@
-"""The bundled prior's network: a diffusers ``UNet2DModel`` with prompt, camera and image conditions.
+"""The bundled prior's network: a UNet (diffusers' ``UNet2DModel`` layout, :mod:`.unet`) with prompt, camera
+and image conditions.
 
 Conditions enter in two places:
 
@@ -22,12 +23,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-from diffusers import DDIMScheduler, DDPMScheduler, UNet2DModel
-from diffusers.models.embeddings import TimestepEmbedding
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 from engine_server.models.bundled.procedural import DEFAULT_DISTANCE, DEFAULT_FOV
+from engine_server.models.bundled.unet import BundledUNet2D, TimestepEmbedding
 from engine_server.models.bundled.vocab import COLOR_NAMES, SHAPES
 
 logger = logging.getLogger(__name__)
@@ -115,28 +115,20 @@ def relative_features(c2w: torch.Tensor, ref_c2w: torch.Tensor) -> torch.Tensor:
 
 
 class BundledUNet(nn.Module):
-    """UNet2DModel plus the condition embeddings (see module docstring)."""
+    """The UNet plus the condition embeddings (see module docstring)."""
 
     def __init__(self, config: BundledModelConfig):
         super().__init__()
         self.config = config
         d = config.embed_dim
-        n = len(config.block_out_channels)
-        down = tuple("AttnDownBlock2D" if a else "DownBlock2D" for a in config.attention_levels)
-        up = tuple("AttnUpBlock2D" if a else "UpBlock2D" for a in reversed(config.attention_levels))
-        if len(config.attention_levels) != n:
-            raise ValueError("attention_levels must have one entry per block_out_channels level")
-        self.unet = UNet2DModel(
-            sample_size=config.resolution,
+        self.unet = BundledUNet2D(
             in_channels=7,
             out_channels=3,
             block_out_channels=tuple(config.block_out_channels),
             layers_per_block=config.layers_per_block,
-            down_block_types=down,
-            up_block_types=up,
+            attention_levels=tuple(config.attention_levels),
             norm_num_groups=config.norm_num_groups,
             attention_head_dim=min(32, min(config.block_out_channels)),
-            class_embed_type="identity",
         )
         self.shape_embed = nn.Embedding(len(config.shapes) + 1, d)  # last row: no shape
         self.color_embed = nn.Embedding(len(config.colors) + 1, d)  # last row: no colour
@@ -160,11 +152,13 @@ class BundledUNet(nn.Module):
         flag = ref_present.float()[:, None, None, None]
         ref = (ref_image * 2 - 1) * flag
         inp = torch.cat([x_t, ref, flag.expand(-1, 1, *x_t.shape[2:])], dim=1)
-        return self.unet(inp, t, class_labels=cond).sample
+        return self.unet(inp, t, cond)
 
 
 def make_scheduler(config: BundledModelConfig, kind: str = "ddpm"):
     """The training (ddpm) or sampling (ddim) scheduler: zero-terminal-SNR, trailing spacing."""
+    from diffusers import DDIMScheduler, DDPMScheduler  # only training and sampling need diffusers
+
     kw = dict(
         num_train_timesteps=config.num_train_timesteps,
         beta_schedule=config.beta_schedule,
@@ -178,6 +172,29 @@ def make_scheduler(config: BundledModelConfig, kind: str = "ddpm"):
     if kind == "ddim":
         return DDIMScheduler(**kw)
     raise ValueError(f"unknown scheduler kind {kind!r}; use 'ddpm' or 'ddim'")
+
+
+def alphas_cumprod(config: BundledModelConfig) -> torch.Tensor:
+    """(T,) cumulative alphas of the training schedule: ``make_scheduler(config).alphas_cumprod`` without
+    importing diffusers (score distillation needs only these).
+
+    The cosine ("squaredcos_cap_v2") betas, capped at 0.999, rescaled to zero terminal SNR (Lin et al. 2023:
+    sqrt(alpha_bar) shifted to end at 0 and stretched back to start where it did).
+    """
+    if config.beta_schedule != "squaredcos_cap_v2":
+        raise ValueError(f"the bundled model uses the squaredcos_cap_v2 schedule, not {config.beta_schedule!r}")
+    n = config.num_train_timesteps
+
+    def alpha_bar(s: float) -> float:
+        return math.cos((s + 0.008) / 1.008 * math.pi / 2) ** 2
+
+    betas = torch.tensor([min(1 - alpha_bar((i + 1) / n) / alpha_bar(i / n), 0.999) for i in range(n)],
+                         dtype=torch.float32)
+    root = torch.cumprod(1.0 - betas, dim=0).sqrt()
+    first, last = root[0].clone(), root[-1].clone()
+    bar = ((root - last) * (first / (first - last))) ** 2
+    alphas = torch.cat([bar[:1], bar[1:] / bar[:-1]])
+    return torch.cumprod(alphas, dim=0)
 
 
 WEIGHTS_NAME = "model.safetensors"

@@ -16,12 +16,14 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import torch
 
 from engine_server.models.bundled.model import (
     BundledUNet,
+    alphas_cumprod,
     camera_features,
     load_model,
     make_scheduler,
@@ -58,11 +60,7 @@ class BundledPrior:
         self.path = path
         cfg = model.config
         self.config = cfg
-        self.scheduler = make_scheduler(cfg, "ddim")
-        """DDIM sampling scheduler (zero-terminal-SNR, trailing spacing, v-prediction)."""
-        self.train_scheduler = make_scheduler(cfg, "ddpm")
-        """The training (DDPM) scheduler, for noise levels: ``alphas_cumprod``."""
-        self.alphas_cumprod = self.train_scheduler.alphas_cumprod.to(self.device)
+        self.alphas_cumprod = alphas_cumprod(cfg).to(self.device)
         """(T,) cumulative alphas of the training schedule."""
         for p in self.model.parameters():
             p.requires_grad_(False)
@@ -77,6 +75,12 @@ class BundledPrior:
         return cls(load_model(folder, device), device, folder)
 
     # ------------------------------------------------------------ properties
+    @cached_property
+    def scheduler(self):
+        """DDIM sampling scheduler (zero-terminal-SNR, trailing spacing, v-prediction); made on first use,
+        since only sampling needs diffusers."""
+        return make_scheduler(self.config, "ddim")
+
     @property
     def resolution(self) -> int:
         """Image side in pixels."""
@@ -213,7 +217,7 @@ class BundledPrior:
         """DDIM samples (B, 3, H, W) in [0, 1], one per camera in cameras (B, 4, 4)."""
         cameras = torch.as_tensor(cameras, dtype=torch.float32, device=self.device)
         b, res = cameras.shape[0], self.resolution
-        sched = make_scheduler(self.config, "ddim")
+        sched = make_scheduler(self.config, "ddim")  # a fresh one: set_timesteps changes it
         sched.set_timesteps(steps, device=self.device)
         x = torch.randn(b, 3, res, res, generator=generator).to(self.device)
         for t in sched.timesteps:
