@@ -60,6 +60,27 @@ def test_cfg_matches_the_bundled_models_own_guidance(bundled, cameras):
     torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=1e-4)
 
 
+def test_text_guidance_is_one_model_call_and_equals_the_branches_apart(bundled, cameras):
+    """Both classifier-free branches of a text-only step go through the network as one batch of 2B (issue 21),
+    with the same result as the two branches called apart."""
+    g = build_guidance(bundled, GuidanceConfig(guidance_scale=7.5))
+    inputs, _ = g.prepare_inputs(Conditioning(prompt="a green cone"), cameras)
+    x, t = torch.randn(4, 3, 32, 32), torch.tensor([50, 400, 650, 980])
+    calls = []
+    hook = bundled.bundled.model.register_forward_hook(lambda module, args, out: calls.append(args[0].shape[0]))
+    try:
+        with torch.no_grad():
+            ours = g.guided_noise(x, t, inputs, cameras)
+    finally:
+        hook.remove()
+    assert calls == [8]
+    with torch.no_grad():
+        cond = bundled.bundled.predict(x, t, "a green cone", cameras)
+        uncond = bundled.bundled.predict(x, t, None, cameras)
+        theirs = bundled.bundled.predict_eps(x, t, uncond + 7.5 * (cond - uncond))
+    torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=1e-4)
+
+
 def test_bundled_refuses_vsd_and_unknown_prompts(bundled, cameras):
     with pytest.raises(ValueError, match="VSD needs a prior whose denoiser is a diffusers UNet"):
         build_guidance(bundled, GuidanceConfig(mode="vsd"))

@@ -139,7 +139,8 @@ class BundledPriorAdapter:
     def predict_output(
         self, latents_t: torch.Tensor, t: torch.Tensor, embeddings: dict[str, Any], cameras: torch.Tensor
     ) -> torch.Tensor:
-        """The native v-prediction (N, 3, H, W): one model call per run of views sharing a condition.
+        """The native v-prediction (N, 3, H, W): one model call per run of views sharing a reference
+        (captions go per row, so both branches of a text-only guidance step are one batch).
 
         Samplers step in this (at zero terminal SNR the first step's eps equals the input, v does not).
         """
@@ -150,9 +151,9 @@ class BundledPriorAdapter:
         n = latents_t.shape[0]
         while start < n:
             end = start + 1
-            while end < n and captions[end] is captions[start] and references[end] is references[start]:
+            while end < n and references[end] is references[start]:
                 end += 1
-            outs.append(self.bundled.predict(latents_t[start:end], t[start:end], captions[start],
+            outs.append(self.bundled.predict(latents_t[start:end], t[start:end], list(captions[start:end]),
                                              cameras[start:end], references[start], guidance_scale=1.0))
             start = end
         return torch.cat(outs).float() if len(outs) > 1 else outs[0].float()
