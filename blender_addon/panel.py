@@ -80,7 +80,13 @@ class GENERATE3D_PT_main(bpy.types.Panel):
                     box.progress(factor=job.overall, text=text)
                 else:
                     box.label(text=text)
+                if job.camera_line():
+                    box.label(text=job.camera_line(), icon="CAMERA_DATA")
                 box.operator("generate3d.cancel", icon="CANCEL")
+            else:  # the camera the last image result was made for (sent from the scene, estimated or default)
+                made = [j for j in session.jobs.values() if j.state == "done" and j.camera_line()]
+                if made:
+                    layout.label(text=made[-1].camera_line(), icon="CAMERA_DATA")
         image = bpy.data.images.get(PREVIEW_IMAGE)
         if image is not None and image.preview is not None:
             layout.template_icon(icon_value=image.preview.icon_id, scale=10.0)
@@ -111,6 +117,8 @@ class GENERATE3D_PT_jobs(bpy.types.Panel):
             row.label(text=f"{job.name} - {job.state}{where}", icon=icon)
             if job.state == "failed" and job.message:  # the failure's code and message
                 col.label(text=job.message)
+            if job.camera_line():
+                col.label(text=job.camera_line())
             if job.state == "done":
                 op = row.operator("generate3d.import_result", text="", icon="IMPORT")
                 op.job_id = job.job_id

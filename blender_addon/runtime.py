@@ -17,14 +17,16 @@ this module; it imports neither.
 from __future__ import annotations
 
 import logging
+import math
 import signal
 import time
 from pathlib import Path
 from dataclasses import dataclass, field
 
 import bpy
+from mathutils import Matrix, Vector
 
-from . import importer
+from . import importer, scene_io
 from .session import START_HINT, JobView, Pending, Session, SessionError, client_modules
 
 logger = logging.getLogger(__name__)
@@ -121,7 +123,15 @@ def connect_later(context) -> Pending:
 
 def submit(context, kind: str, **fields) -> JobView | Pending:
     """Submit a job: at once when ``runtime.wait`` (returns the JobView, raises SessionError), else on a helper
-    thread (returns the Pending; :func:`drain` adds the job or reports why the engine did not take it)."""
+    thread (returns the Pending; :func:`drain` adds the job or reports why the engine did not take it).
+
+    An image job without a rig whose reference (the panel's image) a scene camera rendered takes that camera
+    along as its rig (:func:`reference_camera`): the engine then need not guess it."""
+    image = getattr(context.scene.generate3d, "image", None)
+    if kind == "image" and not fields.get("rig") and image is not None:
+        found = reference_camera(context.scene, image, fields.get("placement"))
+        if found is not None:
+            fields["rig"], fields["reference_camera"] = [found[0]], found[1]
     if runtime.wait:
         return ensure_session(context).submit(kind, **fields)
     session = session_for(context)
@@ -129,6 +139,62 @@ def submit(context, kind: str, **fields) -> JobView | Pending:
     runtime.status = _pending_line(session, pending)
     ensure_timer()
     return pending
+
+
+def source_camera(scene: bpy.types.Scene, image: bpy.types.Image) -> bpy.types.Object | None:
+    """The camera that rendered ``image``: the scene camera for the Render Result, the camera whose background
+    image it is; None for any other image."""
+    if image.type == "RENDER_RESULT":
+        return scene.camera
+    for obj in scene.objects:
+        if obj.type == "CAMERA" and any(bg.image == image for bg in obj.data.background_images):
+            return obj
+    return None
+
+
+def seen_bounds(scene: bpy.types.Scene, camera: bpy.types.Object) -> tuple[Vector, Vector] | None:
+    """World bounding box (lowest, highest corner) of the visible meshes whose centre is in ``camera``'s frame."""
+    from bpy_extras.object_utils import world_to_camera_view
+
+    corners = []
+    for obj in scene.objects:
+        if obj.type != "MESH" or obj.hide_render or not obj.visible_get():
+            continue
+        box = [obj.matrix_world @ Vector(c) for c in obj.bound_box]
+        x, y, z = world_to_camera_view(scene, camera, sum(box, Vector()) / len(box))
+        if z > 0 and 0 <= x <= 1 and 0 <= y <= 1:
+            corners += box
+    if not corners:
+        return None
+    return (Vector([min(c[i] for c in corners) for i in range(3)]),
+            Vector([max(c[i] for c in corners) for i in range(3)]))
+
+
+def reference_camera(scene: bpy.types.Scene, image: bpy.types.Image,
+                     placement: list[list[float]] | None) -> tuple[dict, dict] | None:
+    """The rig entry of the camera that rendered ``image`` (:func:`source_camera`) and what the panel says of it
+    (:attr:`JobView.reference_camera`); None when no perspective camera rendered it or it shows no mesh.
+
+    The engine makes the object in a unit box at the placement: the camera is taken relative to what it shows
+    (:func:`seen_bounds`), scaled by that box's largest side (Blender's default camera, 11 m from a 2 m cube,
+    becomes 5.6 units from a unit one), its view direction and FOV kept, then put at the placement.
+    """
+    camera = source_camera(scene, image)
+    rig = scene_io.camera_rig([camera], scene) if camera is not None else []
+    bounds = seen_bounds(scene, camera) if rig else None
+    if bounds is None:
+        return None
+    lo, hi = bounds
+    centre, size = (lo + hi) / 2, max(max(hi - lo), 1e-6)
+    rotation, location = camera.matrix_world.to_3x3().normalized(), camera.matrix_world.translation
+    unit = Matrix.Translation((location - centre) / size) @ rotation.to_4x4()
+    if placement is not None:
+        unit = Matrix(placement) @ unit
+    (entry,) = rig
+    entry["matrix_world"] = scene_io.matrix_rows(unit)
+    offset = location - centre
+    elevation = math.degrees(math.atan2(offset.z, math.hypot(offset.x, offset.y)))
+    return entry, {"source": "rig", "camera": camera.name, "elevation_deg": round(elevation, 2)}
 
 
 def _connected_status(session: Session) -> str:
@@ -302,6 +368,11 @@ def import_job(context, session: Session, job: JobView, fetched=None) -> bpy.typ
                                  normal_png=fetched.normal_texture,
                                  factors=fetched.meta.get("material"))
     job.imported = obj.name
+    used = fetched.meta.get("reference_camera")
+    if used:  # what the engine used; the scene camera's name, when it was the one sent, kept for the panel
+        sent = job.reference_camera or {}
+        job.reference_camera = {**used, **({"camera": sent["camera"]} if used.get("source") == "rig"
+                                           and sent.get("camera") else {})}
     if job.export_dir:
         _save_files(job, fetched, obj.name)
     session._save_jobs()

@@ -103,6 +103,18 @@ def image_png(image: bpy.types.Image) -> bytes:
     """A Blender image as PNG bytes (saved through a temporary copy; the image itself is untouched)."""
     fd, path = tempfile.mkstemp(suffix=".png", prefix="generate3d-ref-")
     os.close(fd)
+    if image.type == "RENDER_RESULT":  # its pixels are not readable: saved as the render's own output
+        try:
+            settings = bpy.context.scene.render.image_settings
+            fmt, settings.file_format = settings.file_format, "PNG"
+            try:
+                image.save_render(path)
+            finally:
+                settings.file_format = fmt
+            with open(path, "rb") as f:
+                return f.read()
+        finally:
+            os.remove(path)
     copy = image.copy()
     try:
         # A copy of a generated or painted image may come back from its source, not from what is in

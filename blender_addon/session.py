@@ -122,6 +122,10 @@ class JobView:
     """Folder the result's files (the chosen export format) are saved into on import, or None."""
     rig_cameras: int = 0
     """Cameras of the rig the job was made for (0: none)."""
+    reference_camera: dict | None = None
+    """For an image job: the camera its reference was seen from, as the result's meta says (``source``: rig,
+    estimated or default; ``elevation_deg``, ...), or, until the result comes, the scene camera sent with it
+    (``{"source": "rig", "camera": name, "elevation_deg": ...}``)."""
     node: str = ""
     """The machine running the job, when the engine runs jobs on a cluster (its job listing says)."""
     submitted_at: float = field(default_factory=time.time)
@@ -135,6 +139,16 @@ class JobView:
         meta = meta or {}
         kind = meta.get("kind") or self.kind
         return kind != "refine" and not (self.rig_cameras or meta.get("rig_cameras"))
+
+    def camera_line(self) -> str:
+        """The reference camera in a few words for the panel ("" without one)."""
+        cam = self.reference_camera
+        if not cam:
+            return ""
+        what = {"rig": f"scene camera {cam['camera']}" if cam.get("camera") else "scene camera",
+                "estimated": "estimated", "default": "default front view"}.get(cam.get("source"), str(cam.get("source")))
+        elevation = cam.get("elevation_deg")
+        return f"Reference camera: {what}" + (f", {float(elevation):.0f}\u00b0 up" if elevation is not None else "")
 
     @property
     def fraction(self) -> float:
@@ -341,23 +355,24 @@ class Session:
     # -- jobs
 
     def submit(self, kind: str, *, name: str, placement: list[list[float]] | None = None, source: str | None = None,
-               export_dir: str | None = None, **fields: Any) -> JobView:
+               export_dir: str | None = None, reference_camera: dict | None = None, **fields: Any) -> JobView:
         """Queue a job (fields as ``EngineClient.submit`` takes them, ``placement`` sent too); raises SessionError
-        with the engine's reason. ``name`` labels the job in the panel until the result brings its own.
+        with the engine's reason. ``name`` labels the job in the panel until the result brings its own, as
+        ``reference_camera`` (:attr:`JobView.reference_camera`) does its camera.
         Connects first when not yet connected. Blocks up to the timeout: the UI uses :meth:`submit_later`."""
         with self._client():
-            job = self._submit(kind, name, placement, source, export_dir, fields)
+            job = self._submit(kind, name, placement, source, export_dir, reference_camera, fields)
         return self.add_job(job)
 
     def submit_later(self, kind: str, *, name: str, placement: list[list[float]] | None = None,
-                     source: str | None = None, export_dir: str | None = None, auto_start: str = "",
-                     **fields: Any) -> Pending:
+                     source: str | None = None, export_dir: str | None = None, reference_camera: dict | None = None,
+                     auto_start: str = "", **fields: Any) -> Pending:
         """:meth:`submit` (connecting first, starting a local engine with ``auto_start`` if allowed) on a helper
         thread; the ended Pending's ``outcome`` is the JobView to pass to :meth:`add_job`."""
         def run() -> JobView:
             if self.welcome is None:
                 self._connect(auto_start)
-            return self._submit(kind, name, placement, source, export_dir, fields)
+            return self._submit(kind, name, placement, source, export_dir, reference_camera, fields)
 
         return self.start("submit", run, job_name=name)
 
@@ -365,7 +380,8 @@ class Session:
         """:meth:`connect` on a helper thread; the ended Pending's ``outcome`` is the welcome."""
         return self.start("connect", lambda: self._connect(auto_start))
 
-    def _submit(self, kind: str, name: str, placement, source, export_dir, fields: dict[str, Any]) -> JobView:
+    def _submit(self, kind: str, name: str, placement, source, export_dir, reference_camera,
+                fields: dict[str, Any]) -> JobView:
         if self.welcome is None:
             self._connect()
         try:
@@ -376,7 +392,8 @@ class Session:
         except self.client_mod.EngineError as exc:
             raise SessionError(f"{exc}: {START_HINT}" if isinstance(exc, self.client_mod.EngineTimeout) else str(exc)) from None
         return JobView(job_id, kind=kind, name=name or "Generated", placement=placement, source=source,
-                       export_dir=export_dir, rig_cameras=len(fields.get("rig") or ()))
+                       export_dir=export_dir, rig_cameras=len(fields.get("rig") or ()),
+                       reference_camera=reference_camera)
 
     def add_job(self, job: JobView) -> JobView:
         """Keep a submitted job (main thread) and save the job list."""

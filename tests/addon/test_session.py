@@ -162,3 +162,19 @@ def test_the_job_list_shows_the_node_a_cluster_engine_runs_each_job_on(tmp_path)
         assert running.node == "gpu-box-2" and done.node == ""
     finally:
         s.close()
+
+
+def test_the_reference_camera_sent_is_kept_with_the_job_and_said_in_a_few_words(server, session, tmp_path):
+    _, key = server
+    sent = {"source": "rig", "camera": "Camera", "elevation_deg": 35.0}
+    job = session.submit("text", name="cube", prompt="a red cube", reference_camera=sent)
+    assert job.camera_line() == "Reference camera: scene camera Camera, 35\u00b0 up"
+    again = Session(session.endpoint, str(key), timeout=1.0, state_dir=tmp_path / "addon")  # the saved job list
+    try:
+        assert again.jobs[job.job_id].reference_camera == sent
+    finally:
+        again.close()
+    job.reference_camera = {"source": "estimated", "elevation_deg": 19.6}  # what an estimate's meta says
+    assert job.camera_line() == "Reference camera: estimated, 20\u00b0 up"
+    job.reference_camera = None
+    assert job.camera_line() == ""
