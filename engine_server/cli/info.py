@@ -15,6 +15,7 @@ BENCHES: dict[str, str] = {
     "pipeline": "engine_server.pipelines.bench:run",
     "rasterize": "kernels.rasterize.bench:run",
     "cluster": "engine_server.service.bench:run_cluster",
+    "draft": "engine_server.pipelines.bench:run_draft",
     "server": "engine_server.service.bench:run",
     "texture": "engine_server.texture.bench:run",
 }
@@ -36,6 +37,10 @@ def add_parsers(sub) -> None:
     p.add_argument("--repeat", type=int, default=5, help="timed repetitions per measurement")
     p.add_argument("--points", type=int, default=65536, help="points per batch (kernels)")
     p.add_argument("--jobs", type=int, default=4, help="tiny jobs per actor count (cluster)")
+    p.add_argument("--variant", action="append", metavar="NAME:KEY=VALUE,...",
+                   help="draft: also run the draft preset with these overrides, e.g. fast:coarse_steps=120 "
+                        "(repeatable)")
+    p.add_argument("--seed", type=int, default=0, help="draft: the runs' seed")
     p.set_defaults(func=cmd_bench)
 
 
@@ -131,6 +136,15 @@ def _model_search_paths() -> list[str]:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
+    if args.variant:
+        if args.target != "draft":
+            raise UsageError("--variant is for `bench draft`")
+        from engine_server.pipelines.bench import parse_variants
+
+        try:
+            parse_variants(args.variant)
+        except ValueError as exc:
+            raise UsageError(f"--variant: {exc}") from None
     module, _, attr = BENCHES[args.target].partition(":")
     result = getattr(importlib.import_module(module), attr)(args)
     if args.json is not None:

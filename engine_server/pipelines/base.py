@@ -141,7 +141,7 @@ class JobPipeline:
                               vmapping)
 
     def asset_config(self, preset: Preset):
-        """How new geometry is finished: the preset's ``faces`` and ``texture_size``."""
+        """How new geometry is finished: the preset's ``faces``, ``texture_size`` and ``bake_samples``."""
         from engine_server.texture.asset import AssetConfig
 
-        return AssetConfig(faces=preset.faces, texture_size=preset.texture_size)
+        return AssetConfig(faces=preset.faces, texture_size=preset.texture_size, supersample=preset.bake_samples)

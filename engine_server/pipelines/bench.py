@@ -1,8 +1,10 @@
-"""``engine-server bench pipeline``: where the time of a draft text-to-3D run goes.
+"""``engine-server bench pipeline``: where the time of a draft text-to-3D run goes; ``bench draft``: the
+draft's shape quality and time against its values before issue 21 (:func:`run_draft`).
 
 One draft pipeline (bundled prior, "a red cube") is built and measured in one run:
 
-- per distillation step (``4 * --repeat`` timed steps after 2 warm-up steps), split into
+- per distillation step (``4 * --repeat`` timed steps after 2 warm-up steps, spread evenly over the
+  stage's steps, since the render size ramps up with the step), split into
   field (hash-grid encoding + MLPs, forward; timed around every field call the renderer
   makes), renderer (ray marching and compositing: the render minus its field calls),
   prior (the denoiser's forward passes), guidance (the rest of the SDS step: noise,
@@ -10,10 +12,12 @@ One draft pipeline (bundled prior, "a red cube") is built and measured in one ru
   renderer and field), optimizer (Adam step) and occupancy (grid update);
 - field_fwd_bwd: the field's forward + backward alone on the same number of samples as
   one step, to show how much of ``backward`` the field is;
-- per stage: the draft's coarse stage estimated as steps x the median step, then extract,
-  texture and export run for real on the partly trained field.
-  Steps are also split by the step's shading (albedo, or lit: the renderer's normals and
-  deferred shading, DreamFusion's augmentation), since lit steps cost more.
+- per stage: the draft's coarse stage estimated as steps x the mean step, then extract,
+  texture and export run for real on the partly trained field;
+- the whole draft run measured as a job runs it (build to GLB, the prior already loaded), beside the estimate.
+
+Steps are also split by the step's shading (albedo, or lit: the renderer's normals and
+deferred shading, DreamFusion's augmentation), since lit steps cost more.
 
 Shares are of the median step. Everything runs with the process's torch thread count.
 """
@@ -140,7 +144,12 @@ def run(args: Any) -> dict:
     _instrument(pipe, clock)
     for _ in range(2):  # warm-up (first-call allocations, lazy init)
         _step(pipe, clock)
-    timed = [_step(pipe, clock) for _ in range(steps)]
+    # Timed steps spread over the stage: the resolution ramp, timestep annealing and shading warm-up follow
+    # the step, so steps taken only at the start (16 px renders) would underestimate the stage.
+    timed = []
+    for i in range(steps):
+        pipe.step = int((i + 0.5) * pipe.preset.coarse_steps / steps)
+        timed.append(_step(pipe, clock))
     per_step = [t for t, _ in timed]
     by_shading: dict[str, list[float]] = {}
     for t, shading in timed:
@@ -172,23 +181,115 @@ def run(args: Any) -> dict:
         v, f = pipe.extract()
         stage_s["extract"] = time.perf_counter() - t
         t = time.perf_counter()
-        uv_mesh, tex = pipe.texture(v, f)
+        mesh, _ = pipe.texture(v, f)
         stage_s["texture"] = time.perf_counter() - t
-        from engine_server.export import export_glb
+        from engine_server.export import export_mesh
 
         t = time.perf_counter()
-        export_glb(Path(tmp) / "bench.glb", uv_mesh.vertices.astype("float32"), uv_mesh.faces, uv_mesh.uvs, tex,
-                   name="bench")
+        export_mesh(Path(tmp) / "bench.glb", mesh, name="bench")
         stage_s["export"] = time.perf_counter() - t
-    for name, s in stage_s.items():
-        rows.append({"what": f"stage: {name}", "ms": round(1000 * s), "share": ""})
-    total = coarse_s + sum(stage_s.values())
-    rows.append({"what": "draft run (est.)", "ms": round(1000 * total), "share": ""})
+        for name, s in stage_s.items():
+            rows.append({"what": f"stage: {name}", "ms": round(1000 * s), "share": ""})
+        total = coarse_s + sum(stage_s.values())
+        rows.append({"what": "draft run (est.)", "ms": round(1000 * total), "share": ""})
+        # The whole run as a job runs it (previews, checkpoints, events, the resolution ramp), prior loaded.
+        t = time.perf_counter()
+        whole = TextTo3D(TextTo3DRequest(prompt=prompt, preset="draft", seed=0), prior=pipe.prior)
+        result = whole.run(Path(tmp) / "whole.glb")
+        wall = time.perf_counter() - t
+    coarse_real = result.sidecar["timings_s"]["coarse_s"]
+    rows.append({"what": "draft run (measured, build to GLB)", "ms": round(1000 * wall),
+                 "share": f"{100 * wall / total:.0f}% of est."})
+    rows.append({"what": f"  its coarse stage: {1000 * coarse_real / whole.preset.coarse_steps:.0f} ms a step",
+                 "ms": round(1000 * coarse_real), "share": f"{100 * coarse_real / coarse_s:.0f}% of est."})
     notes = [
         f"draft preset, prompt {prompt!r}, {pipe.preset.views_per_step} views x {pipe.resolution}^2 px, "
         f"{pipe.preset.samples_per_ray} samples/ray, {steps} timed steps, torch threads {torch.get_num_threads()}",
         "field/prior are forward passes; backward covers the field, renderer and image-space gradient "
         "(the prior is not differentiated: SDS); 'field fwd+bwd alone' shows the field's part of it.",
-        f"draft estimate {total:.1f} s (coarse {coarse_s:.1f} s); the machine's load changes these numbers.",
+        f"draft estimate {total:.1f} s (coarse {coarse_s:.1f} s), measured {wall:.1f} s; the machine's load changes "
+        "these numbers.",
     ]
     return {"title": "pipeline (text-to-3D, draft)", "rows": rows, "notes": notes}
+
+
+BEFORE_ISSUE_21 = {"coarse_steps": 200, "views_per_step": 4, "bake_samples": 2}
+"""The draft preset's values before issue 21 made it faster (the same code otherwise)."""
+
+
+def parse_variants(specs: list[str] | None) -> dict[str, dict]:
+    """``NAME:key=value,key=value`` -> {NAME: overrides}; values are ints, floats or words.
+
+    Raises ValueError naming a malformed spec or an override the draft preset refuses."""
+    from engine_server.pipelines.presets import get_preset
+
+    variants: dict[str, dict] = {}
+    for spec in specs or []:
+        name, sep, body = spec.partition(":")
+        if not sep or not name:
+            raise ValueError(f"expected NAME:key=value[,key=value...], got {spec!r}")
+        over = {}
+        for item in filter(None, body.split(",")):
+            key, eq, value = item.partition("=")
+            if not eq:
+                raise ValueError(f"{spec!r}: {item!r} is not key=value")
+            for cast in (int, float):
+                try:
+                    over[key] = cast(value)
+                    break
+                except ValueError:
+                    continue
+            else:
+                over[key] = value
+        get_preset("draft", **over)
+        variants[name] = over
+    return variants
+
+
+def run_draft(args: Any) -> dict:
+    """``bench draft``: the draft preset against its values before issue 21 (and any ``--variant``), side by side.
+
+    Each of the four shape-quality prompts runs once per variant, interleaved so machine load falls on all
+    alike; per run the wall time from building the pipeline to the written GLB (the prior is loaded once,
+    outside), the shape measures and the colour word; per variant the median time, its ratio to "before",
+    and the bars of :func:`~engine_server.pipelines.quality.draft_shape_checks`.
+    """
+    from engine_server.guidance import load_prior
+    from engine_server.pipelines.quality import DRAFT_PROMPTS, colour_word, draft_shape_checks, shape_measures
+
+    variants = {"draft": {}, "before": dict(BEFORE_ISSUE_21), **parse_variants(getattr(args, "variant", None))}
+    seed = int(getattr(args, "seed", 0) or 0)
+    prior = load_prior("bundled")
+    runs: dict[str, dict[str, dict]] = {name: {} for name in variants}
+    rows: list[dict] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for shape, prompt in DRAFT_PROMPTS.items():
+            for name, over in variants.items():
+                t = time.perf_counter()
+                pipe = TextTo3D(TextTo3DRequest(prompt=prompt, preset="draft", seed=seed, overrides=dict(over)),
+                                prior=prior)
+                result = pipe.run(Path(tmp) / f"{name}_{shape}.glb")
+                seconds = time.perf_counter() - t
+                m = shape_measures(result.vertices, result.faces)
+                word = colour_word(result.texture, result.uvs, result.faces)
+                runs[name][shape] = m | {"seconds": seconds, "colour_ok": word == prompt.split()[1]}
+                rows.append({"what": f"{shape} / {name}", "s": round(seconds, 1),
+                             "sphericity": round(m["sphericity"], 3), "fill": round(m["fill"], 3),
+                             "taper": round(m["taper"], 3), "extent": round(m["extent_ratio"], 3),
+                             "colour": word, "dihedral": result.sidecar["asset"]["dihedral_ratio"]})
+    base = statistics.median(r["seconds"] for r in runs["before"].values())
+    notes = [f"draft preset, seed {seed}, torch threads {torch.get_num_threads()}; 'before' = the draft's values "
+             f"before issue 21 ({', '.join(f'{k}={v}' for k, v in BEFORE_ISSUE_21.items())}) on today's code"]
+    for name, by_shape in runs.items():
+        med = statistics.median(r["seconds"] for r in by_shape.values())
+        checks = draft_shape_checks(by_shape)
+        colours = sum(r["colour_ok"] for r in by_shape.values())
+        failed = [c for c, ok in checks.items() if not ok]
+        rows.append({"what": f"{name}: median run", "s": round(med, 1), "sphericity": f"x{med / base:.2f}",
+                     "fill": "", "taper": "", "extent": "", "colour": f"{colours}/{len(by_shape)}",
+                     "dihedral": ""})
+        notes.append(f"{name} ({', '.join(f'{k}={v}' for k, v in variants[name].items()) or 'the preset'}): "
+                     f"{len(checks) - len(failed)}/{len(checks)} shape bars"
+                     + (f", failing: {', '.join(failed)}" if failed else "") + f"; colour {colours}/{len(by_shape)}")
+    return {"title": "draft: shape quality and time, side by side", "rows": rows, "notes": notes,
+            "runs": runs}

@@ -35,8 +35,9 @@ class Trainable(Protocol):
 
     step: int
     """Steps done; the loop advances it, the training step reads it (schedules)."""
-    optimizer: torch.optim.Optimizer
-    """Steps the parameters the loss reaches."""
+    optimizer: Any
+    """Steps the parameters the loss reaches (``zero_grad``, ``step``, ``state_dict``, ``load_state_dict``:
+    :class:`~engine_server.pipelines.optim.Adam` or a ``torch.optim`` optimizer)."""
     device: torch.device
     """Where the checkpointed tensors go back to."""
 

@@ -130,3 +130,33 @@ def dominant_color(texture: np.ndarray, uvs: np.ndarray | None = None, faces: np
     used = tex.reshape(-1, 3)
     used = used[used.sum(1) > 1e-3]
     return np.median(used, axis=0) if len(used) else np.zeros(3)
+
+
+DRAFT_PROMPTS = {"cube": "a red cube", "sphere": "a blue sphere", "cylinder": "a green cylinder", "cone": "a yellow cone"}
+"""The draft's shape-quality prompts: four shapes told apart by the measures of :func:`draft_shape_checks`."""
+
+
+def draft_shape_checks(m: dict[str, dict[str, float]]) -> dict[str, bool]:
+    """The shape-quality bars the draft's four prompts must clear, from their measures (shape -> measures).
+
+    The tests and ``engine-server bench draft`` read the same bars. Ideal values: sphericity sphere 1.0,
+    cylinder 0.87, cube 0.81; fill sphere 0.52, cylinder 0.79, cube 1.0; taper cone ~0.2, others ~1;
+    extent ratio cube and sphere 1.0, the bundled cylinder 0.8 (diameter 0.8 of its height).
+    """
+    return {
+        "sphere roundest": m["sphere"]["sphericity"] > max(m["cube"]["sphericity"], m["cylinder"]["sphericity"]) + 0.02,
+        "sphere fills its box least": m["sphere"]["fill"] < min(m["cube"]["fill"], m["cylinder"]["fill"]),
+        "cone narrows upwards": m["cone"]["taper"] < min(m[s]["taper"] for s in ("cube", "cylinder", "sphere")) - 0.05,
+        "cube as wide as tall": m["cube"]["extent_ratio"] > 0.88,
+        "cylinder taller than wide": m["cylinder"]["extent_ratio"] < m["cube"]["extent_ratio"] - 0.1,
+        "one closed piece": all(x["main_area_fraction"] > 0.97 and x["open_edge_fraction"] < 0.01 for x in m.values()),
+    }
+
+
+def colour_word(texture: np.ndarray, uvs: np.ndarray, faces: np.ndarray) -> str:
+    """The bundled vocabulary's colour word nearest the texture's dominant colour."""
+    from engine_server.models.bundled.vocab import COLORS
+
+    colour = dominant_color(texture, uvs, faces)
+    names = list(COLORS)
+    return names[int(np.argmin(np.linalg.norm(np.array([COLORS[n] for n in names]) - colour, axis=1)))]

@@ -49,6 +49,7 @@ from engine_server.guidance.config import TimestepSchedule
 from engine_server.pipelines.base import JobPipeline, PipelineResult, never_cancelled, no_progress, to_uint8
 from engine_server.pipelines.events import Cancelled, ProgressCallback, ProgressEvent
 from engine_server.pipelines.loop import StepLoop
+from engine_server.pipelines.optim import Adam
 from engine_server.pipelines.presets import DEFAULT_PRESET, Preset, get_preset
 from kernels.hashgrid import HashGridConfig, HashGridEncoder
 
@@ -316,7 +317,7 @@ class MeshRefiner:
         self.step = 0
         self.dmtet = None
         self.texture_field: nn.Module | None = None
-        self.optimizer: torch.optim.Optimizer | None = None
+        self.optimizer: Adam | None = None
         self._fixed: tuple[torch.Tensor, torch.Tensor] | None = None
         self.checkpoint_key: str | None = None
         """Set by ``_setup``: refine checkpoints resume only the same input, config, seed and prompt."""
@@ -402,7 +403,7 @@ class MeshRefiner:
             self.dmtet = None
             self._fixed = (torch.as_tensor(v_unit, dtype=torch.float32, device=self.device),
                            torch.as_tensor(faces, dtype=torch.long, device=self.device))
-        self.optimizer = torch.optim.Adam(groups, betas=(0.9, 0.99), eps=1e-15)
+        self.optimizer = Adam(groups, betas=(0.9, 0.99), eps=1e-15)
         h = hashlib.sha256()
         h.update(np.ascontiguousarray(v_unit, np.float64).tobytes())
         h.update(np.ascontiguousarray(faces, np.int64).tobytes())

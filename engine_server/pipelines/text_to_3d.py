@@ -45,6 +45,7 @@ from engine_server.field import (
 from engine_server.pipelines.base import JobPipeline, PipelineResult, to_uint8
 from engine_server.pipelines.events import ProgressEvent
 from engine_server.pipelines.loop import StepLoop
+from engine_server.pipelines.optim import Adam
 from engine_server.pipelines.presets import DEFAULT_PRESET, Preset, get_preset
 
 logger = logging.getLogger(__name__)
@@ -161,7 +162,7 @@ class TextTo3D(JobPipeline):
         bg_params = list(self.background.parameters())
         if bg_params:
             params.append({"params": bg_params, "lr": self.preset.learning_rate * 0.1})
-        self.optimizer = torch.optim.Adam(params, betas=(0.9, 0.99), eps=1e-15)
+        self.optimizer = Adam(params, betas=(0.9, 0.99), eps=1e-15)
         self.step = 0
 
     # ---------------------------------------------------------------- the coarse stage's Trainable parts
