@@ -115,8 +115,7 @@ class Prior(Protocol):
 
     # Optional hooks, looked up with getattr by the multi-view sampler (engine_server/multiview):
     #   scheduler_config: dict        the diffusers scheduler config the prior was trained with
-    #                                 (else <source>/scheduler/scheduler_config.json, else built
-    #                                 from alphas_cumprod);
+    #                                 (else built from alphas_cumprod);
     #   predict_output(latents_t, t, embeddings, cameras) -> the network's raw output in its
     #                                 prediction_type (else predict_noise's eps, converted back);
     #   check_views(images, cameras, fovs, prompt) -> (score (N,), per view None or what is wrong),
