@@ -158,7 +158,6 @@ def _reconstruct(args: argparse.Namespace):
 
 def _views_only(args: argparse.Namespace):
     """The views alone: ``generate_views`` on the default rig."""
-    from engine_server.cameras import look_at, orbit_position
     from engine_server.devices import resolve_device
     from engine_server.guidance import PriorLoadError, load_prior, prior_defaults
     from engine_server.multiview import DEFAULT_ELEVATION, MultiViewConfig, ViewReference, default_rig, generate_views
@@ -170,15 +169,20 @@ def _views_only(args: argparse.Namespace):
         defaults = prior_defaults(prior)
         ranges = defaults.camera_ranges
         dist, fov = float(ranges.get("default_distance", 2.5)), float(ranges.get("default_fov", 42.0))
-        reference = None
-        if args.image:
-            from engine_server.pipelines.image_to_3d import foreground_mask, prepare_reference, read_image
+        reference, rig = None, default_rig(args.views, dist, fov, res)
+        if args.image:  # prepared and placed as generate --image does (its pipeline's views stage)
+            from engine_server.multiview.reference import (
+                estimate_reference_camera,
+                matte_reference,
+                prepare_matte,
+                read_image,
+            )
 
-            rgba = read_image(args.image)
-            mask, _ = foreground_mask(rgba)
-            img, _ = prepare_reference(rgba, mask, defaults.background_rgb or (1.0, 1.0, 1.0), res)
-            reference = ViewReference(img, look_at(orbit_position(0.0, DEFAULT_ELEVATION, dist)), fov)
-        rig = default_rig(args.views, dist, fov, res)
+            matte = matte_reference(read_image(args.image))
+            img, _ = prepare_matte(matte, defaults.background_rgb or (1.0, 1.0, 1.0), res)
+            cam = estimate_reference_camera(prior, img, dist, fov, DEFAULT_ELEVATION, seed=args.seed)
+            reference = ViewReference(img, cam.c2w, cam.fov_y_deg)
+            rig = default_rig(args.views, cam.distance, cam.fov_y_deg, res, start_azimuth=cam.azimuth_deg)
         cfg = MultiViewConfig(strategy=args.strategy, steps=steps, seed=args.seed)
         return generate_views(prior, rig, prompt=args.prompt, reference=reference, config=cfg)
     except (ValueError, PriorLoadError) as exc:

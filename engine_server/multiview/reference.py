@@ -1,10 +1,10 @@
 """A reference image the project did not make, made to look like the prior's own views.
 
     rgba = read_image("render.png")                      # (H, W, 4) float, alpha 1 without one
-    ref = matte_reference(rgba)                           # soft alpha, colour without the background,
-                                                          # light normalised; ref.how says how
-    image, mask = prepare_reference(ref.rgba, ref.mask, prior_background, 32)
-    camera = estimate_reference_camera(prior, image, distance=2.5, fov_y_deg=42.0)
+    ref = matte_reference(rgba)                           # soft alpha, colour without the background;
+                                                          # ref.how says how
+    image, mask = prepare_matte(ref, prior_background, 32)  # light normalised, framed as the prior's views
+    camera = estimate_reference_camera(prior, image, 2.5, 42.0, 15.0)  # direction searched, distance read
 
 Artists' renders and photos differ from the prior's training views in four ways, each handled here:
 background (alpha when the image has one; otherwise a smooth background model fitted to the border
@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from engine_server.cameras import look_at, orbit_position
+from engine_server.cameras import Camera, azimuth_elevation, look_at, orbit_position
 
 logger = logging.getLogger(__name__)
 
@@ -294,6 +294,36 @@ def normalise_light(rgba: np.ndarray, mask: np.ndarray) -> np.ndarray:
 # ------------------------------------------------------------------------------------------ framing
 
 
+def prepare_matte(matte: Matte, background_rgb, resolution: int,
+                  recenter: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """A matted reference as the prior's views show an object: light normalised (:func:`normalise_light`),
+    framed and composited (:func:`prepare_reference`). Image (3, R, R), mask (R, R) bool.
+
+    The one way every job (``generate --image``, ``multiview --image``, the server's image jobs) prepares it.
+    """
+    return prepare_reference(normalise_light(matte.rgba, matte.mask), matte.mask, background_rgb, resolution,
+                             recenter=recenter)
+
+
+def framing(mask: np.ndarray, recenter: bool = True, target_fraction: float = 0.6) -> tuple[float, float, int]:
+    """The square :func:`prepare_reference` cuts from an image with foreground ``mask`` (H, W): centre row,
+    centre column and side, in the image's pixels (the whole image padded to a square, or a recentred cut)."""
+    h, w = mask.shape
+    rows, cols = np.nonzero(mask)
+    r0, r1, c0, c1 = rows.min(), rows.max() + 1, cols.min(), cols.max() + 1
+    side = max(h, w)
+    cy, cx = 0.5 * h, 0.5 * w
+    if recenter:
+        extent = max(r1 - r0, c1 - c0)
+        off = max(abs(0.5 * (r0 + r1) - cy), abs(0.5 * (c0 + c1) - cx)) / side
+        # Only an image framed as the prior's already is kept: a cube covering 0.41 of Blender's default
+        # frame, kept as it was, read to the prior as a small cube seen from 50 degrees instead of 40.
+        if off > 0.05 or abs(extent / side - target_fraction) > 0.1:
+            side = int(math.ceil(extent / target_fraction))
+            cy, cx = 0.5 * (r0 + r1), 0.5 * (c0 + c1)
+    return float(cy), float(cx), int(side)
+
+
 def prepare_reference(rgba: np.ndarray, mask: np.ndarray, background_rgb, resolution: int,
                       recenter: bool = True, target_fraction: float = 0.6) -> tuple[torch.Tensor, torch.Tensor]:
     """The reference composited on ``background_rgb`` at ``resolution``: image (3, R, R) in [0, 1], mask (R, R) bool.
@@ -309,16 +339,7 @@ def prepare_reference(rgba: np.ndarray, mask: np.ndarray, background_rgb, resolu
     a = rgba[..., 3:4] if has_alpha else mask[..., None].astype(np.float32)  # soft edges from alpha
     rgb = rgba[..., :3] * a + bg * (1 - a)
     h, w = mask.shape
-    rows, cols = np.nonzero(mask)
-    r0, r1, c0, c1 = rows.min(), rows.max() + 1, cols.min(), cols.max() + 1
-    side = max(h, w)
-    cy, cx = 0.5 * h, 0.5 * w
-    if recenter:
-        extent = max(r1 - r0, c1 - c0)
-        off = max(abs(0.5 * (r0 + r1) - cy), abs(0.5 * (c0 + c1) - cx)) / side
-        if off > 0.05 or not 0.4 <= extent / side <= 0.8:
-            side = int(math.ceil(extent / target_fraction))
-            cy, cx = 0.5 * (r0 + r1), 0.5 * (c0 + c1)
+    cy, cx, side = framing(mask, recenter, target_fraction)
     # Square canvas of `side` pixels centred at (cy, cx), background outside the image.
     top, left = int(round(cy - side / 2)), int(round(cx - side / 2))
     canvas = np.broadcast_to(bg, (side, side, 3)).copy()
@@ -347,6 +368,23 @@ AZIMUTHS = (0.0, 22.5, 45.0, 67.5)
 """Candidate reference azimuths, degrees: the vocabulary's shapes repeat every 90 degrees about Z."""
 FLAT = 0.02
 """Relative spread of the scores under which the prior cannot tell cameras apart (the default is kept)."""
+OBJECT_WIDTH = 1.0
+"""Width across the view, in the unit box, assumed for the object when its distance is read from its silhouette:
+exact for a round object (sphere, cylinder, cone, torus) from any side; a box seen on its corner is up to sqrt(2)
+wider, and its distance comes out up to 30% short."""
+DISTANCE_RANGE = (0.7, 1.5)
+"""The distance read from the silhouette is kept within these multiples of the prior's default distance."""
+
+
+def silhouette_distance(mask: torch.Tensor, fov_y_deg: float, default_distance: float) -> float:
+    """Distance at which a ball :data:`OBJECT_WIDTH` wide fills the width of ``mask`` (R, R) bool's silhouette
+    in a square frame of vertical FOV ``fov_y_deg``, kept within :data:`DISTANCE_RANGE` of ``default_distance``."""
+    cols = torch.nonzero(mask.any(0)).flatten()
+    width = float(cols.max() - cols.min() + 1) / mask.shape[1]
+    half = math.atan(width * math.tan(math.radians(fov_y_deg) / 2))  # the silhouette's half angle
+    distance = 0.5 * OBJECT_WIDTH / math.sin(half)  # a near ball looks wider than its diameter over its distance
+    lo, hi = DISTANCE_RANGE
+    return float(min(max(distance, lo * default_distance), hi * default_distance))
 
 
 @dataclass
@@ -366,25 +404,60 @@ class ReferenceCamera:
     scores: dict | None = None
     """For an estimate: {"elevation": [...], "azimuth": [...], "loss": [...]} of every candidate."""
 
+    @property
+    def distance(self) -> float:
+        """Distance from the object's centre (the placement), in the unit box's units."""
+        return float(self.c2w[:3, 3].norm())
+
     def record(self) -> dict:
         """What the sidecar / result says about it."""
         return {"source": self.source, "elevation_deg": round(self.elevation_deg, 2),
-                "azimuth_deg": round(self.azimuth_deg, 2), "fov_y_deg": round(self.fov_y_deg, 2)}
+                "azimuth_deg": round(self.azimuth_deg, 2), "distance": round(self.distance, 3),
+                "fov_y_deg": round(self.fov_y_deg, 2)}
+
+
+def rig_reference_camera(camera: Camera, mask: np.ndarray | None, recenter: bool = True) -> ReferenceCamera:
+    """The request's camera of the reference (a rig's first), for the reference as :func:`prepare_matte` frames
+    the image with foreground ``mask`` (H, W) (None: no image, the camera as it is).
+
+    The image is padded to a square, whose FOV is the frame's larger one, and, with ``recenter``, cut around the
+    object (:func:`framing`): the camera keeps its view direction and that FOV and moves toward the object's
+    centre (the unit box's origin) in proportion to the cut. A scene camera 5.6 units from the object, which
+    fills 0.4 of its frame, comes 3.7 units close: near the distances the prior was trained at.
+    """
+    c2w = camera.c2w.float()
+    az, el = (float(a) for a in azimuth_elevation(c2w))
+    if mask is None:
+        return ReferenceCamera(c2w, float(camera.fov_y_deg), "rig", el, az)
+    h, w = mask.shape
+    square = max(h, w)
+    fov = math.degrees(2 * math.atan(math.tan(math.radians(camera.fov_y_deg) / 2) * square / h))
+    _, _, side = framing(mask, recenter)
+    distance = float(c2w[:3, 3].norm()) * side / square
+    return ReferenceCamera(look_at(orbit_position(az, el, distance)), fov, "rig", el, az)
 
 
 @torch.no_grad()
 def estimate_reference_camera(prior, image: torch.Tensor, distance: float, fov_y_deg: float,
                               default_elevation: float, samples: int = 8, seed: int = 0) -> ReferenceCamera:
-    """The orbit camera at ``distance`` under which the prior finds ``image`` (3, R, R) most likely.
+    """The orbit camera under which the prior finds ``image`` (3, R, R) most likely.
 
-    For each candidate (:data:`ELEVATIONS` x :data:`AZIMUTHS`) the image is noised at ``samples``
+    The distance is read from the silhouette (:func:`silhouette_distance`, around the prior's default
+    ``distance``): the prior's camera branch scores distances no better than chance on a 32 px image, and
+    searching the elevation at the distance the image shows keeps the candidates' perspective the image's.
+    The FOV stays ``fov_y_deg``: the camera branch takes none, and the silhouette gives distance x FOV only.
+    For each candidate direction (:data:`ELEVATIONS` x :data:`AZIMUTHS`) the image is noised at ``samples``
     fixed timesteps and noises (the same for every candidate) and denoised by the prior conditioned
     on that camera alone (no prompt, no reference: its unconditional branch); the candidate with the
     smallest clean-image error wins. A prior whose unconditional branch ignores the camera (scores
     within :data:`FLAT` of each other) keeps the default front view, ``source="default"``.
     """
     from engine_server.guidance import Conditioning
+    from engine_server.multiview.rig import background_mask
 
+    background = getattr(prior, "background_rgb", None) or (1.0, 1.0, 1.0)
+    mask = background_mask(image[None].float(), background)[0]
+    distance = silhouette_distance(mask, fov_y_deg, distance) if mask.any() else distance
     dev = prior.device
     x0 = prior.encode_images(image[None].to(dev))
     gen = torch.Generator().manual_seed(seed)
@@ -409,7 +482,7 @@ def estimate_reference_camera(prior, image: torch.Tensor, distance: float, fov_y
         return ReferenceCamera(look_at(orbit_position(0.0, default_elevation, distance)), fov_y_deg, "default",
                                default_elevation, 0.0, scores)
     el, az = cands[int(loss.argmin())]
-    logger.info("reference camera estimated at elevation %.0f, azimuth %.1f (denoising loss %.4f, worst %.4f)",
-                el, az, loss.min(), loss.max())
+    logger.info("reference camera estimated at elevation %.0f, azimuth %.1f, distance %.2f (denoising loss %.4f, "
+                "worst %.4f)", el, az, distance, loss.min(), loss.max())
     return ReferenceCamera(look_at(orbit_position(az, el, distance)), fov_y_deg, "estimated", float(el), float(az),
                            scores)

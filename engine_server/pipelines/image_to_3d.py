@@ -14,7 +14,8 @@ everything else (checkpoints, events, cancel, extraction, texture, export) is in
            and the reference (weight ``view_weight``); after
            ``distill_start`` of the run, score distillation from the novel-view prior conditioned
            on the reference (Magic123's 3D prior) joins in at random views;
-           DreamCraft3D's stages, each opt-in (:class:`ImageFitConfig`): ``hybrid`` adds a text-to-image
+           DreamCraft3D's stages (:class:`ImageFitConfig`; the normal term on by default, the rest opt-in):
+           ``hybrid`` adds a text-to-image
            prior's SDS on the prompt to the novel-view prior's (weight ``hybrid_weight``,
            :class:`~engine_server.guidance.hybrid.HybridGuidance`); ``view_start_range`` starts the
            distillation views near the reference camera and widens them to all around
@@ -50,9 +51,10 @@ from engine_server.multiview.reference import (  # the reference's readers, re-e
     estimate_reference_camera,
     foreground_mask,
     matte_reference,
-    normalise_light,
+    prepare_matte,
     prepare_reference,
     read_image,
+    rig_reference_camera,
 )
 from engine_server.pipelines.events import ProgressEvent
 from engine_server.pipelines.loop import save_torch
@@ -103,8 +105,10 @@ class ImageFitConfig:
     depth_weight: float = 0.0
     """Geometry alignment: weight of the depth term (1 - Pearson correlation of rendered and estimated depth,
     times the pixels it covers) at the reference view and the fitted generated views; 0: off."""
-    normal_weight: float = 0.0
-    """Geometry alignment: weight of the normal term (sum over pixels of 1 - cos(rendered, estimated normal))."""
+    normal_weight: float = 1.0
+    """Geometry alignment: weight of the normal term (sum over pixels of 1 - cos(rendered, estimated normal));
+    on by default: on Blender-rendered references it took the dihedral ratio from 3.9 to 2.7 with the held-out
+    silhouette IoU and colour unchanged (issue 25's table); 0: off."""
 
     def __post_init__(self) -> None:
         for name in ("ref_weight", "view_weight", "mask_weight", "distill_weight", "hybrid_weight", "depth_weight",
@@ -146,7 +150,7 @@ class ImageTo3DRequest(TextTo3DRequest):
     reference_fov: float | None = None
     """Vertical FOV of the reference view without a rig; None: the prior's default."""
     recenter: bool = True
-    """Centre and scale the object in the reference image (only without a rig)."""
+    """Centre and scale the object in the reference image (a rig's reference camera moves with it)."""
     fit: ImageFitConfig = field(default_factory=ImageFitConfig)
     """Weights and schedule of the fit."""
     text_model: str | None = None
@@ -292,13 +296,11 @@ class ImageTo3D(TextTo3D):
         dist = float(ranges.get("default_distance", 2.5))
         fov = float(request.reference_fov or ranges.get("default_fov", 42.0))
         if matte is not None:
-            self.reference_image, self.reference_mask = prepare_reference(
-                normalise_light(matte.rgba, matte.mask), matte.mask, self.background_rgb, res,
-                recenter=request.recenter and not request.rig)
-        if request.rig:
-            cam = request.rig[0]
-            az, el = azimuth_elevation(cam.c2w.float())
-            self.reference_camera = ReferenceCamera(cam.c2w.float(), float(cam.fov_y_deg), "rig", float(el), float(az))
+            self.reference_image, self.reference_mask = prepare_matte(matte, self.background_rgb, res,
+                                                                      recenter=request.recenter)
+        if request.rig:  # moved as the framing moved the object (a scene camera's 11 m come near the prior's)
+            self.reference_camera = rig_reference_camera(request.rig[0], matte.mask if matte else None,
+                                                         request.recenter)
         elif matte is not None:
             self.reference_camera = estimate_reference_camera(prior, self.reference_image, dist, fov,
                                                               DEFAULT_ELEVATION, seed=request.seed)

@@ -4,11 +4,12 @@
 
 SPEC: {"shape": "cube" | "sphere" | "cone" | "cylinder", "color": [r, g, b] (linear base colour),
 "elevation_deg": float, "azimuth_deg": float, "engine": "workbench" | "eevee",
-"background": "grey" | "white" | "gradient" | "transparent", "size": pixels}.
+"background": "grey" | "white" | "gradient" | "transparent", "size": pixels,
+"lens_mm": focal length (optional, default 50)}.
 
 Blender's own defaults, not the engine's: the primitive at its default size (2 m cube, 1 m
 radius sphere, cone and cylinder 2 m tall) centred at the origin, the default 50 mm lens
-on a 36 mm sensor at the default camera's distance (11.2 m), aimed at the object from the
+(or ``lens_mm``) on a 36 mm sensor at the default camera's distance (11.2 m), aimed at the object from the
 given orbit angles; Workbench with studio lighting, or EEVEE with a sun and the world light;
 the default view transform (AgX). "gradient" is a backdrop from light to dark grey
 behind the object (the film rendered transparent, composited in the script).
@@ -61,7 +62,7 @@ def main(spec_path: str, out_path: str) -> None:
     obj.data.materials.append(mat)
 
     cam_data = bpy.data.cameras.new("camera")
-    cam_data.lens, cam_data.sensor_width = 50.0, 36.0
+    cam_data.lens, cam_data.sensor_width = float(spec.get("lens_mm", 50.0)), 36.0
     cam = bpy.data.objects.new("camera", cam_data)
     scene.collection.objects.link(cam)
     az, el = math.radians(spec["azimuth_deg"]), math.radians(spec["elevation_deg"])

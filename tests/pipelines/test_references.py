@@ -32,6 +32,7 @@ from engine_server.multiview.reference import (
     AMBIENT_FLOOR,
     BadImageError,
     estimate_reference_camera,
+    framing,
     matte_reference,
     normalise_light,
     prepare_reference,
@@ -152,10 +153,15 @@ def test_the_pipeline_records_which_camera_it_used(renders, prior):
     assert pipe.reference_camera.record()["source"] == "estimated"
     assert abs(pipe.reference_camera.elevation_deg - 40) <= 10
     rig = [Camera(look_at(orbit_position(0.0, 30.0, 2.5)), 40.0, 32, 32)]
-    pipe = ImageTo3D(ImageTo3DRequest(image=path, rig=rig), prior=prior)
+    pipe = ImageTo3D(ImageTo3DRequest(image=path, rig=rig, recenter=False), prior=prior)
     assert pipe.reference_camera.record() == {"source": "rig", "elevation_deg": 30.0, "azimuth_deg": 0.0,
-                                              "fov_y_deg": 40.0}
-    assert torch.equal(pipe.reference_c2w, rig[0].c2w)
+                                              "distance": 2.5, "fov_y_deg": 40.0}
+    torch.testing.assert_close(pipe.reference_c2w, rig[0].c2w)
+    # Recentred, the rig's camera comes as much closer as the cut is smaller than the frame.
+    pipe = ImageTo3D(ImageTo3DRequest(image=path, rig=rig), prior=prior)
+    _, _, side = framing(matte_reference(read_image(path)).mask)
+    assert pipe.reference_camera.distance == pytest.approx(2.5 * side / 192, rel=1e-4)
+    assert pipe.reference_camera.record()["elevation_deg"] == 30.0
 
 
 @needs_bpy
