@@ -140,6 +140,7 @@ class StepLoop:
         start = system.step
         timer = StageTimer(self.total - start)
         losses: list[float] = []
+        self.progress(ProgressEvent(self.stage, start, self.total))  # the stage has begun (a bar at 0 at once)
         while system.step < self.total:
             if self.cancelled():
                 raise Cancelled()

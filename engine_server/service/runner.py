@@ -201,7 +201,7 @@ class EngineRunner:
         if request.get("rig"):  # made for those cameras around the placement: centred there, not resting on it
             meta["rig_cameras"] = len(request["rig"])
         if bridge.first_coarse_step is not None:
-            meta["resumed_from_step"] = bridge.first_coarse_step - 1
+            meta["resumed_from_step"] = bridge.first_coarse_step  # the stage-start event carries the step resumed at
         timings = getattr(pipeline, "timings", None)
         if timings:
             meta["timings_s"] = {k: round(float(v), 3) for k, v in timings.items()}

@@ -53,9 +53,10 @@ def test_events_previews_and_losses():
     system = Regression()
     losses = _loop(None, events).run(system)
     assert system.step == 6 and len(losses) == 6 and losses[-1] < losses[0]
-    assert [(e.stage, e.step, e.total) for e in events] == [("fit", s, 6) for s in range(1, 7)]
+    # One event as the stage begins (step 0, no loss yet: a progress bar shows at once), then one per step.
+    assert [(e.stage, e.step, e.total) for e in events] == [("fit", s, 6) for s in range(0, 7)]
     assert [e.step for e in events if e.preview is not None] == [4, 6]  # every 4th and the last
-    assert [e.loss for e in events] == losses and events[-1].eta_s == pytest.approx(0.0)
+    assert [e.loss for e in events] == [None, *losses] and events[-1].eta_s == pytest.approx(0.0)
 
 
 def test_resume_is_bit_identical_to_an_uninterrupted_run(tmp_path):

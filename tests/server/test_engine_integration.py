@@ -118,7 +118,8 @@ def test_text_job_streams_progress_preview_mesh_done_and_the_glb_loads(engine, t
     assert not any(e.get("texture") for e in events if e.type == "mesh")  # intermediate meshes only: no final copy
     coarse = [e for e in events if e.type == "progress" and e["stage"] == "coarse"]
     assert coarse and coarse[-1]["step"] == coarse[-1]["total"] == TINY["coarse_steps"]
-    assert all(np.isfinite(e["loss"]) for e in coarse)
+    assert coarse[0]["step"] == 0 and "loss" not in coarse[0].fields  # the stage has begun, no step yet
+    assert all(np.isfinite(e["loss"]) for e in coarse[1:])
     preview = next(e for e in events if e.type == "preview")
     assert preview["image"].data[:8] == b"\x89PNG\r\n\x1a\n" and preview["image"].width > 0
 
