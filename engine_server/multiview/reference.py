@@ -11,8 +11,9 @@ background (alpha when the image has one; otherwise a smooth background model fi
 -- plain or gradient -- keyed by distance, the mask cleaned by morphology, soft edges unmixed from
 the background), framing (recentred and rescaled to the prior's), light (sRGB decoded to the
 prior's linear values, shadows lifted to its ambient floor, exposure matched) and camera (the
-elevation and azimuth under which the prior finds the image most likely, when the request
-gives none).
+request's, moved as the framing moved the object: :func:`rig_reference_camera`; otherwise the
+distance read from the silhouette and the elevation and azimuth under which the prior finds the
+image most likely: :func:`estimate_reference_camera`).
 """
 from __future__ import annotations
 
