@@ -40,8 +40,8 @@ def test_stages_report_in_order_with_previews_and_a_mesh(tiny_run):
     order = [s for i, s in enumerate(stages) if i == 0 or stages[i - 1] != s]
     assert order == ["coarse", "extract", "texture", "export"]
     coarse = [e for e in events if e.stage == "coarse"]
-    assert [e.step for e in coarse] == [1, 2, 3, 4] and all(e.total == 4 for e in coarse)
-    assert all(np.isfinite(e.loss) for e in coarse)
+    assert [e.step for e in coarse] == [0, 1, 2, 3, 4] and all(e.total == 4 for e in coarse)
+    assert coarse[0].loss is None and all(np.isfinite(e.loss) for e in coarse[1:])
     previews = [e for e in coarse if e.preview is not None]
     assert [e.step for e in previews] == [2, 4]
     assert previews[0].preview.dtype == np.uint8 and previews[0].preview.shape[2] == 3
