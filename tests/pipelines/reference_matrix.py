@@ -1,7 +1,7 @@
 """Image to 3D from references rendered as an artist would (Blender defaults), measured case by case.
 
     python tests/pipelines/reference_matrix.py OUT_DIR [shape,...] [elevation,...] [background,...]
-    python tests/pipelines/reference_matrix.py --stages OUT_DIR [shape:background:elevation,...] [stage,...]
+    python tests/pipelines/reference_matrix.py --stages OUT_DIR [shape:background:elevation,...] [stage,...] [seed]
 
 Each case renders a reference with real Blender (``blender_reference.py``, child process),
 runs the draft image-to-3D pipeline on it, and measures the mesh: the texture's hue, the
@@ -123,13 +123,14 @@ PROMPTS = {"sphere": "a blue sphere", "cube": "a red cube", "cone": "a green con
 """Shape -> the prompt of its stage comparison (the bundled prior's words)."""
 STAGE_CASES = (("sphere", "grey", 20.0), ("cube", "transparent", 20.0), ("cone", "gradient", 0.0))
 """(shape, background, elevation) of the default stage comparison."""
+_A = {"hybrid": False, "view_start_range": None, "depth_weight": 0.0, "normal_weight": 0.0}
 STAGES = {
-    "a": {},
-    "b": {"hybrid": True},
+    "a": _A,
+    "b": {**_A, "hybrid": True},
     "c": {"hybrid": True, "view_start_range": 30.0, "depth_weight": 0.5, "normal_weight": 1.0},
-    "a+align": {"depth_weight": 0.5, "normal_weight": 1.0},
-    "a+views": {"view_start_range": 30.0},
-    "a+normal": {"normal_weight": 1.0},
+    "a+align": {**_A, "depth_weight": 0.5, "normal_weight": 1.0},
+    "a+views": {**_A, "view_start_range": 30.0},
+    "a+normal": {**_A, "normal_weight": 1.0},
 }
 """Stage name -> ImageFitConfig fields: (a) novel-view prior alone, (b) hybrid, (c) hybrid + progressive + alignment;
 "a+align", "a+views" and "a+normal" (one part of (c) without the hybrid) tell which part of (c) does what."""
@@ -185,7 +186,7 @@ def held_out_scores(result, shape: str, reference_azimuth: float, size: int = 64
     return {"iou": round(float(mask_iou(a, b).mean()), 3), "colour_error": round(float(err.mean()), 3)}
 
 
-def run_stage(prior, out_dir: Path, shape: str, background: str, elevation: float, stage: str) -> dict:
+def run_stage(prior, out_dir: Path, shape: str, background: str, elevation: float, stage: str, seed: int = 0) -> dict:
     """One reference through one stage configuration; its row of the comparison."""
     from engine_server.geometry.mesh_utils import dihedral_ratio
     from engine_server.pipelines.image_to_3d import ImageFitConfig, ImageTo3D, ImageTo3DRequest
@@ -194,11 +195,11 @@ def run_stage(prior, out_dir: Path, shape: str, background: str, elevation: floa
     if not ref.is_file():
         ref = render(out_dir, shape, elevation, background)
     t0 = time.perf_counter()
-    pipe = ImageTo3D(ImageTo3DRequest(image=ref, prompt=PROMPTS[shape], seed=0, preset="draft",
+    pipe = ImageTo3D(ImageTo3DRequest(image=ref, prompt=PROMPTS[shape], seed=seed, preset="draft",
                                       fit=ImageFitConfig(**STAGES[stage])), prior=prior)
-    result = pipe.run(out_dir / f"{ref.stem}_{stage}.glb")
+    result = pipe.run(out_dir / f"{ref.stem}_{stage}_{seed}.glb")
     az = float(pipe.reference_camera.azimuth_deg)
-    return {"shape": shape, "background": background, "elevation": elevation, "stage": stage,
+    return {"shape": shape, "background": background, "elevation": elevation, "stage": stage, "seed": seed,
             **held_out_scores(result, shape, az),
             "dihedral_ratio": round(dihedral_ratio(result.vertices, result.faces), 2),
             "camera_elevation": round(float(pipe.reference_camera.elevation_deg), 1),
@@ -207,7 +208,7 @@ def run_stage(prior, out_dir: Path, shape: str, background: str, elevation: floa
 
 def stage_table(rows: list[dict]) -> str:
     """The comparison as a markdown table, per reference and stage, with each stage's mean."""
-    cols = ["shape", "background", "elevation", "stage", "iou", "colour_error", "dihedral_ratio", "seconds"]
+    cols = ["shape", "background", "elevation", "stage", "seed", "iou", "colour_error", "dihedral_ratio", "seconds"]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in rows:
         lines.append("| " + " | ".join(str(r.get(c)) for c in cols) + " |")
@@ -231,18 +232,19 @@ def main_stages(argv: list[str]) -> int:
     cases = [(s, b, float(e)) for s, b, e in (c.split(":") for c in argv[1].split(","))] \
         if len(argv) > 1 and argv[1] else list(STAGE_CASES)
     stages = argv[2].split(",") if len(argv) > 2 else ["a", "b", "c"]
+    seed = int(argv[3]) if len(argv) > 3 else 0
     torch.set_num_threads(1)
     prior = load_prior("bundled")
     rows = []
     for case in cases:
         for stage in stages:
             try:
-                rows.append(run_stage(prior, out_dir, *case, stage))
+                rows.append(run_stage(prior, out_dir, *case, stage, seed))
             except Exception as exc:  # a failed run is a row of the table, not the end of the comparison
                 rows.append({"shape": case[0], "background": case[1], "elevation": case[2], "stage": stage,
                              "error": str(exc).splitlines()[0]})
             print(json.dumps(rows[-1]), flush=True)
-            (out_dir / f"stages_{'_'.join(stages)}.json").write_text(json.dumps(rows, indent=1))
+            (out_dir / f"stages_{'_'.join(stages)}_{seed}.json").write_text(json.dumps(rows, indent=1))
     print(stage_table(rows))
     return 0
 
