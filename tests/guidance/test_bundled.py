@@ -14,7 +14,7 @@ from engine_server.models.bundled.prior import BundledPrior
 def bundled():
     torch.manual_seed(0)
     config = BundledModelConfig(block_out_channels=(32, 32, 32), norm_num_groups=8)
-    return BundledPriorAdapter(BundledPrior(BundledUNet(config), "cpu"))
+    return BundledPriorAdapter(BundledPrior(BundledUNet(config), "cpu"), distill_dtype=torch.float32)
 
 
 def test_load_bundled_gives_the_adapter_or_a_clear_error():
@@ -79,6 +79,27 @@ def test_text_guidance_is_one_model_call_and_equals_the_branches_apart(bundled, 
         uncond = bundled.bundled.predict(x, t, None, cameras)
         theirs = bundled.bundled.predict_eps(x, t, uncond + 7.5 * (cond - uncond))
     torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=1e-4)
+
+
+def test_distillation_runs_in_bf16_where_the_cpu_has_it_and_its_gradient_stays_close(cameras):
+    """The shipped weights: the SDS gradient from the bf16 forward against fp32's, same noise and timesteps."""
+    from engine_server.devices import cpu_has_native_bf16
+
+    prior = load_prior("bundled")
+    assert prior.distill_dtype == (torch.bfloat16 if cpu_has_native_bf16() else torch.float32)
+    exact = BundledPriorAdapter(prior.bundled, distill_dtype=torch.float32)
+    low = BundledPriorAdapter(prior.bundled, distill_dtype=torch.bfloat16)
+    torch.manual_seed(0)
+    images = torch.rand(4, 3, 32, 32) * 0.3 + 0.4
+    grads = []
+    for p in (exact, low):
+        g = build_guidance(p, GuidanceConfig(guidance_scale=7.5, seed=3))
+        x = images.clone().requires_grad_()
+        g(x, cameras, Conditioning(prompt="a red cube"), 10, 100).loss.backward()
+        grads.append(x.grad.flatten())
+    cosine = torch.nn.functional.cosine_similarity(grads[0], grads[1], dim=0)
+    relative = (grads[0] - grads[1]).norm() / grads[0].norm()
+    assert cosine > 0.995 and relative < 0.1, (float(cosine), float(relative))
 
 
 def test_bundled_refuses_vsd_and_unknown_prompts(bundled, cameras):

