@@ -268,17 +268,20 @@ def save_variant(folder: str | Path, component: str, variant: str = "fp16", keep
     return written
 
 
-def write_hub_cache(folder: str | Path, cache: str | Path, repo_id: str, commit: str = "0" * 40) -> Path:
+def write_hub_cache(folder: str | Path, cache: str | Path, repo_id: str, commit: str = "0" * 40,
+                    configs_only: bool = False) -> Path:
     """Copy a model folder into a Hugging Face hub cache as ``repo_id``'s snapshot ``commit``; returns it.
 
     The layout huggingface_hub itself writes (``models--org--name/snapshots/<commit>``, ``refs/main``),
-    so the hub-id path loads it with ``HF_HUB_OFFLINE=1``.
+    so the hub-id path loads it with ``HF_HUB_OFFLINE=1``. ``configs_only`` copies the ``*.json`` and
+    ``*.txt`` files alone, what diffusers' single-file loading fetches of the repo it builds a checkpoint from.
     """
     import shutil
 
     repo = Path(cache) / ("models--" + repo_id.replace("/", "--"))
     snapshot = repo / "snapshots" / commit
-    shutil.copytree(folder, snapshot)
+    weights = shutil.ignore_patterns("*.safetensors", "*.bin") if configs_only else None
+    shutil.copytree(folder, snapshot, ignore=weights)
     (repo / "refs").mkdir(parents=True, exist_ok=True)
     (repo / "refs" / "main").write_text(commit)
     return snapshot
@@ -343,6 +346,83 @@ def ldm_unet_name(key: str, layers_per_block: int, up_attention: set[int]) -> st
             ".".join(p[5:])
     i = block * per + int(p[3])
     return f"output_blocks.{i}." + ("0." + resnet(p[4:]) if p[2] == "resnets" else "1." + ".".join(p[4:]))
+
+
+VAE_ATTENTION_TO_LDM = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out": "proj_out"}
+"""diffusers VAE mid-block attention names -> ldm AttnBlock names (``to_out.0`` is one layer)."""
+
+
+def ldm_vae_name(key: str, num_blocks: int) -> str:
+    """The ldm (CompVis ``first_stage_model``) name of a diffusers AutoencoderKL parameter.
+
+    ldm numbers the decoder's up blocks from the lowest resolution's opposite end (diffusers' up block
+    ``i`` is ldm's ``up.{num_blocks - 1 - i}``) and calls the ResNet shortcut ``nin_shortcut``.
+    """
+    p = key.split(".")
+    if p[0] in ("quant_conv", "post_quant_conv") or p[1] in ("conv_in", "conv_out"):
+        return key
+    coder, part, rest = p[0], p[1], p[2:]
+    if part == "conv_norm_out":
+        return f"{coder}.norm_out." + ".".join(rest)
+
+    def resnet(names: list[str]) -> str:
+        return ".".join(["nin_shortcut" if names[0] == "conv_shortcut" else names[0], *names[1:]])
+
+    if part == "mid_block":
+        if rest[0] == "resnets":
+            return f"{coder}.mid.block_{int(rest[1]) + 1}." + resnet(rest[2:])
+        tail = rest[2:] if rest[2] != "to_out" else [rest[2], *rest[4:]]  # to_out.0.weight -> proj_out.weight
+        return f"{coder}.mid.attn_1.{VAE_ATTENTION_TO_LDM[tail[0]]}." + ".".join(tail[1:])
+    block = int(rest[0]) if part == "down_blocks" else num_blocks - 1 - int(rest[0])
+    head = f"{coder}.{'down' if part == 'down_blocks' else 'up'}.{block}"
+    if rest[1] == "resnets":
+        return f"{head}.block.{rest[2]}." + resnet(rest[3:])
+    return f"{head}.{'downsample' if part == 'down_blocks' else 'upsample'}." + ".".join(rest[3:])
+
+
+def write_ldm_checkpoint(folder: str | Path, path: str | Path) -> Path:
+    """A diffusers Stable Diffusion 1.x folder as one original (CompVis / ldm) single-file checkpoint.
+
+    The layout of the published ``v1-5-pruned*.safetensors``: ``model.diffusion_model.*`` (UNet),
+    ``first_stage_model.*`` (VAE, attention projections as 1x1 convolutions),
+    ``cond_stage_model.transformer.text_model.*`` (CLIP, ``position_ids`` included) and the DDPM
+    schedule's buffers (``betas``, ``alphas_cumprod`` ...). Weights as stored, default variant.
+    """
+    from diffusers import AutoencoderKL, DDPMScheduler
+    from safetensors.torch import save_file
+    from transformers import CLIPTextModel
+
+    folder = Path(folder)
+    unet = UNet2DConditionModel.from_pretrained(str(folder), subfolder="unet")
+    vae = AutoencoderKL.from_pretrained(str(folder), subfolder="vae")
+    text = CLIPTextModel.from_pretrained(str(folder), subfolder="text_encoder")
+    up_attention = {i for i, t in enumerate(unet.config.up_block_types) if t.startswith("CrossAttn")}
+    state = {"model.diffusion_model." + ldm_unet_name(k, unet.config.layers_per_block, up_attention): v
+             for k, v in unet.state_dict().items()}
+    for k, v in vae.state_dict().items():
+        conv = ".mid_block.attentions." in k and k.endswith(".weight") and v.dim() == 2
+        state["first_stage_model." + ldm_vae_name(k, len(vae.config.block_out_channels))] = \
+            v[:, :, None, None] if conv else v
+    text_state = {**text.state_dict(), "embeddings.position_ids": text.embeddings.position_ids}
+    state.update({f"cond_stage_model.transformer.text_model.{k}": v for k, v in text_state.items()})
+    betas = DDPMScheduler.from_pretrained(str(folder), subfolder="scheduler").betas.to(torch.float32)
+    alphas_cumprod = torch.cumprod(1.0 - betas, dim=0)
+    previous = torch.cat([torch.ones(1), alphas_cumprod[:-1]])
+    posterior_variance = betas * (1.0 - previous) / (1.0 - alphas_cumprod)
+    state.update({
+        "betas": betas, "alphas_cumprod": alphas_cumprod, "alphas_cumprod_prev": previous,
+        "sqrt_alphas_cumprod": alphas_cumprod.sqrt(), "sqrt_one_minus_alphas_cumprod": (1 - alphas_cumprod).sqrt(),
+        "log_one_minus_alphas_cumprod": (1 - alphas_cumprod).log(),
+        "sqrt_recip_alphas_cumprod": alphas_cumprod.rsqrt(),
+        "sqrt_recipm1_alphas_cumprod": (1 / alphas_cumprod - 1).sqrt(),
+        "posterior_variance": posterior_variance,
+        "posterior_log_variance_clipped": posterior_variance.clamp_min(1e-20).log(),
+        "posterior_mean_coef1": betas * previous.sqrt() / (1.0 - alphas_cumprod),
+        "posterior_mean_coef2": (1.0 - previous) * (1.0 - betas).sqrt() / (1.0 - alphas_cumprod),
+    })
+    path = Path(path)
+    save_file({k: v.contiguous() for k, v in state.items()}, str(path), metadata={"format": "pt"})
+    return path
 
 
 def make_mvdream_published(folder: str | Path, size: TinySize = TINY,

@@ -188,6 +188,43 @@ def test_single_file_checkpoints_go_through_diffusers_and_say_what_they_need(tmp
         load_prior(picture)
 
 
+def test_an_original_sd15_single_file_loads_offline_with_the_folders_weights_and_step(model_dir, cameras, tmp_path,
+                                                                                      offline_cache):
+    """A CompVis-layout checkpoint of the tiny folder, with the configs of the repo diffusers infers for it cached."""
+    from diffusers.loaders.single_file_utils import fetch_diffusers_config, load_single_file_checkpoint
+
+    ckpt = tiny.write_ldm_checkpoint(model_dir / "sd", tmp_path / "v1-5-pruned-emaonly.safetensors")
+    state = load_single_file_checkpoint(str(ckpt))
+    assert {k.split(".")[0] for k in state} >= {"model", "first_stage_model", "cond_stage_model", "alphas_cumprod"}
+    assert {"model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight",
+            "model.diffusion_model.output_blocks.1.1.conv.weight",  # the upsampler of a block without attention
+            "first_stage_model.decoder.up.1.upsample.conv.weight",  # ldm numbers the decoder's blocks reversed
+            "cond_stage_model.transformer.text_model.embeddings.position_ids"} <= set(state)
+    assert state["first_stage_model.encoder.mid.attn_1.q.weight"].dim() == 4  # a 1x1 convolution, as published
+    repo = fetch_diffusers_config(state)["pretrained_model_name_or_path"]
+    assert repo == "stable-diffusion-v1-5/stable-diffusion-v1-5"
+    cached = tiny.write_hub_cache(model_dir / "sd", offline_cache, repo, configs_only=True)
+    assert not list(cached.rglob("*.safetensors"))
+
+    prior = load_prior(ckpt)
+    folder = load_prior(model_dir / "sd")
+    assert isinstance(prior, StableDiffusionPrior) and prior.source == str(ckpt)
+    assert layout_of(str(ckpt), prior.source) == "single-file checkpoint"
+    for name in ("unet", "vae", "text_encoder"):
+        ours, theirs = getattr(prior, name).state_dict(), getattr(folder, name).state_dict()
+        assert ours.keys() == theirs.keys(), name
+        for key, value in theirs.items():
+            torch.testing.assert_close(ours[key], value, rtol=0, atol=0, msg=f"{name}.{key}")
+    assert prior.vae.config.scaling_factor == folder.vae.config.scaling_factor
+    torch.testing.assert_close(prior.alphas_cumprod, folder.alphas_cumprod, rtol=0, atol=0)
+    grads = []
+    for p in (prior, folder):
+        torch.manual_seed(3)
+        grads.append(_step(p, cameras))
+    assert grads[0].abs().sum() > 0
+    torch.testing.assert_close(grads[0], grads[1], rtol=0, atol=0)
+
+
 def test_published_mvdream_unet_is_converted_exactly_and_runs_a_step(cameras, tmp_path):
     from diffusers.models.attention_processor import AttnProcessor2_0
 
