@@ -78,11 +78,14 @@ def output_options(settings, kind: str) -> dict:
 
 HYBRID_WEIGHT_DEFAULT = 2.0
 """The engine's default ``hybrid_weight`` (DreamCraft3D's mu): not sent when left there."""
+NORMAL_WEIGHT_DEFAULT = 1.0
+"""The engine's default ``normal_weight`` (the normal alignment is on by default): not sent when left there."""
 
 
 def image_fit_options(settings) -> dict:
     """The Advanced fold's image-to-3D stages as engine options (``hybrid``, ``hybrid_weight``,
-    ``view_start_range`` + ``view_widen``, ``depth_weight``, ``normal_weight``); nothing for a stage left off."""
+    ``view_start_range`` + ``view_widen``, ``depth_weight``, ``normal_weight``); nothing for a stage left at the
+    engine's default."""
     options: dict = {}
     if settings.hybrid:
         options["hybrid"] = True
@@ -91,9 +94,10 @@ def image_fit_options(settings) -> dict:
     if settings.view_start_range > 0:
         options["view_start_range"] = float(settings.view_start_range)
         options["view_widen"] = float(settings.view_widen)
-    for name in ("depth_weight", "normal_weight"):
-        if getattr(settings, name) > 0:
-            options[name] = float(getattr(settings, name))
+    if settings.depth_weight > 0:
+        options["depth_weight"] = float(settings.depth_weight)
+    if settings.normal_weight != NORMAL_WEIGHT_DEFAULT:
+        options["normal_weight"] = float(settings.normal_weight)
     return options
 
 
@@ -178,7 +182,7 @@ class Generate3DSettings(bpy.types.PropertyGroup):
                               description="Share of the distillation over which the views widen to 360 degrees")
     depth_weight: FloatProperty(name="Depth Alignment", default=0.0, min=0.0, max=100.0,
                                 description="Depth term against the silhouettes' visual hull (0: off)")
-    normal_weight: FloatProperty(name="Normal Alignment", default=0.0, min=0.0, max=100.0,
+    normal_weight: FloatProperty(name="Normal Alignment", default=NORMAL_WEIGHT_DEFAULT, min=0.0, max=100.0,
                                  description="Normal term against the visual hull's smoothed normals (0: off)")
     overrides: StringProperty(name="Overrides", default="",
                               description="More preset overrides as name=value pairs, e.g. 'render_resolution=32 refine_steps=0'")

@@ -76,7 +76,8 @@ def add_image_fit_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--depth-weight", type=float, default=None, metavar="W",
                    help="geometry alignment: depth term against the silhouettes' visual hull (default 0: off)")
     g.add_argument("--normal-weight", type=float, default=None, metavar="W",
-                   help="geometry alignment: normal term against the visual hull's smoothed normals (default 0: off)")
+                   help="geometry alignment: normal term against the visual hull's smoothed normals (default 1; "
+                        "0: off)")
 
 
 def image_fit_fields(args: argparse.Namespace) -> dict:

@@ -47,7 +47,7 @@ def test_material_factors_are_the_engines(report):
 def test_panel_sends_faces_and_texture_size_unless_left_at_the_preset(report):
     assert report["options"] == {"faces": 5000, "texture_size": 1024, "format": "usdz", "perp_neg": True}
     assert report["options_image"] == {"faces": 5000, "texture_size": 1024, "format": "usdz", "hybrid": True,
-                                       "view_start_range": 30.0, "view_widen": 0.4, "normal_weight": 1.0}
+                                       "view_start_range": 30.0, "view_widen": 0.4, "normal_weight": 0.0}
     assert report["options_preset"] == {}
     assert report["export_folder"] == str(Path.home() / "engine-exports" / "exports")
     assert report["export_folder_none"] is None
