@@ -19,7 +19,8 @@ A multi-view prior (``views_per_sample`` > 1, MVDream-style) samples the rig joi
 the strategy: groups of that many views are denoised together, its cross-view attention making them
 agree (the last group padded with repeats of its last camera); the result's strategy is ``"joint"``.
 
-A view drawn from the prompt alone (no reference image given) is checked against the prompt
+A view drawn from the prompt alone (no reference image given, or a reference the prior drew from
+the prompt: ``ViewReference.from_prompt``) is checked against the prompt
 where the prior can say so (its ``check_views``; the bundled prior compares the silhouette and
 colour with what the caption implies): a wrong object is drawn again from fresh noise, up to
 ``MultiViewConfig.max_redraws`` times, keeping the closest draw; ``MultiViewResult.redrawn``
@@ -92,6 +93,9 @@ class ViewReference:
     """(4, 4) camera-to-world."""
     fov_y_deg: float
     """Vertical FOV in degrees."""
+    from_prompt: bool = False
+    """Drawn by the prior from the prompt (a ``multiview`` job's first view), not the user's image: the
+    views drawn from it are checked against the prompt too."""
 
 
 @dataclass
@@ -194,7 +198,8 @@ def generate_views(
     # Redraws take fresh noise from a stream of their own, so the first draw is the same with or without checks.
     redraw_gen = torch.Generator().manual_seed(config.seed + 1)
     # A user's reference image shows their object, not the prompt's: only prompt-drawn views are checked.
-    check = getattr(prior, "check_views", None) if prompt and reference is None and config.max_redraws else None
+    from_prompt = reference is None or reference.from_prompt
+    check = getattr(prior, "check_views", None) if prompt and from_prompt and config.max_redraws else None
     t0 = time.perf_counter()
     images: list[torch.Tensor | None] = [None] * n
     redrawn: set[int] = set()

@@ -414,7 +414,8 @@ class ImageTo3D(TextTo3D):
             f = self.fit
             cfg = MultiViewConfig(strategy=f.multiview_strategy, steps=f.multiview_steps,
                                   guidance_scale=f.multiview_guidance_scale, seed=self.request.seed)
-            ref = ViewReference(self.reference_image, self.reference_c2w, self.reference_fov)
+            ref = ViewReference(self.reference_image, self.reference_c2w, self.reference_fov,
+                                from_prompt=self.request.image is None)
 
             def report(done: int, total: int) -> None:
                 self._check_cancel()

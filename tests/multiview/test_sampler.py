@@ -125,6 +125,12 @@ def test_views_of_a_reference_image_are_not_checked(prior):
     result = generate_views(checked, RING[1:], prompt="a red cube", reference=ref,
                             config=MultiViewConfig(strategy="independent", steps=2))
     assert result.redrawn == 0 and checked.checked == 0
+    # A reference the prior drew from the prompt (a multiview job's first view) is no user image: its
+    # views are checked against the prompt like any other prompt-drawn view.
+    drawn = ViewReference(torch.rand(3, 32, 32), RING[0].c2w, 42.0, from_prompt=True)
+    result = generate_views(checked, RING[1:], prompt="a red cube", reference=drawn,
+                            config=MultiViewConfig(strategy="independent", steps=2, max_redraws=1))
+    assert checked.checked == 2 * 2 and result.redrawn == 2 and set(result.extras["unresolved"]) == {"0", "1"}
 
 
 def test_the_bundled_check_names_a_wrong_shape_and_colour(prior):
