@@ -22,7 +22,7 @@ def diagnose(model: str, device: str = "auto", preset: str | None = None) -> dic
     """Everything ``doctor`` reports, as one JSON-able dict (``UsageError`` when the prior does not load)."""
     from engine_server.devices import resolve_device
     from engine_server.guidance import PriorLoadError, load_prior
-    from engine_server.guidance.diagnose import describe_prior, measure_step, memory_estimate
+    from engine_server.guidance.diagnose import coarse_step_memory, describe_prior, measure_step, memory_estimate
 
     try:
         prior = load_prior(model, device=resolve_device(device))
@@ -32,19 +32,25 @@ def diagnose(model: str, device: str = "auto", preset: str | None = None) -> dic
     names = [preset] if preset else list(PRESETS)
     step = measure_step(prior, PRESETS[names[0]].render_resolution)
     report["step"] = step
-    report["presets"] = {
-        name: {
-            "views_per_step": PRESETS[name].views_per_step,
-            "render_size": PRESETS[name].render_resolution or step["render_size"],
-            "encoder_size": step["encoder_size"],
-            "estimate_gib": memory_estimate(report["parameters_gib"], step["saved_gib_per_view"],
-                                            step["recompute_gib_per_view"], PRESETS[name].views_per_step,
-                                            step["encode_chunk"]),
+    ranges = report["defaults"]["camera_ranges"]
+    report["presets"] = {}
+    for name in names:
+        p = PRESETS[name]
+        size = p.render_resolution or step["render_size"]
+        prior_gib = memory_estimate(report["parameters_gib"], step["saved_gib_per_view"],
+                                    step["recompute_gib_per_view"], p.views_per_step, step["encode_chunk"])
+        coarse = coarse_step_memory(p.hashgrid, p.samples_per_ray, size, p.views_per_step, p.occupancy_resolution,
+                                    ranges.get("default_distance", 2.5), ranges.get("default_fov", 40.0),
+                                    prior.device)
+        report["presets"][name] = {
+            "views_per_step": p.views_per_step, "render_size": size, "encoder_size": step["encoder_size"],
+            "samples_per_ray": p.samples_per_ray, "prior_gib": prior_gib, **coarse,
+            "estimate_gib": prior_gib + coarse["total_gib"],
         }
-        for name in names
-    }
-    report["estimate_covers"] = ("the prior's weights, the saved activations of each view and one chunk's "
-                                 "recomputed encoder block; the field and renderer not")
+    report["estimate_covers"] = ("a lit coarse step at the full render size: the prior's weights, each view's saved "
+                                 "activations and one chunk's recomputed encoder block; the field's weights, "
+                                 "gradients and Adam moments; the renderer's activations on rays through the "
+                                 "object's box; the occupancy grid")
     return report
 
 
@@ -77,7 +83,10 @@ def format_report(r: dict) -> str:
                  f"recomputed per chunk of {s['encode_chunk']}{peak}, "
                  f"gradient {'finite' if s['finite'] else 'NOT FINITE'}")
     rows = [{"preset": n, "views/step": p["views_per_step"], "render px": p["render_size"],
-             "encoder px": p["encoder_size"], "estimate GiB": round(p["estimate_gib"], 3)}
+             "encoder px": p["encoder_size"], "samples/ray": p["samples_per_ray"],
+             "prior GiB": round(p["prior_gib"], 3), "field GiB": round(p["field_gib"], 3),
+             "render GiB": round(p["render_gib"], 3), "occupancy GiB": round(p["occupancy_gib"], 4),
+             "estimate GiB": round(p["estimate_gib"], 3)}
             for n, p in r["presets"].items()]
     lines += ["", format_table(rows), f"({r['estimate_covers']})"]
     return "\n".join(lines)

@@ -6,6 +6,9 @@ what it keeps for the backward pass per view (autograd's saved tensors: the chec
 encoder's block outputs at the prior's resolution) and what its largest encoder block holds
 while recomputed, plus the device's peak on CUDA;
 :func:`memory_estimate` turns both into the memory a number of views per step needs.
+:func:`coarse_step_memory` adds what the coarse stage holds besides the prior: the field's
+weights, gradients and Adam moments, the renderer's activations (bytes per sample measured on
+a small render of the real field, times the samples a step's views take) and the occupancy grid.
 """
 from __future__ import annotations
 
@@ -16,7 +19,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from engine_server.cameras import look_at, orbit_position
+from engine_server.cameras import camera_rays, look_at, orbit_position
+from engine_server.field import (FieldConfig, MLPBackground, RadianceField, RendererConfig, VolumeRenderer,
+                                 intersect_aabb)
 from engine_server.guidance.config import Conditioning, prior_defaults
 from engine_server.guidance.prior import (
     BUNDLED,
@@ -28,6 +33,7 @@ from engine_server.guidance.prior import (
     variant_label,
 )
 from engine_server.guidance.score import build_guidance
+from kernels.hashgrid import HashGridConfig
 
 logger = logging.getLogger(__name__)
 
@@ -201,7 +207,74 @@ def memory_estimate(parameters_gib: float, saved_gib_per_view: float, recompute_
     """GiB the prior needs for ``views_per_step`` views: its weights, each view's saved activations, and the
     largest encoder block of one chunk of ``encode_chunk`` views, recomputed in the backward pass.
 
-    The field and renderer are not included (they depend on the preset's samples per ray, not the prior).
+    The field and renderer are :func:`coarse_step_memory`'s part.
     """
     return (parameters_gib + views_per_step * saved_gib_per_view
             + min(views_per_step, encode_chunk) * recompute_gib_per_view)
+
+
+TRAINED_COPIES = 4
+"""Copies of a trained parameter a coarse step holds: the weight, its gradient and Adam's two moments."""
+BACKWARD_FACTOR = 2.0
+"""The renderer's peak over the activations autograd saves: as much again while the backward pass runs
+(the activations' gradients and the allocator's slack); against peak RSS of lit draft and standard coarse
+steps with the bundled prior on CPU, estimates with it were 0.8x and 1.0x the measured."""
+OBJECT_BOX = 0.5
+"""Half-size of the box generated objects sit in (the field's box is [-1, 1]^3): the samples a view
+takes are counted on rays through it, as the occupancy grid skips the empty space around an object."""
+
+
+def object_samples(render_size: int, samples_per_ray: int, distance: float, fov: float,
+                   box: float = 1.0) -> int:
+    """Samples one ``render_size``^2 view at ``distance`` and ``fov`` degrees takes inside the object's box,
+    marched at the field's step (the diagonal of its ``[-box, box]^3`` over ``samples_per_ray``), none skipped."""
+    origins, dirs = camera_rays(look_at(orbit_position(30.0, 15.0, distance)), fov, render_size, render_size)
+    near, far, hit = intersect_aabb(origins.reshape(-1, 3), dirs.reshape(-1, 3),
+                                    torch.tensor([[-OBJECT_BOX] * 3, [OBJECT_BOX] * 3]))
+    step = 2.0 * box * 3**0.5 / samples_per_ray
+    return int(torch.where(hit, ((far - near) / step).ceil(), torch.zeros_like(far)).sum())
+
+
+def render_bytes_per_sample(hashgrid: HashGridConfig, samples_per_ray: int, device: torch.device,
+                            probe: int = 16) -> float:
+    """Bytes autograd keeps per ray-marching sample of a lit coarse render (normals by finite differences,
+    the heaviest step) of a field with ``hashgrid``: measured on a ``probe``^2 render with every sample
+    kept (no occupancy grid, no early termination); the field's own parameters are not counted."""
+    field = RadianceField(FieldConfig(hashgrid=hashgrid)).to(device)
+    params = {p.untyped_storage().data_ptr() for p in field.parameters()}
+    renderer = VolumeRenderer(RendererConfig(num_steps=samples_per_ray, min_transmittance=0.0))
+    origins, dirs = camera_rays(look_at(orbit_position(30.0, 15.0, 2.5)), 40.0, probe, probe)
+    saved: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in params:
+            saved.setdefault(ptr, t.untyped_storage().nbytes())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = renderer.render(field, origins.reshape(-1, 3).to(device), dirs.reshape(-1, 3).to(device),
+                              MLPBackground().to(device), compute_normals=True)
+    return sum(saved.values()) / max(out["n_samples"], 1)
+
+
+def coarse_step_memory(hashgrid: HashGridConfig, samples_per_ray: int, render_size: int, views_per_step: int,
+                       occupancy_resolution: int, distance: float, fov: float,
+                       device: torch.device = torch.device("cpu")) -> dict:
+    """GiB a coarse step holds besides the prior: the field (hash table + MLPs + learned background, each
+    weight with its gradient and Adam moments), the renderer's activations for ``views_per_step`` views at
+    ``render_size`` px (bytes per sample times :func:`object_samples`) and the occupancy grid (a float
+    estimate and a bool per cell). Cameras at ``distance`` with ``fov`` degrees (the prior's defaults).
+
+    The renderer's saved activations, times :data:`BACKWARD_FACTOR`, are the step's peak (the forward's
+    transients are freed before it); Adam's update runs after the backward pass has freed them."""
+    field = RadianceField(FieldConfig(hashgrid=hashgrid))
+    weights = sum(p.numel() * p.element_size() for m in (field, MLPBackground()) for p in m.parameters())
+    per_sample = render_bytes_per_sample(hashgrid, samples_per_ray, device)
+    samples = views_per_step * object_samples(render_size, samples_per_ray, distance, fov)
+    parts = {
+        "field_gib": TRAINED_COPIES * weights / GIB,
+        "render_gib": BACKWARD_FACTOR * per_sample * samples / GIB,
+        "occupancy_gib": occupancy_resolution**3 * 5 / GIB,
+    }
+    return {**parts, "bytes_per_sample": per_sample, "samples": samples, "total_gib": sum(parts.values())}

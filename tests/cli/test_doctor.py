@@ -2,6 +2,9 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -33,9 +36,14 @@ def test_doctor_json_reports_family_layout_variant_defaults_and_estimates(sd_fp1
     presets = report["presets"]
     assert set(presets) == {"draft", "standard", "high"}
     # more views per step need more memory, by exactly the measured activations per view
-    assert presets["high"]["estimate_gib"] - presets["standard"]["estimate_gib"] == pytest.approx(
+    assert presets["high"]["prior_gib"] - presets["standard"]["prior_gib"] == pytest.approx(
         4 * step["saved_gib_per_view"])
-    assert presets["draft"]["estimate_gib"] > report["parameters_gib"] > 0
+    for p in presets.values():  # the whole coarse step: prior, field, renderer and occupancy grid
+        assert p["estimate_gib"] == pytest.approx(p["prior_gib"] + p["field_gib"] + p["render_gib"]
+                                                  + p["occupancy_gib"])
+        assert p["prior_gib"] > report["parameters_gib"] > 0 and p["render_gib"] > 0
+    assert presets["draft"]["estimate_gib"] < presets["standard"]["estimate_gib"] < presets["high"]["estimate_gib"]
+    assert presets["draft"]["field_gib"] < presets["standard"]["field_gib"] < presets["high"]["field_gib"]
 
 
 def test_doctor_text_for_one_preset(sd_fp16_folder, capsys):
@@ -50,3 +58,38 @@ def test_doctor_on_a_missing_model_is_one_line(tmp_path, capsys):
     assert main(["doctor", "--model", str(tmp_path / "nothing"), "--device", "cpu"]) == 2
     err = capsys.readouterr().err
     assert "engine-server doctor: error: no model folder at" in err and len(err.strip().splitlines()) == 1
+
+
+MEASURE = """
+import json, sys
+import torch
+from engine_server.guidance.adapters import register_all
+from engine_server.pipelines.text_to_3d import TextTo3D, TextTo3DRequest
+
+def rss(key):
+    return next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith(key))
+
+register_all()  # every library loaded before the baseline: what is measured is the job's own memory
+torch.set_num_threads(1)
+base = rss("VmRSS")
+open("/proc/self/clear_refs", "w").write("5")  # restart the peak (VmHWM) from here
+overrides = {"coarse_steps": 4, "progressive_start": None, "shading_mix": (0.0, 1.0, 0.0), "preview_every": 1000}
+TextTo3D(TextTo3DRequest(prompt="a red cube", preset=sys.argv[1], overrides=overrides)).coarse()
+print(json.dumps({"peak_gib": (rss("VmHWM") - base) / 2**30}))
+"""
+"""Peak RSS above the loaded libraries of a real draft job's first coarse steps (bundled prior, CPU, lit
+steps at the full render size: the step the estimate is for)."""
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux's resettable peak RSS")
+def test_the_draft_estimate_is_within_a_third_of_a_measured_coarse_step(capsys):
+    from engine_server.cli.doctor import diagnose
+
+    estimate = diagnose("bundled", "cpu", "draft")["presets"]["draft"]["estimate_gib"]
+    run = subprocess.run([sys.executable, "-c", MEASURE, "draft"], capture_output=True, text=True, check=True,
+                         cwd=Path(__file__).parents[2])
+    measured = json.loads(run.stdout.strip().splitlines()[-1])["peak_gib"]
+    with capsys.disabled():
+        print(f"\ndraft coarse step on CPU: estimate {estimate:.3f} GiB, measured peak {measured:.3f} GiB")
+    assert 0.67 < estimate / measured < 1.5, (estimate, measured)
