@@ -29,7 +29,7 @@ def test_doctor_json_reports_family_layout_variant_defaults_and_estimates(sd_fp1
     assert report["variants"]["vae"] == "default (diffusion_pytorch_model.safetensors)"
     assert report["dtype"] == "float32" and report["device"] == "cpu"
     assert report["defaults"]["guidance_scale"] == {"sds": 100.0, "vsd": 7.5}
-    assert report["defaults"]["render_size"] == 256
+    assert report["defaults"]["render_size"] == 64
     step = report["step"]
     assert step["finite"] and step["seconds"] > 0 and step["saved_gib_per_view"] > 0
     assert step["encoder_size"] == report["resolution"]

@@ -44,7 +44,7 @@ def test_the_request_scale_wins_and_the_stage_scale_applies():
     assert d.guidance_config("sds", 0.0, "refine").guidance_scale == 0.0  # an explicit 0 is a value, not "unset"
     assert d.guidance_config("sds").timesteps is d.timesteps
     sd = prior_defaults(StableDiffusionPrior)
-    assert sd.render_resolution(512) == 256 and sd.render_resolution(16) == 16  # small renders, upsampled
+    assert sd.render_resolution(512) == 64 and sd.render_resolution(16) == 16  # small renders, upsampled
     assert GuidanceConfig().guidance_scale == 100.0
 
 

@@ -72,10 +72,10 @@ MVDREAM_DEFAULTS = PriorDefaults(
     camera_ranges={"distance": (2.2, 2.75), "fov": (40.0, 40.0), "elevation": (0.0, 30.0),
                    "default_distance": 2.5, "default_fov": 40.0},
     background_rgb=None,
-    render_size=256,
+    render_size=64,  # its config's size for the first 5000 steps, longer than any preset's coarse stage
     anchor="threestudio mvdream-sd21.yaml: guidance scale 50, t from 0.98 to 0.02-0.5 by 80% of the run, "
     "elevation 0..30, relative distance 0.8-1.0 (times 1/tan(fov/2): 2.2-2.75 at its eval FOV 40), "
-    "64 then 256 px renders, learned background",
+    "64 px renders (256 after step 5000), learned background",
 )
 """MVDream as threestudio distils it."""
 

@@ -29,10 +29,10 @@ SD_DEFAULTS = PriorDefaults(
     camera_ranges={"distance": (1.0, 1.5), "fov": (40.0, 70.0), "elevation": (-10.0, 45.0),
                    "default_distance": 1.25, "default_fov": 55.0},
     background_rgb=None,
-    render_size=256,
-    anchor="DreamFusion / threestudio dreamfusion-sd.yaml (SDS scale 100, t 0.02-0.98), prolificdreamer.yaml "
-    "(VSD scale 7.5; radius-1 scene, cameras 1.0-1.5 away, FOV 40-70, elevation -10..45, 256 px renders "
-    "resized to 512 for the VAE, learned background)",
+    render_size=64,  # doctor: 4 views at 256 px estimate ~47 GiB of renderer alone on CPU, at 64 px ~3 GiB
+    anchor="DreamFusion / threestudio dreamfusion-sd.yaml (SDS scale 100, t 0.02-0.98, 64 px renders), "
+    "prolificdreamer.yaml (VSD scale 7.5; radius-1 scene, cameras 1.0-1.5 away, FOV 40-70, elevation -10..45, "
+    "64 px renders in its first stage, resized to 512 for the VAE, learned background)",
 )
 """Stable Diffusion 1.x / 2.x as threestudio distils it."""
 
