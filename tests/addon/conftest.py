@@ -76,3 +76,18 @@ def engine(tmp_path_factory):
             proc.wait(5)
         proc.stdout.close()
         log.close()
+
+
+def run_reporting(cmd: list[str], env: dict, report: Path, timeout: float = 400) -> dict:
+    """Run a Blender-side check script that writes a JSON report; the report plus the run's log tail under
+    ``_log``, or a test failure with the output when it wrote none."""
+    import json
+
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, check=False, cwd=ROOT)
+    if not report.exists():
+        pytest.fail(f"{Path(cmd[1]).name} wrote no report (exit {proc.returncode}):\n{proc.stdout[-4000:]}\n"
+                    f"{proc.stderr[-4000:]}")
+    out = json.loads(report.read_text())
+    out["_log"] = proc.stdout[-6000:] + proc.stderr[-3000:]
+    return out
+

@@ -8,18 +8,16 @@ jobs each bring a new object; the original of a refine is never touched.
 from __future__ import annotations
 
 import importlib.util
-import json
 import os
 import shutil
 import socket
-import subprocess
 import sys
 import sysconfig
 from pathlib import Path
 
 import pytest
 
-from .conftest import ROOT, TINY_JOB  # noqa: F401  (ROOT also puts the repo on sys.path)
+from .conftest import ROOT, TINY_JOB, run_reporting  # noqa: F401  (ROOT also puts the repo on sys.path)
 
 pytestmark = pytest.mark.slow  # each Blender session installs the add-on and runs real jobs (~30 s)
 
@@ -35,13 +33,6 @@ def _smoke_args(zip_path: Path, engine, report: Path) -> list[str]:
             "--prompt", PROMPT, "--overrides", TINY_JOB, "--job-timeout", "150", "--expect-worker"]
 
 
-def _run(cmd: list[str], env: dict, report: Path) -> dict:
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=400, check=False, cwd=ROOT)
-    if not report.exists():
-        pytest.fail(f"smoke script wrote no report (exit {proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
-    checks = json.loads(report.read_text())
-    checks["_log"] = proc.stdout[-6000:] + proc.stderr[-3000:]
-    return checks
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +47,7 @@ def bpy_checks(addon_build, engine, tmp_path_factory) -> dict:
         port = sock.getsockname()[1]
     autostart = (f"{sys.executable} -m engine_server serve --protocol-only --bind {{endpoint}} "
                  f"--data {tmp / 'autostart-data'} --key-file {engine[1]}")
-    return _run([sys.executable, str(SMOKE), *_smoke_args(addon_build.extension_zip, engine, report),
+    return run_reporting([sys.executable, str(SMOKE), *_smoke_args(addon_build.extension_zip, engine, report),
                  "--expect-wheel", "--rig-check", "--ui-path", "--autostart-command", autostart,
                  "--autostart-endpoint", f"tcp://127.0.0.1:{port}"], env, report)
 
@@ -73,7 +64,7 @@ def blender34_checks(addon_build, engine, tmp_path_factory) -> dict:
            "BLENDER_USER_CONFIG": str(tmp / "config"), "BLENDER_USER_SCRIPTS": str(tmp / "scripts"),
            "BLENDER_USER_DATAFILES": str(tmp / "datafiles")}
     report = tmp / "report.json"
-    return _run([blender, "-b", "--factory-startup", "--python-exit-code", "1", "--python", str(SMOKE), "--",
+    return run_reporting([blender, "-b", "--factory-startup", "--python-exit-code", "1", "--python", str(SMOKE), "--",
                  *_smoke_args(addon_build.legacy_zip, engine, report)], env, report)
 
 

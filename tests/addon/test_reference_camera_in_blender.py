@@ -6,15 +6,13 @@ engine server running the image job (bundled prior, CPU, a few steps).
 from __future__ import annotations
 
 import importlib.util
-import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from .conftest import ROOT, TINY_JOB
+from .conftest import TINY_JOB, run_reporting
 
 pytestmark = pytest.mark.slow  # Blender installs the add-on, renders and runs a real image job (~1 min)
 
@@ -32,12 +30,7 @@ def checks(addon_build, engine, tmp_path_factory) -> dict:
     cmd = [sys.executable, str(CHECK), "--zip", str(addon_build.extension_zip), "--endpoint", engine.endpoint,
            "--key-file", str(engine.key), "--report", str(report), "--elevation", str(ELEVATION),
            "--overrides", f"{TINY_JOB} views=2 multiview_steps=4"]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, check=False, cwd=ROOT)
-    if not report.exists():
-        pytest.fail(f"no report (exit {proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
-    out = json.loads(report.read_text())
-    out["_log"] = proc.stdout[-4000:] + proc.stderr[-2000:]
-    return out
+    return run_reporting(cmd, env, report, timeout=600)
 
 
 @pytest.mark.parametrize("name", ["render_result_sends_scene_camera", "background_image_is_the_camera_s",
