@@ -102,7 +102,9 @@ PRESETS: dict[str, Preset] = {
     "draft": Preset(
         name="draft",
         coarse_steps=200,
-        views_per_step=4,
+        # Two views a step, not four: the vocabulary's silhouettes stay within their floors (mean IoU 0.777 against
+        # 0.78), where 130 steps of four or 120 of two lose the cone, mushroom, snowman and lamp (issue 21).
+        views_per_step=2,
         render_resolution=None,
         progressive_start=16,  # 7% off a draft on 2 CPU cores, the same shape (measured on cube and cylinder)
         hashgrid=HashGridConfig(n_levels=8, n_features=2, log2_table_size=15, base_resolution=16, max_resolution=256),

@@ -1,9 +1,8 @@
 """The draft pipeline makes the object the prompt names: shape, colour, a closed surface, a valid GLB.
 
 Four prompts of different shapes and colours run once each (module-scoped) on the real
-bundled prior; every assertion reads those runs. The runs use the draft preset with
-fewer steps (QUICK) to keep this file within the pipelines' test budget; the shape
-measures come from engine_server.pipelines.quality. The GLB of one run goes through the
+bundled prior; every assertion reads those runs. The runs use the draft preset (QUICK: a smaller
+texture, no previews); the shape measures come from engine_server.pipelines.quality. The GLB of one run goes through the
 Khronos validator and Blender's glTF importer with the scripts tests/export uses.
 """
 from __future__ import annotations
@@ -32,8 +31,8 @@ VALIDATOR = TESTS / "tools" / "validate_gltf.mjs"
 BLENDER_CHECK = TESTS / "export" / "blender_import_check.py"
 NODE = shutil.which("node")
 
-QUICK = {"coarse_steps": 150, "texture_size": 128, "preview_every": 1000, "checkpoint_every": 1000}
-"""Draft with 150 instead of 200 steps: the measures below already hold there."""
+QUICK = {"texture_size": 128, "preview_every": 1000, "checkpoint_every": 1000}
+"""The draft as it is, with a smaller texture and no previews or checkpoints."""
 
 PROMPTS = DRAFT_PROMPTS
 
