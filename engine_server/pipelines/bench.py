@@ -3,8 +3,7 @@ draft's shape quality and time against its values before issue 21 (:func:`run_dr
 
 One draft pipeline (bundled prior, "a red cube") is built and measured in one run:
 
-- per distillation step (``4 * --repeat`` timed steps after 2 warm-up steps, spread evenly over the
-  stage's steps, since the render size ramps up with the step), split into
+- per distillation step (every step of the draft's coarse stage, on the field as it trains), split into
   field (hash-grid encoding + MLPs, forward; timed around every field call the renderer
   makes), renderer (ray marching and compositing: the render minus its field calls),
   prior (the denoiser's forward passes), guidance (the rest of the SDS step: noise,
@@ -12,14 +11,15 @@ One draft pipeline (bundled prior, "a red cube") is built and measured in one ru
   renderer and field), optimizer (Adam step) and occupancy (grid update);
 - field_fwd_bwd: the field's forward + backward alone on the same number of samples as
   one step, to show how much of ``backward`` the field is;
-- per stage: the draft's coarse stage estimated as steps x the mean step, then extract,
-  texture and export run for real on the partly trained field;
-- the whole draft run measured as a job runs it (build to GLB, the prior already loaded), beside the estimate.
+- per stage: the coarse stage as the sum of its timed steps, then extract, texture and export run
+  on the trained field;
+- the whole draft run measured as a job runs it (build to GLB, the prior already loaded), beside that sum:
+  what the run does besides its steps (events, previews, checkpoints) is the difference.
 
 Steps are also split by the step's shading (albedo, or lit: the renderer's normals and
 deferred shading, DreamFusion's augmentation), since lit steps cost more.
 
-Shares are of the median step. Everything runs with the process's torch thread count.
+Shares are of the mean step. Everything runs with the process's torch thread count.
 """
 from __future__ import annotations
 
@@ -137,43 +137,38 @@ def _field_fwd_bwd(pipe: TextTo3D, n: int, repeat: int) -> float:
 
 def run(args: Any) -> dict:
     repeat = max(int(getattr(args, "repeat", 5)), 1)
-    steps = int(getattr(args, "steps", None) or 4 * repeat)
     prompt = getattr(args, "prompt", None) or "a red cube"
     pipe = TextTo3D(TextTo3DRequest(prompt=prompt, preset="draft", seed=0))
     clock = _Clock()
     _instrument(pipe, clock)
-    for _ in range(2):  # warm-up (first-call allocations, lazy init)
-        _step(pipe, clock)
-    # Timed steps spread over the stage: the resolution ramp, timestep annealing and shading warm-up follow
-    # the step, so steps taken only at the start (16 px renders) would underestimate the stage.
-    timed = []
-    for i in range(steps):
-        pipe.step = int((i + 0.5) * pipe.preset.coarse_steps / steps)
-        timed.append(_step(pipe, clock))
+    # Every step of the stage, timed, on the field as it trains: the render size ramps up, the occupied
+    # samples follow the object and the shading is drawn per step, so sampled steps of a fresh field do not
+    # stand for the stage (they underestimated it by a quarter).
+    timed = [_step(pipe, clock) for _ in range(pipe.preset.coarse_steps)]
     per_step = [t for t, _ in timed]
     by_shading: dict[str, list[float]] = {}
     for t, shading in timed:
         by_shading.setdefault(shading, []).append(sum(t.values()))
     totals = [sum(s.values()) for s in per_step]
-    median_step = statistics.median(totals)
-    med = {b: statistics.median(s[b] for s in per_step) for b in BUCKETS}
+    mean_step = statistics.mean(totals)
+    mean = {b: statistics.mean(s[b] for s in per_step) for b in BUCKETS}
     rows: list[dict] = []
     for b in BUCKETS:
-        rows.append({"what": f"step: {b}", "ms": round(1000 * med[b], 1),
-                     "share": f"{100 * med[b] / max(sum(med.values()), 1e-12):.0f}%"})
-    rows.append({"what": "step: total (median)", "ms": round(1000 * median_step, 1), "share": "100%"})
+        rows.append({"what": f"step: {b}", "ms": round(1000 * mean[b], 1),
+                     "share": f"{100 * mean[b] / max(mean_step, 1e-12):.0f}%"})
+    rows.append({"what": "step: total (mean)", "ms": round(1000 * mean_step, 1), "share": "100%"})
     for shading, times in sorted(by_shading.items()):
         rows.append({"what": f"step: total, {shading} views ({len(times)} steps)",
-                     "ms": round(1000 * statistics.median(times), 1), "share": ""})
+                     "ms": round(1000 * statistics.mean(times), 1), "share": ""})
     with torch.no_grad():
         c2w, fovs = pipe.cameras.sample(pipe.preset.views_per_step)
         n_samples = int(pipe.render_views(c2w, fovs, jitter=True)["n_samples"])
     fb = _field_fwd_bwd(pipe, max(n_samples, 1), repeat)
     rows.append({"what": f"field fwd+bwd alone ({n_samples} samples)", "ms": round(1000 * fb, 1),
-                 "share": f"{100 * fb / median_step:.0f}%"})
+                 "share": f"{100 * fb / mean_step:.0f}%"})
 
-    coarse_s = statistics.mean(totals) * pipe.preset.coarse_steps
-    rows.append({"what": f"stage: coarse (est. {pipe.preset.coarse_steps} x mean step)", "ms": round(1000 * coarse_s),
+    coarse_s = sum(totals)
+    rows.append({"what": f"stage: coarse ({pipe.preset.coarse_steps} timed steps)", "ms": round(1000 * coarse_s),
                  "share": ""})
     stage_s = {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -191,7 +186,7 @@ def run(args: Any) -> dict:
         for name, s in stage_s.items():
             rows.append({"what": f"stage: {name}", "ms": round(1000 * s), "share": ""})
         total = coarse_s + sum(stage_s.values())
-        rows.append({"what": "draft run (est.)", "ms": round(1000 * total), "share": ""})
+        rows.append({"what": "draft run (sum of the stages)", "ms": round(1000 * total), "share": ""})
         # The whole run as a job runs it (previews, checkpoints, events, the resolution ramp), prior loaded.
         t = time.perf_counter()
         whole = TextTo3D(TextTo3DRequest(prompt=prompt, preset="draft", seed=0), prior=pipe.prior)
@@ -199,21 +194,22 @@ def run(args: Any) -> dict:
         wall = time.perf_counter() - t
     coarse_real = result.sidecar["timings_s"]["coarse_s"]
     rows.append({"what": "draft run (measured, build to GLB)", "ms": round(1000 * wall),
-                 "share": f"{100 * wall / total:.0f}% of est."})
+                 "share": f"{100 * wall / total:.0f}% of the sum"})
     rows.append({"what": f"  its coarse stage: {1000 * coarse_real / whole.preset.coarse_steps:.0f} ms a step",
-                 "ms": round(1000 * coarse_real), "share": f"{100 * coarse_real / coarse_s:.0f}% of est."})
+                 "ms": round(1000 * coarse_real), "share": f"{100 * coarse_real / coarse_s:.0f}% of the timed"})
     notes = [
         f"draft preset, prompt {prompt!r}, {pipe.preset.views_per_step} views x {pipe.resolution}^2 px, "
-        f"{pipe.preset.samples_per_ray} samples/ray, {steps} timed steps, torch threads {torch.get_num_threads()}",
+        f"{pipe.preset.samples_per_ray} samples/ray, all {pipe.preset.coarse_steps} steps timed, torch threads "
+        f"{torch.get_num_threads()}",
         "field/prior are forward passes; backward covers the field, renderer and image-space gradient "
         "(the prior is not differentiated: SDS); 'field fwd+bwd alone' shows the field's part of it.",
-        f"draft estimate {total:.1f} s (coarse {coarse_s:.1f} s), measured {wall:.1f} s; the machine's load changes "
-        "these numbers.",
+        f"draft: the stages sum to {total:.1f} s (coarse {coarse_s:.1f} s), the run as a job took {wall:.1f} s; the "
+        "machine's load changes these numbers.",
     ]
     return {"title": "pipeline (text-to-3D, draft)", "rows": rows, "notes": notes}
 
 
-BEFORE_ISSUE_21 = {"coarse_steps": 200, "views_per_step": 4, "bake_samples": 2}
+BEFORE_ISSUE_21 = {"coarse_steps": 200, "views_per_step": 4, "samples_per_ray": 64, "bake_samples": 2}
 """The draft preset's values before issue 21 made it faster (the same code otherwise)."""
 
 
