@@ -428,10 +428,12 @@ def main() -> int:
                    {"result": sorted(result) if result else None, "error": err, "seconds": took})
 
         if args.expect_worker:  # a job that outlives the background timeout is cancelled, and says so
-            s.prompt = args.prompt
+            s.prompt, overrides = args.prompt, s.overrides
+            s.overrides = f"{overrides} coarse_steps=2000"  # the tiny job alone can finish inside the timeout
             p.job_timeout_s = 0.5
             before = set(bpy.data.objects.keys())
             result, err, took = _op_error(lambda: bpy.ops.generate3d.generate())
+            s.overrides = overrides
             job = list(rt.runtime.session.jobs.values())[-1]
             checks.add("job_timeout_cancels", result is None and "did not finish" in err and took < 10
                        and set(bpy.data.objects.keys()) == before,

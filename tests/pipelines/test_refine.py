@@ -70,7 +70,7 @@ def test_texture_refine_keeps_topology_and_paints_green(prior, tmp_path):
     np.testing.assert_allclose(loaded.vertices, result.vertices, atol=1e-5)
     assert result.sidecar["mode"] == "texture"
     stages = [e.stage for e in events]
-    assert stages.count("refine") == 40 and stages[-1] == "export"
+    assert stages.count("refine") == 41 and stages[-1] == "export"  # the stage's begin event, then 40 steps
     assert any(e.preview is not None for e in events)
 
 

@@ -174,7 +174,7 @@ def test_refine_stage_runs_between_extract_and_export(tmp_path):
     stages = [e.stage for e in events]
     order = [s for i, s in enumerate(stages) if i == 0 or stages[i - 1] != s]
     assert order == ["coarse", "extract", "refine", "texture", "export"]
-    assert [e.step for e in events if e.stage == "refine"] == [1, 2]
+    assert [e.step for e in events if e.stage == "refine"] == [0, 1, 2]  # the begin event, then two steps
     assert (tmp_path / "ckpt" / "refine.pt").is_file()
     sidecar = json.loads((tmp_path / "r.json").read_text())
     assert "refine_s" in sidecar["timings_s"] and "texture_s" not in sidecar["timings_s"]

@@ -69,7 +69,9 @@ def test_redrawn_views_travel_with_the_result_and_survive_a_resume(engine, prior
     assert events[-1].type == "done", events[-1].fields
     assert "attempt 2 of 3 next" in (engine["root"] / "server.log").read_text()
     views = client.result(job, glb=False).meta["views"]
-    assert views["redrawn"] == expected and views["count"] == 2
+    # The reference's redraws (computed in process above) plus those of the two views drawn from it, which are
+    # checked against the prompt too (a prompt-drawn reference); each view is redrawn at most 3 times.
+    assert expected <= views["redrawn"] <= expected + 2 * 3 and views["count"] == 2
 
 
 def test_one_shape_through_the_server_scores_as_in_process(engine, prior):
