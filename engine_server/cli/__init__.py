@@ -13,6 +13,7 @@ configures logging handlers; nothing in the library imports it.
 from __future__ import annotations
 
 import argparse
+import gc
 import logging
 import sys
 
@@ -47,3 +48,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    finally:
+        if argv is None:
+            # The process's own command line, so the process ends next: interpreter shutdown would walk every
+            # object torch made (0.8 s on 2 cores, after the GLB is written); frozen ones are left to the OS.
+            gc.freeze()

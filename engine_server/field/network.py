@@ -182,28 +182,37 @@ class RadianceField(nn.Module):
         albedo = torch.sigmoid(self.color_net(torch.cat(parts, dim=-1)))
         return {"density": sigma, "albedo": albedo, "geo_feat": geo}
 
-    def normals(self, x: torch.Tensor, mode: str = "finite_difference") -> torch.Tensor:
+    def normals(self, x: torch.Tensor, mode: str = "finite_difference",
+                density: torch.Tensor | None = None) -> torch.Tensor:
         """x: (N, 3) -> (N, 3) outward unit normals, -grad(density) normalized (zero where flat).
 
-        "finite_difference": central differences with step ``normal_eps``; works with every
+        "finite_difference": differences over ``normal_eps`` either side of x (central), or, when
+        the caller already has ``density`` (N,) at x, over ``normal_eps`` ahead of x (forward: half
+        the density evaluations, the normal of a point ``normal_eps / 2`` away); works with every
         hash-grid backend and is differentiable w.r.t. the field parameters.
         "analytic": autograd w.r.t. x; differentiable w.r.t. the parameters when grad mode
         is on (needs a backend with double backward).
         """
         self._check_points(x)
         if mode == "finite_difference":
-            return normals_finite_difference(self.density, x, self.config.normal_eps)
+            return normals_finite_difference(self.density, x, self.config.normal_eps, density)
         if mode == "analytic":
             return normals_analytic(self.density, x)
         raise ValueError(f"normal mode must be one of {', '.join(NORMAL_MODES)}, got {mode!r}")
 
 
-def normals_finite_difference(density_fn, x: torch.Tensor, eps: float) -> torch.Tensor:
-    """Outward normals from central differences of ``density_fn`` (one batched call of 6N points)."""
+def normals_finite_difference(density_fn, x: torch.Tensor, eps: float,
+                              density: torch.Tensor | None = None) -> torch.Tensor:
+    """Outward normals from differences of ``density_fn`` in one batched call: central (6N points), or
+    forward from the given ``density`` at x (3N points)."""
     offsets = torch.eye(3, device=x.device, dtype=x.dtype) * eps  # (3, 3)
-    probes = torch.cat([x[None] + offsets[:, None], x[None] - offsets[:, None]], dim=0)  # (6, N, 3)
-    d = density_fn(probes.reshape(-1, 3)).view(2, 3, -1)  # (+/-, axis, N)
-    grad = ((d[0] - d[1]) / (2.0 * eps)).t()  # (N, 3)
+    if density is None:
+        probes = torch.cat([x[None] + offsets[:, None], x[None] - offsets[:, None]], dim=0)  # (6, N, 3)
+        d = density_fn(probes.reshape(-1, 3)).view(2, 3, -1)  # (+/-, axis, N)
+        grad = ((d[0] - d[1]) / (2.0 * eps)).t()  # (N, 3)
+    else:
+        d = density_fn((x[None] + offsets[:, None]).reshape(-1, 3)).view(3, -1)  # (axis, N)
+        grad = ((d - density.to(d.dtype)[None]) / eps).t()
     return F.normalize(-grad, dim=-1, eps=1e-12)
 
 

@@ -122,8 +122,10 @@ def test_normal_helpers_match_an_analytic_ellipsoid():
     x = random_directions(64) * 0.3
     expected = F.normalize(x / torch.tensor([0.4, 0.25, 0.15]) ** 2, dim=-1)  # -grad density, normalised
     fd = normals_finite_difference(ellipsoid_density, x, eps=1e-3)
+    forward = normals_finite_difference(ellipsoid_density, x, eps=1e-3, density=ellipsoid_density(x))
     an = normals_analytic(ellipsoid_density, x)
     assert float((fd * expected).sum(-1).min()) > 0.999
+    assert float((forward * expected).sum(-1).min()) > 0.999
     assert float((an.detach() * expected).sum(-1).min()) > 0.9999
 
 
@@ -135,6 +137,9 @@ def test_field_normals_point_outward_on_a_sphere_like_density(mode):
     expected = F.normalize(x, dim=-1)
     assert n.shape == (64, 3)
     assert float((n.detach() * expected).sum(-1).min()) > 0.999
+    if mode == "finite_difference":  # the forward differences the renderer takes, given the density at x:
+        forward = field.normals(x, mode=mode, density=field.density(x))  # first order: within 6 degrees here
+        assert float((forward.detach() * expected).sum(-1).min()) > 0.995
     torch.testing.assert_close(n.norm(dim=-1), torch.ones(64))
 
 

@@ -36,7 +36,7 @@ class ConstantBox(nn.Module):
     def forward(self, x, view_dirs=None):
         return {"density": torch.full_like(x[:, 0], self.sigma), "albedo": self.rgb.expand_as(x)}
 
-    def normals(self, x, mode="finite_difference"):
+    def normals(self, x, mode="finite_difference", density=None):
         raise AssertionError("not needed")
 
 
@@ -53,10 +53,11 @@ class Ball(nn.Module):
     def forward(self, x, view_dirs=None):
         return {"density": self.density(x), "albedo": torch.full_like(x, 0.8)}
 
-    def normals(self, x, mode="finite_difference"):
+    def normals(self, x, mode="finite_difference", density=None):
+        self.normal_points = getattr(self, "normal_points", 0) + len(x)
         if mode == "analytic":
             return normals_analytic(self.density, x)
-        return normals_finite_difference(self.density, x, 1e-3)
+        return normals_finite_difference(self.density, x, 1e-3, density)
 
 
 def small_field() -> RadianceField:
@@ -176,6 +177,22 @@ def test_shading_modes_on_a_ball_seen_from_the_front():
     r_an = VolumeRenderer(RendererConfig(num_steps=256, ambient=0.2, normal_mode="analytic"))
     an = r_an.render_camera(ball, cam, bg, shading="normal")
     assert float((an["rgb"].detach() - normal["rgb"]).abs().max()) < 0.02
+
+
+def test_lit_renders_take_normals_only_where_samples_show():
+    cam = orbit_camera(30.0, 20.0, 2.0, 40.0, 16)
+    images, counts = {}, {}
+    for min_weight in (0.0, 1e-4):
+        ball = Ball()
+        r = VolumeRenderer(RendererConfig(num_steps=256, min_transmittance=0.0, min_weight=min_weight))
+        out = r.render_camera(ball, cam, FixedBackground(), shading="lambertian", compute_normals=True)
+        images[min_weight], counts[min_weight] = out["rgb"], ball.normal_points
+        hidden = out["samples"]["weights"] <= min_weight
+        assert bool(hidden.any()) and float(out["samples"]["normals"][hidden].abs().max()) == 0.0
+    shown = out["samples"]["normals"][~hidden].norm(dim=-1)
+    torch.testing.assert_close(shown, torch.ones_like(shown))
+    assert counts[1e-4] < 0.5 * counts[0.0]  # the faint fringe gets none either
+    assert float((images[1e-4] - images[0.0]).abs().max()) < 2e-3
 
 
 def test_rendering_is_differentiable_wrt_field_and_background():

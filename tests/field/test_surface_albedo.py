@@ -27,7 +27,7 @@ class FringedBall(nn.Module):
         red = (self.density(x)[:, None] > 8.0).float()
         return {"density": self.density(x), "albedo": red * RED + (1 - red) * CYAN}
 
-    def normals(self, x, mode="finite_difference"):
+    def normals(self, x, mode="finite_difference", density=None):
         return normals_finite_difference(self.density, x, 1e-3)
 
 
