@@ -19,7 +19,7 @@ import sys
 
 from engine_server import __version__
 from engine_server.cli import bundled, doctor, info, make, serve
-from engine_server.cli.common import UsageError
+from engine_server.cli.common import UsageError, use_model_config
 
 VERB_GROUPS = (info, make, doctor, serve, bundled)
 """Modules whose ``add_parsers(sub)`` register the verbs, in the order ``--help`` lists them."""
@@ -41,6 +41,7 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s"
     )
     try:
+        use_model_config(args)
         return args.func(args)
     except UsageError as exc:
         print(f"engine-server {args.command}: error: {exc}", file=sys.stderr)

@@ -21,9 +21,32 @@ def add_job_flags(p: argparse.ArgumentParser, *, steps_help: str, preset: bool =
     if preset:
         p.add_argument("--preset", default=DEFAULT_PRESET, choices=list(PRESETS), help="quality preset")
     p.add_argument("--seed", type=int, default=0, help="random seed")
-    p.add_argument("--model", default="bundled", metavar="PATH_OR_ID", help="prior: bundled, a folder or a hub id")
+    p.add_argument("--model", default="bundled", metavar="PATH_OR_ID",
+                   help="prior: bundled, a folder, a single-file checkpoint or a hub id")
+    add_model_config_flag(p)
     p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
     p.add_argument("--steps", type=int, default=None, help=steps_help)
+
+
+def add_model_config_flag(p: argparse.ArgumentParser) -> None:
+    """--model-config, beside every --model: the diffusers config a single-file --model is built from."""
+    p.add_argument("--model-config", default=None, metavar="REPO_OR_FOLDER",
+                   help="for a single-file --model (.safetensors / .ckpt): the diffusers config to build it from, a "
+                        "hub id or a local diffusers folder (default: the live mirror a NAME.yaml beside the file "
+                        "implies; SD 1.x files need none, SD 2.x ones need this or the .yaml to say base or 768-v)")
+
+
+def use_model_config(args: argparse.Namespace) -> None:
+    """Make this process build ``--model`` from ``--model-config`` wherever it loads it (the pipelines load their
+    request's model by name; ``serve`` passes it to its workers itself)."""
+    if getattr(args, "model_config", None) is None:
+        return
+    if not Path(args.model).expanduser().is_file():
+        raise UsageError(f"--model-config applies to a single-file --model (.safetensors / .ckpt); {args.model!r} is "
+                         "no file (a folder or hub id brings its own configs)")
+    from engine_server.guidance.prior import set_single_file_config
+
+    set_single_file_config(args.model, args.model_config)
 
 
 def add_guidance_flags(p: argparse.ArgumentParser, perp_neg: bool = False) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from engine_server.cli.common import UsageError, format_table, usage_from
+from engine_server.cli.common import UsageError, add_model_config_flag, format_table, usage_from
 from engine_server.pipelines.presets import PRESETS
 
 
@@ -12,6 +12,7 @@ def add_parsers(sub) -> None:
     p = sub.add_parser("doctor", help="check a prior: family, layout, variant, defaults, memory per preset, one step")
     p.add_argument("--model", default="bundled", metavar="PATH_OR_ID",
                    help="prior: bundled, a diffusers folder, a single-file checkpoint or a hub id")
+    add_model_config_flag(p)
     p.add_argument("--preset", default=None, choices=list(PRESETS), help="estimate this preset only (default: all)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
     p.add_argument("--json", action="store_true", help="print the same as one JSON object")
@@ -64,6 +65,8 @@ def format_report(r: dict) -> str:
         f"source      {r['source']}",
         f"family      {r['family']} ({r['kind']}), {r['prediction_type']}, {r['resolution']} px",
         f"layout      {r['layout']}",
+        *([f"config      {r['single_file_config']['config']} (SD {r['single_file_config']['family']}, chosen by "
+           f"{r['single_file_config']['chosen_by']}), {r['prediction_type']}"] if r.get("single_file_config") else []),
         f"variants    {', '.join(f'{c}: {v}' for c, v in r['variants'].items()) or '-'}",
         f"dtype       {r['dtype']} on {r['device']}, {r['parameters_gib']:.3f} GiB of weights",
         "defaults    guidance scale " + ", ".join(f"{m} {s:g}" for m, s in d["guidance_scale"].items())

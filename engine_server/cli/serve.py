@@ -14,7 +14,7 @@ import shutil
 import time
 from pathlib import Path
 
-from engine_server.cli.common import UsageError, output_glb
+from engine_server.cli.common import UsageError, add_model_config_flag, output_glb
 from engine_server.wire.protocol import DEFAULT_ENDPOINT
 
 
@@ -35,7 +35,8 @@ def add_serve_parser(sub) -> argparse.ArgumentParser:
                    help="HMAC key file, created 0600 on first start (default: per-user data dir)")
     p.add_argument("--no-auth", action="store_true", help="no signatures (loopback only)")
     p.add_argument("--model", default="bundled", metavar="PATH_OR_ID",
-                   help="default prior: bundled, a local diffusers folder or a hub id")
+                   help="default prior: bundled, a local diffusers folder, a single-file checkpoint or a hub id")
+    add_model_config_flag(p)
     p.add_argument("--extra-model", action="append", default=[], metavar="PATH_OR_ID",
                    help="another prior a request may pick with options.model (repeatable)")
     p.add_argument("--device", action="append", default=None, metavar="DEV",
@@ -96,7 +97,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         from engine_server.service.runner import RunnerConfig
         from engine_server.service.worker import WorkerConfig
 
-        worker = WorkerConfig(runner=RunnerConfig(model=args.model, models=list(config.models), threads=args.threads),
+        worker = WorkerConfig(runner=RunnerConfig(model=args.model, model_config=args.model_config,
+                                                  models=list(config.models), threads=args.threads),
                               devices=devices, cancel_grace_s=args.cancel_grace, log_level=log_level)
     try:
         return serve(config, ready=lambda ep: print(f"listening on {ep}", flush=True), worker=worker,
@@ -120,8 +122,8 @@ def _ray_executor(args: argparse.Namespace, models: list[str], log_level: str):
     try:
         ray_config = RayConfig(address=address, actors=0 if args.ray_actors is None else args.ray_actors,
                                cpus_per_actor=1.0 if args.ray_cpus_per_actor is None else args.ray_cpus_per_actor,
-                               runner=RunnerConfig(model=args.model, models=list(models), threads=args.threads,
-                                                   device=device),
+                               runner=RunnerConfig(model=args.model, model_config=args.model_config,
+                                                   models=list(models), threads=args.threads, device=device),
                                cancel_grace_s=args.cancel_grace, log_level=log_level)
     except ClusterError as exc:
         raise UsageError(str(exc)) from None

@@ -86,7 +86,8 @@ def weight_variants(source: str, dtype: torch.dtype) -> dict[str, str]:
 
 
 def describe_prior(prior, model: str) -> dict:
-    """Family, layout, variants, dtype, device, resolution, parameters and defaults of a loaded prior."""
+    """Family, layout, variants, dtype, device, resolution, prediction type, parameters and defaults of a loaded
+    prior; for a single file, the diffusers config it was built from and what chose it (else None)."""
     source = str(getattr(prior, "source", model))
     return {
         "model": model,
@@ -99,6 +100,7 @@ def describe_prior(prior, model: str) -> dict:
         "device": str(prior.device),
         "resolution": int(prior.resolution),
         "prediction_type": prior.prediction_type,
+        "single_file_config": getattr(prior, "single_file_config", None),
         "parameters_gib": parameter_bytes(prior) / GIB,
         "defaults": prior_defaults(prior).as_dict(),
     }

