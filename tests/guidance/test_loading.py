@@ -366,3 +366,13 @@ def test_an_sd2_file_that_does_not_say_base_or_v_and_other_wrong_configs_are_ref
     with pytest.raises(PriorLoadError, match=r"no live diffusers config is known for SD 1.x with v_prediction "
                                              r"\(v-tuned.yaml\); pass one \(--model-config"):
         load_prior(sd15)
+
+
+def test_a_workers_runner_builds_its_single_file_model_from_its_model_config(sd2_folders, offline_cache):
+    """``serve --model FILE --model-config DIR`` reaches its worker processes as RunnerConfig.model_config."""
+    from engine_server.service.runner import RunContext, RunnerConfig
+
+    folder, ckpt = sd2_folders["v"]
+    ctx = RunContext(RunnerConfig(device="cpu", model=str(ckpt), model_config=str(folder)))
+    prior = ctx.prior(None)
+    assert prior.prediction_type == "v_prediction" and prior.single_file_config["config"] == str(folder)
