@@ -118,7 +118,7 @@ def single_file_config(path: Path, family: str, config: str | None) -> tuple[str
             f"{SINGLE_FILE_CONFIGS[('2.x', 'epsilon')]!r} or {SINGLE_FILE_CONFIGS[('2.x', 'v_prediction')]!r}), or "
             f"put its original config beside it as {yaml_path.name} (v2-inference.yaml for base, "
             "v2-inference-v.yaml, with parameterization: \"v\", for 768-v)")
-    return SINGLE_FILE_CONFIGS[(family, "epsilon")], "SD 1.x keys", None
+    return SINGLE_FILE_CONFIGS[(family, "epsilon")], "the file's SD 1.x keys", None
 
 
 def _is_stable_diffusion(index: dict, folder: Path) -> bool:
