@@ -329,7 +329,7 @@ def surface_albedo(field: nn.Module, points: torch.Tensor, outside: float, insid
     outer fringe that renders barely show, whose albedo blends into the background's; this reads
     the colour the renders (and so the prior) saw instead.
     """
-    normals = field.normals(points, density=field.density(points))  # forward differences: 4 evaluations, not 6
+    normals = field.normals(points)
     t = torch.linspace(outside, -inside, samples, device=points.device, dtype=points.dtype)
     delta = (outside + inside) / (samples - 1)
     out = field((points[:, None] + t[None, :, None] * normals[:, None]).reshape(-1, 3))
