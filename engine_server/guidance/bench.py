@@ -114,7 +114,8 @@ def _measure(adapter: str, mode: str, size_name: str, size: tiny.TinySize, devic
              batch: int, scale: float, folder: Path) -> dict:
     model = folder / f"{adapter}-{size_name}"
     if not (model / "model_index.json").is_file():  # built once, shared by the modes
-        tiny.BUILDERS[adapter](model, size=size)
+        extra = {"version": 2} if size is tiny.SD21 else {}  # the full-size row in SD 2.1's own layout
+        tiny.BUILDERS[adapter](model, size=size, **extra)
     prior = load_prior(model, device)
     guidance = build_guidance(prior, GuidanceConfig(mode=mode, guidance_scale=scale))
     res = prior.resolution
