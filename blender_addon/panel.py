@@ -146,6 +146,12 @@ def _draw_advanced(layout, s) -> None:
     col = box.column(align=True)
     col.prop(s, "depth_weight")
     col.prop(s, "normal_weight")
+    col = box.column(align=True)
+    col.prop(s, "bsd_steps")
+    sub = col.row(align=True)
+    sub.enabled = s.bsd_steps > 0
+    sub.prop(s, "bsd_t_start")
+    sub.prop(s, "bsd_t_end")
 
 
 def _engine_line(session) -> str:

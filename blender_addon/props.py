@@ -80,12 +80,14 @@ HYBRID_WEIGHT_DEFAULT = 2.0
 """The engine's default ``hybrid_weight`` (DreamCraft3D's mu): not sent when left there."""
 NORMAL_WEIGHT_DEFAULT = 1.0
 """The engine's default ``normal_weight`` (the normal alignment is on by default): not sent when left there."""
+BSD_T_DEFAULTS = (0.6, 0.3)
+"""The engine's default BSD t' schedule (``bsd_t_start``, ``bsd_t_end``): not sent when left there."""
 
 
 def image_fit_options(settings) -> dict:
     """The Advanced fold's image-to-3D stages as engine options (``hybrid``, ``hybrid_weight``,
-    ``view_start_range`` + ``view_widen``, ``depth_weight``, ``normal_weight``); nothing for a stage left at the
-    engine's default."""
+    ``view_start_range`` + ``view_widen``, ``depth_weight``, ``normal_weight``, ``bsd_steps`` + ``bsd_t_start`` /
+    ``bsd_t_end``); nothing for a stage left at the engine's default."""
     options: dict = {}
     if settings.hybrid:
         options["hybrid"] = True
@@ -98,6 +100,14 @@ def image_fit_options(settings) -> dict:
         options["depth_weight"] = float(settings.depth_weight)
     if settings.normal_weight != NORMAL_WEIGHT_DEFAULT:
         options["normal_weight"] = float(settings.normal_weight)
+    if settings.bsd_steps > 0:
+        options["bsd_steps"] = int(settings.bsd_steps)
+        schedule = (round(settings.bsd_t_start, 4), round(settings.bsd_t_end, 4))  # Blender keeps float32
+        if schedule != BSD_T_DEFAULTS:
+            if schedule[1] > schedule[0]:
+                raise ValueError(f"BSD's t' must shrink: End t' ({schedule[1]:.2f}) is above Start t' "
+                                 f"({schedule[0]:.2f})")
+            options["bsd_t_start"], options["bsd_t_end"] = schedule
     return options
 
 
@@ -184,6 +194,15 @@ class Generate3DSettings(bpy.types.PropertyGroup):
                                 description="Depth term against the silhouettes' visual hull (0: off)")
     normal_weight: FloatProperty(name="Normal Alignment", default=NORMAL_WEIGHT_DEFAULT, min=0.0, max=100.0,
                                  description="Normal term against the visual hull's smoothed normals (0: off)")
+    bsd_steps: IntProperty(name="BSD Steps", default=0, min=0, max=100000,
+                           description="Bootstrapped score distillation after the coarse fit: the novel-view prior "
+                                       "fine-tuned on the object's own renders, the object fitted against it (0: off)")
+    bsd_t_start: FloatProperty(name="Start t'", default=BSD_T_DEFAULTS[0], min=0.01, max=0.99, subtype="FACTOR",
+                               description="How far BSD noises the renders before the prior denoises them, at the "
+                                           "stage's start (a fraction of the diffusion timesteps)")
+    bsd_t_end: FloatProperty(name="End t'", default=BSD_T_DEFAULTS[1], min=0.01, max=0.99, subtype="FACTOR",
+                             description="BSD's t' at the stage's end, at most Start t' (smaller: the renders have "
+                                         "improved)")
     overrides: StringProperty(name="Overrides", default="",
                               description="More preset overrides as name=value pairs, e.g. 'render_resolution=32 refine_steps=0'")
 

@@ -37,11 +37,12 @@ TERMINAL = ("done", "failed", "cancelled")
 
 STAGE_WEIGHTS: dict[str, dict[str, float]] = {
     "text": {"coarse": 0.70, "extract": 0.04, "refine": 0.16, "texture": 0.08, "export": 0.02},
-    "image": {"views": 0.15, "coarse": 0.60, "extract": 0.05, "texture": 0.15, "export": 0.05},
-    "multiview": {"views": 0.15, "coarse": 0.60, "extract": 0.05, "texture": 0.15, "export": 0.05},
+    "image": {"views": 0.15, "coarse": 0.60, "bsd": 0.0, "extract": 0.05, "texture": 0.15, "export": 0.05},
+    "multiview": {"views": 0.15, "coarse": 0.60, "bsd": 0.0, "extract": 0.05, "texture": 0.15, "export": 0.05},
     "refine": {"refine": 0.80, "texture": 0.15, "export": 0.05},
 }
-"""Each kind's pipeline stages in order, weighted by their share of a job's time (draft/standard on a CPU)."""
+"""Each kind's pipeline stages in order, weighted by their share of a job's time (draft/standard on a CPU); the
+opt-in ``bsd`` stage weighs nothing, so a job without it moves on evenly (its own bar still shows its steps)."""
 
 START_HINT = "start one with `engine-server serve`, or tick Start Engine Automatically in the add-on's preferences"
 """How to get an engine, for every message that says none answers."""

@@ -76,7 +76,8 @@ def add_asset_flags(p: argparse.ArgumentParser) -> None:
                         f"{TEXTURE_SIZE_RANGE[1]} (default: the preset's)")
 
 
-IMAGE_FIT_FLAGS = ("hybrid", "hybrid_weight", "view_start_range", "view_widen", "depth_weight", "normal_weight")
+IMAGE_FIT_FLAGS = ("hybrid", "hybrid_weight", "view_start_range", "view_widen", "depth_weight", "normal_weight",
+                   "bsd_steps", "bsd_t_start", "bsd_t_end")
 """The ImageFitConfig fields :func:`add_image_fit_flags` sets (flag: the name with dashes)."""
 
 
@@ -101,6 +102,14 @@ def add_image_fit_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--normal-weight", type=float, default=None, metavar="W",
                    help="geometry alignment: normal term against the visual hull's smoothed normals (default 1; "
                         "0: off)")
+    g.add_argument("--bsd-steps", type=int, default=None, metavar="N",
+                   help="bootstrapped score distillation: N steps after the coarse fit that fine-tune a LoRA copy of "
+                        "the novel-view prior on the object's own renders (noised to t' and denoised) and fit the "
+                        "object against it with VSD (default 0: off)")
+    g.add_argument("--bsd-t-start", type=float, default=None, metavar="F",
+                   help="BSD's t' at the stage's start, a fraction of the timesteps (default 0.6)")
+    g.add_argument("--bsd-t-end", type=float, default=None, metavar="F",
+                   help="BSD's t' at the stage's end, at most --bsd-t-start (default 0.3)")
 
 
 def image_fit_fields(args: argparse.Namespace) -> dict:

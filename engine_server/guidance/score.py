@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -180,6 +181,11 @@ class ScoreDistillation:
             direction = direction + w * perpendicular(e - eps_u, e_pos)
         return eps_u + scale * direction
 
+    def prior_noise(self, latents_t: torch.Tensor, t: torch.Tensor, inputs: PriorInputs,
+                    cameras: torch.Tensor) -> torch.Tensor:
+        """eps_hat, the "real" score: the prior's guided estimate (BSD's is its fine-tuned copy's)."""
+        return self.guided_noise(latents_t, t, inputs, cameras)
+
     def target_noise(
         self, latents_t: torch.Tensor, t: torch.Tensor, noise: torch.Tensor, inputs: PriorInputs,
         cameras: torch.Tensor,
@@ -224,7 +230,7 @@ class ScoreDistillation:
         with torch.no_grad():
             noise = torch.randn(latents.shape, generator=self.generator, device=self.device, dtype=latents.dtype)
             latents_t = self.add_noise(latents.detach(), noise, t)
-            eps_hat = self.guided_noise(latents_t, t, inputs, cameras)
+            eps_hat = self.prior_noise(latents_t, t, inputs, cameras)
             eps_target = self.target_noise(latents_t, t, noise, inputs, cameras)
             w = self.weights[t].view(-1, *([1] * (latents.dim() - 1)))
             grad = clean_gradient(w * (eps_hat - eps_target), self.config.grad_clip, self.config.grad_clip_mode)
@@ -239,6 +245,57 @@ class ScoreDistillation:
     def after_step(self, latents: torch.Tensor, cameras: torch.Tensor, inputs: PriorInputs,
                    extras: dict[str, Any]) -> None:
         """Hook for work after the gradient is formed (VSD trains its LoRA here)."""
+
+
+def lora_network(prior: Prior) -> nn.Module:
+    """The denoiser network LoRA adapters go on: the prior's diffusers ``unet``, else its plain ``network``
+    (the bundled model's), or a ValueError naming the prior."""
+    network = getattr(prior, "unet", None)
+    if network is None:
+        network = getattr(prior, "network", None)
+    if not isinstance(network, nn.Module):
+        raise ValueError(f"LoRA adapters (VSD, BSD) need a prior whose denoiser is a torch network; "
+                         f"{type(prior).__name__} has none")
+    return network
+
+
+def attach_lora(network: nn.Module, adapter_name: str, config) -> tuple[list[nn.Module], list[nn.Parameter]]:
+    """Add a peft LoRA ``config`` named ``adapter_name`` to ``network`` (diffusers' ``add_adapter`` on a diffusers
+    model, peft's injection on a plain one), replacing one of that name; returns (every adapter layer of the
+    network, the new adapter's parameters, fp32). All adapters are left off (see :func:`use_adapter`)."""
+    from peft import inject_adapter_in_model
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    existing = [m for m in network.modules() if isinstance(m, BaseTunerLayer) and adapter_name in m.lora_A]
+    if existing:
+        logger.warning("replacing the %s adapter of an earlier guidance on this prior; that guidance is now stale",
+                       adapter_name)
+        if hasattr(network, "delete_adapters"):  # a diffusers model also forgets the adapter's config
+            network.delete_adapters(adapter_name)
+        else:
+            for layer in existing:
+                layer.delete_adapter(adapter_name)
+            getattr(network, "peft_config", {}).pop(adapter_name, None)
+    if hasattr(network, "add_adapter"):
+        network.add_adapter(config, adapter_name=adapter_name)
+    else:
+        with warnings.catch_warnings():  # a second adapter (VSD's and BSD's) is meant: peft warns of it
+            warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
+            inject_adapter_in_model(config, network, adapter_name=adapter_name)
+    layers = [m for m in network.modules() if isinstance(m, BaseTunerLayer)]
+    params = [p for n, p in network.named_parameters() if "lora_" in n and f".{adapter_name}." in n]
+    for p in params:
+        p.data = p.data.float()  # train adapters in fp32 even when the prior runs in fp16
+    use_adapter(layers, None)
+    return layers, params
+
+
+def use_adapter(layers: list[nn.Module], adapter_name: str | None) -> None:
+    """Run ``layers`` with the one adapter ``adapter_name`` on (its weights trainable), or with none."""
+    for layer in layers:
+        if adapter_name is not None:
+            layer.set_adapter(adapter_name)
+        layer.enable_adapters(adapter_name is not None)
 
 
 class CameraEmbedding(nn.Module):
@@ -275,7 +332,8 @@ class VariationalScoreDistillation(ScoreDistillation):
     """Variational score distillation (ProlificDreamer).
 
     eps_target is the estimate of a LoRA of the prior's denoiser (peft, through
-    diffusers' ``unet.add_adapter``), camera-conditioned, which learns the
+    diffusers' ``unet.add_adapter``, or peft's injection into a plain network such as
+    the bundled model's), camera-conditioned, which learns the
     distribution of the current renders. Each call first forms the gradient,
     then trains the LoRA for ``vsd.lora_steps_per_call`` steps with its own AdamW
     on the (detached) latents of the same renders; ``extras["lora_loss"]`` reports it.
@@ -286,33 +344,21 @@ class VariationalScoreDistillation(ScoreDistillation):
 
     def __init__(self, prior: Prior, config: GuidanceConfig | None = None) -> None:
         super().__init__(prior, config)
-        unet = getattr(prior, "unet", None)
-        if unet is None or not hasattr(unet, "add_adapter"):
-            raise ValueError(f"VSD needs a prior whose denoiser is a diffusers UNet; {type(prior).__name__} has none")
         from peft import LoraConfig
-        from peft.tuners.tuners_utils import BaseTunerLayer
 
         vsd = self.config.vsd
-        self.unet = unet
-        if self.adapter_name in (getattr(unet, "peft_config", None) or {}):
-            logger.warning("replacing the VSD LoRA of an earlier guidance on this prior; that guidance is now stale")
-            unet.delete_adapters(self.adapter_name)
-        unet.add_adapter(
-            LoraConfig(r=vsd.lora_rank, lora_alpha=vsd.lora_alpha or vsd.lora_rank, init_lora_weights="gaussian",
-                       target_modules=list(vsd.lora_target_modules)),
-            adapter_name=self.adapter_name,
-        )
-        self._lora_layers = [m for m in unet.modules() if isinstance(m, BaseTunerLayer)]
-        lora_params = [p for n, p in unet.named_parameters() if "lora_" in n and self.adapter_name in n]
-        for p in lora_params:
-            p.data = p.data.float()  # train the adapter in fp32 even when the prior runs in fp16
+        self.unet = unet = lora_network(prior)
+        self._lora_layers, lora_params = attach_lora(unet, self.adapter_name, LoraConfig(
+            r=vsd.lora_rank, lora_alpha=vsd.lora_alpha or vsd.lora_rank, init_lora_weights="gaussian",
+            target_modules=list(vsd.lora_target_modules)))
         self.camera_embedding: CameraEmbedding | None = None
         params = list(lora_params)
-        if vsd.camera_condition:
+        # A diffusers UNet gets the camera through a class embedding; a network without that slot (the bundled
+        # model's) is conditioned on each view's camera by the prior itself.
+        if vsd.camera_condition and hasattr(unet, "class_embedding"):
             time_dim = unet.time_embedding.linear_2.out_features
             self.camera_embedding = CameraEmbedding(time_dim, unet.class_embedding).to(self.device)
             params += list(self.camera_embedding.parameters())
-        self._set_lora(False)
         self._params = params
         self.optimizer = torch.optim.AdamW(params, lr=vsd.lora_lr, weight_decay=0.0)
 
@@ -321,13 +367,12 @@ class VariationalScoreDistillation(ScoreDistillation):
         return list(self._params)
 
     def _set_lora(self, enabled: bool) -> None:
-        for layer in self._lora_layers:
-            layer.enable_adapters(enabled)
+        use_adapter(self._lora_layers, self.adapter_name if enabled else None)
 
     @contextlib.contextmanager
     def lora_active(self, keep: torch.Tensor | None = None):
         """Within the block the prior's UNet runs as the VSD model (LoRA on, camera embedding installed)."""
-        original = self.unet.class_embedding
+        original = getattr(self.unet, "class_embedding", None)
         self._set_lora(True)
         if self.camera_embedding is not None:
             self.camera_embedding.keep = keep
@@ -365,11 +410,13 @@ class VariationalScoreDistillation(ScoreDistillation):
         keep = None
         if self.camera_embedding is not None and vsd.camera_dropout > 0:
             keep = (torch.rand(n, generator=self.generator, device=self.device) >= vsd.camera_dropout).float()
+        # Backward inside the block: leaving it switches the adapter off, and peft then stops its weights'
+        # gradients (requires_grad False), so a backward after it would train the camera embedding alone.
         with torch.enable_grad(), self.lora_active(keep):
             pred = self.prior.predict_noise(latents_t, t, inputs.cond, cameras)
             loss = F.mse_loss(pred.float(), noise.float())
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
         self.optimizer.step()
         return float(loss.detach())
 

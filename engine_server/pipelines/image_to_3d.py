@@ -22,6 +22,10 @@ everything else (checkpoints, events, cancel, extraction, texture, export) is in
            (:func:`view_window`); ``depth_weight`` / ``normal_weight`` align the rendered depth and normals
            at the reference and the fitted views with the visual hull of the agreeing silhouettes
            (:func:`hull_surface`: no monocular estimator ships offline);
+  bsd      with ``bsd_steps`` > 0, bootstrapped score distillation (DreamCraft3D's texture stage, on the field):
+           rounds of fine-tuning a LoRA copy of the novel-view prior on the object's own renders noised to t'
+           and denoised, and a VSD fit against that copy (eps_DreamBooth - eps_LoRA); t' shrinks over the
+           stage (:class:`BSDStage`, :mod:`engine_server.guidance.bsd`); checkpointed in ``bsd.pt``;
   extract / texture / export   as for text.
 The generated views are saved with the coarse checkpoint, so a resumed job fits the same views.
 """
@@ -57,7 +61,7 @@ from engine_server.multiview.reference import (  # the reference's readers, re-e
     rig_reference_camera,
 )
 from engine_server.pipelines.events import ProgressEvent
-from engine_server.pipelines.loop import save_torch
+from engine_server.pipelines.loop import StepLoop, save_torch
 from engine_server.pipelines.text_to_3d import TextTo3D, TextTo3DRequest
 
 logger = logging.getLogger(__name__)
@@ -109,6 +113,15 @@ class ImageFitConfig:
     """Geometry alignment: weight of the normal term (sum over pixels of 1 - cos(rendered, estimated normal));
     on by default: on Blender-rendered references it took the dihedral ratio from 3.9 to 2.7 with the held-out
     silhouette IoU and colour unchanged (issue 25's table); 0: off."""
+    bsd_steps: int = 0
+    """Bootstrapped score distillation (DreamCraft3D): steps of the ``bsd`` stage after the coarse fit, which
+    alternates fine-tuning a LoRA copy of the novel-view prior on the object's own noised-and-denoised renders
+    with a VSD fit against it (:mod:`engine_server.guidance.bsd`); 0: off."""
+    bsd_t_start: float = 0.6
+    """BSD's t' (how far the renders are noised before the prior denoises them, a fraction of the timesteps)
+    at the start of the stage."""
+    bsd_t_end: float = 0.3
+    """BSD's t' at the end of the stage (smaller: the renders have improved)."""
 
     def __post_init__(self) -> None:
         for name in ("ref_weight", "view_weight", "mask_weight", "distill_weight", "hybrid_weight", "depth_weight",
@@ -124,6 +137,15 @@ class ImageFitConfig:
                              f"got {self.view_start_range}")
         if not 0.0 < self.view_widen <= 1.0:
             raise ValueError(f"ImageFitConfig.view_widen must be in (0, 1], got {self.view_widen}")
+        steps = self.bsd_steps
+        if isinstance(steps, bool) or not isinstance(steps, int) or not 0 <= steps <= 100000:
+            raise ValueError(f"ImageFitConfig.bsd_steps must be an integer from 0 (off) to 100000, got {steps!r}")
+        if not 0.0 < self.bsd_t_start < 1.0:
+            raise ValueError(f"ImageFitConfig.bsd_t_start must be in (0, 1) (a fraction of the timesteps), "
+                             f"got {self.bsd_t_start}")
+        if not 0.0 < self.bsd_t_end <= self.bsd_t_start:
+            raise ValueError(f"ImageFitConfig.bsd_t_end must be in (0, bsd_t_start = {self.bsd_t_start}] (t' shrinks "
+                             f"as the renders improve), got {self.bsd_t_end}")
 
     @property
     def aligns(self) -> bool:
@@ -267,10 +289,13 @@ def hull_surface(masks: torch.Tensor, c2w: torch.Tensor, fovs: torch.Tensor, cam
 class ImageTo3D(TextTo3D):
     """The image-to-3D pipeline. ``run(out_path)`` does every stage and writes the GLB."""
 
-    STAGES = ("views", "coarse", "extract", "texture", "export")
+    STAGES = ("views", "coarse", "bsd", "extract", "texture", "export")
+    """Stage names of progress events, in order ("bsd" only with ``fit.bsd_steps`` > 0)."""
     GUIDANCE_STAGE = "image"
 
     request: ImageTo3DRequest
+    bsd_stage: BSDStage | None = None
+    """The BSD stage, once it has run."""
     reference_redrawn = 0
     """Times the reference view drawn from the prompt was drawn again for not showing it (kept in reference.pt)."""
 
@@ -303,7 +328,8 @@ class ImageTo3D(TextTo3D):
                                                          request.recenter)
         elif matte is not None:
             self.reference_camera = estimate_reference_camera(prior, self.reference_image, dist, fov,
-                                                              DEFAULT_ELEVATION, seed=request.seed)
+                                                              DEFAULT_ELEVATION, seed=request.seed,
+                                                              coverage=matte.rgba[..., 3])
         else:
             self.reference_camera = ReferenceCamera(look_at(orbit_position(0.0, DEFAULT_ELEVATION, dist)), fov,
                                                     "default", DEFAULT_ELEVATION, 0.0)
@@ -520,6 +546,21 @@ class ImageTo3D(TextTo3D):
     def coarse_loss(self) -> tuple[torch.Tensor, dict]:
         """Reference + generated-view reconstruction, then novel-view distillation (Magic123)."""
         f, p = self.fit, self.preset
+        loss, logs = self.reconstruction_loss()
+        if f.distill_weight > 0 and self.step >= f.distill_start * p.coarse_steps:
+            c2w, fovs = self.distill_cameras(p.views_per_step)
+            out = self.render_views(c2w, fovs, jitter=True)
+            g = self.guidance(out["image"], c2w.to(self.device), self.cond, self.step, p.coarse_steps)
+            opacity = out["opacity"].clamp(1e-5, 1 - 1e-5)
+            loss = loss + f.distill_weight * g.loss + p.sparsity_weight * opacity.sum()
+            logs["sds"] = float(g.loss.detach())
+            if "text_loss" in g.extras:
+                logs["sds_text"], logs["sds_image"] = g.extras["text_loss"], g.extras["image_loss"]
+        return loss, logs
+
+    def reconstruction_loss(self) -> tuple[torch.Tensor, dict]:
+        """The reference's and a few agreeing generated views' photometric + mask (+ alignment) losses, weighted."""
+        f = self.fit
         align = self.alignment is not None
         ref, terms = self._fit_loss(self.reference_c2w[None], torch.tensor([self.reference_fov]),
                                     self.reference_image[None], self.reference_mask[None], [0] if align else None)
@@ -535,24 +576,20 @@ class ImageTo3D(TextTo3D):
                                        (idx + 1).tolist() if align else None)
             loss = self._aligned(loss + f.view_weight * mv, terms, logs)
             logs["views"] = float(mv.detach())
-        if f.distill_weight > 0 and self.step >= f.distill_start * p.coarse_steps:
-            c2w, fovs = self.distill_cameras(p.views_per_step)
-            out = self.render_views(c2w, fovs, jitter=True)
-            g = self.guidance(out["image"], c2w.to(self.device), self.cond, self.step, p.coarse_steps)
-            opacity = out["opacity"].clamp(1e-5, 1 - 1e-5)
-            loss = loss + f.distill_weight * g.loss + p.sparsity_weight * opacity.sum()
-            logs["sds"] = float(g.loss.detach())
-            if "text_loss" in g.extras:
-                logs["sds_text"], logs["sds_image"] = g.extras["text_loss"], g.extras["image_loss"]
         return loss, logs
 
     def coarse(self) -> None:
+        """Views, the coarse fit and, when on, the BSD stage (``timings["coarse_s"]`` includes ``bsd_s``)."""
         if self.views is None:
             self.generate()
         if self.fit.aligns and self.alignment is None:
             self.alignment = self.estimate_alignment()
         self._check_cancel()
         super().coarse()
+        if self.fit.bsd_steps > 0:
+            with self.timed("bsd"):
+                self.bsd_stage = BSDStage(self)
+                self.bsd_stage.loop().run(self.bsd_stage)
 
     def extract(self) -> tuple[np.ndarray, np.ndarray]:
         """Marching tetrahedra as for text; the field-space mesh is kept as ``self.field_mesh``."""
@@ -578,5 +615,85 @@ class ImageTo3D(TextTo3D):
                     "text_model": (self.request.text_model or self.request.model) if f.hybrid else None,
                     "view_start_range": f.view_start_range, "view_widen": f.view_widen,
                     "depth_weight": f.depth_weight, "normal_weight": f.normal_weight,
-                    "alignment_estimate": "visual hull of the agreeing silhouettes" if f.aligns else None},
+                    "alignment_estimate": "visual hull of the agreeing silhouettes" if f.aligns else None,
+                    "bsd_steps": f.bsd_steps,
+                    "bsd": self.bsd_stage.record() if self.bsd_stage is not None else None},
         }
+
+
+class BSDStage:
+    """The ``bsd`` stage (bootstrapped score distillation) as a :class:`~engine_server.pipelines.loop.Trainable`.
+
+    It goes on from the coarse fit with the pipeline's field, occupancy grid and optimizer: each step keeps the
+    reference and generated-view reconstruction (:meth:`ImageTo3D.reconstruction_loss`) and replaces the
+    distillation with BSD on the novel-view prior at views all around; at the start of each round the object's
+    renders are bootstrapped and the prior's copy fine-tuned on them
+    (:class:`~engine_server.guidance.bsd.BootstrappedScoreDistillation`). Its checkpoint, ``bsd.pt``, holds the
+    field and both adapters with their optimizers, so a resumed stage continues exactly.
+    """
+
+    checkpoint_key = None
+    """Keyed as the coarse checkpoint: the job's checkpoint folder belongs to its request."""
+
+    def __init__(self, pipe: ImageTo3D) -> None:
+        from engine_server.guidance import TimestepSchedule, prior_defaults
+        from engine_server.guidance.bsd import BootstrappedScoreDistillation, BSDConfig
+
+        self.pipe, f = pipe, pipe.fit
+        self.config = BSDConfig(t_start=f.bsd_t_start, t_end=f.bsd_t_end)
+        defaults = prior_defaults(pipe.prior)
+        # The coarse fit ended at the annealed range's end; the stage distils there (detail, not shape).
+        config = defaults.guidance_config("vsd", pipe.request.guidance_scale, ImageTo3D.GUIDANCE_STAGE,
+                                          seed=pipe.request.seed + 2,
+                                          timesteps=TimestepSchedule(defaults.timesteps.end, defaults.timesteps.end))
+        self.guidance = BootstrappedScoreDistillation(pipe.prior, config, self.config)
+        self.total = f.bsd_steps
+        self.step = 0
+        self.optimizer = pipe.optimizer
+        self.device = pipe.device
+        self.last: dict[str, float] = {}
+        """The latest bootstrap's logs (t', the copy's losses)."""
+
+    def loop(self) -> StepLoop:
+        p = self.pipe.preset
+        return StepLoop("bsd", self.total, p.preview_every, p.checkpoint_every, self.pipe.checkpoint_path("bsd.pt"),
+                        self.pipe.progress, self.pipe.cancelled)
+
+    def training_step(self) -> tuple[torch.Tensor, dict]:
+        pipe, p = self.pipe, self.pipe.preset
+        pipe.occupancy.update(pipe.field.density, p.coarse_steps + self.step)
+        if self.config.bootstraps_at(self.step):
+            c2w, fovs = pipe.cameras.sample(self.config.views)
+            with torch.no_grad():
+                renders = pipe.render_views(c2w, fovs, jitter=False)["image"]
+            self.last = self.guidance.bootstrap(renders, c2w.to(self.device), pipe.cond, self.step, self.total)
+            logger.info("bsd step %d: bootstrapped %d views at t' %.2f (copy's loss %.4f -> %.4f)", self.step,
+                        len(c2w), self.last["t_prime"], self.last["dreambooth_loss_first"],
+                        self.last["dreambooth_loss"])
+        loss, logs = pipe.reconstruction_loss()
+        c2w, fovs = pipe.cameras.sample(p.views_per_step)
+        out = pipe.render_views(c2w, fovs, jitter=True)
+        g = self.guidance(out["image"], c2w.to(self.device), pipe.cond, self.step, self.total)
+        opacity = out["opacity"].clamp(1e-5, 1 - 1e-5)
+        loss = loss + pipe.fit.distill_weight * g.loss + p.sparsity_weight * opacity.sum()
+        return loss, logs | {"bsd": float(g.loss.detach()), "lora_loss": g.extras["lora_loss"], **self.last}
+
+    def checkpoint_state(self) -> dict:
+        return self.pipe.checkpoint_state() | {"bsd": self.guidance.state_dict()}
+
+    def restore_state(self, state: dict) -> None:
+        self.pipe.restore_state(state)
+        self.guidance.load_state_dict(state["bsd"])
+
+    def generators(self) -> dict[str, torch.Generator]:
+        return {"cameras": self.pipe.gen, "bsd": self.guidance.generator}
+
+    def snapshot(self) -> dict:
+        return self.pipe.snapshot()
+
+    def record(self) -> dict:
+        """The sidecar's account of the stage."""
+        c = self.config
+        return {"t_start": c.t_start, "t_end": c.t_end, "round_steps": c.round_steps, "views": c.views,
+                "finetune_steps": c.finetune_steps, "fine_tuned_copy": f"LoRA rank {c.lora_rank} on "
+                f"{', '.join(c.lora_target_modules)}", "guidance_scale": self.guidance.config.guidance_scale}

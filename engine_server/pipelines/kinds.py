@@ -14,7 +14,8 @@ models the server offers), ``guidance`` (sds | vsd), ``guidance_scale``, for tex
 (true | false) and, for the kinds
 that generate views, ``views`` (2-16), ``multiview_strategy`` and ``multiview_steps`` and the DreamCraft3D
 stages of the fit (:data:`FIT_OPTIONS`: ``hybrid``, ``hybrid_weight``, ``view_start_range``, ``view_widen``,
-``depth_weight``, ``normal_weight``; see :class:`~engine_server.pipelines.image_to_3d.ImageFitConfig`).
+``depth_weight``, ``normal_weight``, ``bsd_steps``, ``bsd_t_start``, ``bsd_t_end``; see
+:class:`~engine_server.pipelines.image_to_3d.ImageFitConfig`).
 
 Rig cameras arrive as Blender ``matrix_world`` rows; with a ``placement`` (where the result
 will rest in the scene: the 3D cursor) they are taken relative to it, so the engine, which
@@ -163,6 +164,8 @@ def _view_settings(run: dict[str, Any]) -> dict[str, Any]:
                 raise KindError(f"options.{name} must be true or false, got {value!r}")
             if kind is float and value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
                 raise KindError(f"options.{name} must be a number, got {value!r}")
+            if kind is int and (isinstance(value, bool) or not isinstance(value, int)):
+                raise KindError(f"options.{name} must be an integer, got {value!r}")
             fit[name] = value
     try:
         out["fit"] = ImageFitConfig(multiview_strategy=strategy, multiview_steps=steps, **fit)
@@ -196,7 +199,8 @@ def _refine(cls: type, fields: Mapping[str, Any], common: dict[str, Any]) -> Any
 
 _TEXT_RUN = ("model", "guidance", "guidance_scale", "format")
 FIT_OPTIONS = {"hybrid": bool, "hybrid_weight": float, "view_start_range": float, "view_widen": float,
-               "depth_weight": float, "normal_weight": float}
+               "depth_weight": float, "normal_weight": float, "bsd_steps": int, "bsd_t_start": float,
+               "bsd_t_end": float}
 """Run options of the image kinds that set :class:`~engine_server.pipelines.image_to_3d.ImageFitConfig` fields
 of the same name, with their type (``view_start_range`` may be null: all around from the start)."""
 _VIEW_RUN = ("views", "multiview_strategy", "multiview_steps", *FIT_OPTIONS)

@@ -48,7 +48,7 @@ def main(root: str, report_path: str) -> int:
         report["objects"][o.name] = entry
     settings = SimpleNamespace(faces=5000, texture_size="1024", guidance_scale=0.0, export_format="USDZ",
                                export_dir="//exports/", perp_neg=True, hybrid=True, hybrid_weight=2.0,
-                               view_start_range=30.0, view_widen=0.4, depth_weight=0.0, normal_weight=0.0)
+                               view_start_range=30.0, view_widen=0.4, depth_weight=0.0, normal_weight=0.0, bsd_steps=0)
     report["options"] = props.output_options(settings, "text")
     report["options_image"] = props.output_options(settings, "image")  # Perp-Neg is for text jobs only
     report["export_folder"] = props.export_folder(settings)  # an unsaved .blend: under the home folder

@@ -128,11 +128,13 @@ STAGES = {
     "a": _A,
     "b": {**_A, "hybrid": True},
     "c": {"hybrid": True, "view_start_range": 30.0, "depth_weight": 0.5, "normal_weight": 1.0},
+    "d": {"hybrid": True, "view_start_range": 30.0, "depth_weight": 0.5, "normal_weight": 1.0, "bsd_steps": 100},
     "a+align": {**_A, "depth_weight": 0.5, "normal_weight": 1.0},
     "a+views": {**_A, "view_start_range": 30.0},
     "a+normal": {**_A, "normal_weight": 1.0},
 }
-"""Stage name -> ImageFitConfig fields: (a) novel-view prior alone, (b) hybrid, (c) hybrid + progressive + alignment;
+"""Stage name -> ImageFitConfig fields: (a) novel-view prior alone, (b) hybrid, (c) hybrid + progressive + alignment,
+(d) (c) + bootstrapped score distillation (100 steps after the draft's 200 coarse ones: four rounds, t' 0.6 -> 0.3);
 "a+align", "a+views" and "a+normal" (one part of (c) without the hybrid) tell which part of (c) does what."""
 HELD_OUT = tuple((az, el) for el in (10.0, 35.0) for az in (60.0, 120.0, 180.0, 240.0, 300.0))
 """(azimuth, elevation) of the held-out views, degrees from the reference camera's azimuth."""

@@ -8,7 +8,7 @@ The bundled model denoises 3-channel images in [-1, 1] directly (``encode_images
 is 2x - 1, so the distillation gradient lands on the renders with no encoder),
 is conditioned per view on its camera (so it gets cameras, not view-dependent
 prompt suffixes) and on an optional reference view, and predicts v. It has no
-diffusers UNet to carry a LoRA, so only SDS runs on it. Its unconditional
+diffusers UNet; LoRA adapters (VSD's, BSD's) go on its plain ``network`` through peft. Its unconditional
 branch is "no prompt, no reference, same cameras", as the model was trained.
 Negative prompts are ignored: the model has no text encoder for them.
 The model's weights stay fp32 whatever dtype is asked for (it is small); score distillation runs its
@@ -54,6 +54,8 @@ class BundledPriorAdapter:
         from engine_server.devices import cpu_has_native_bf16
 
         self.bundled = bundled
+        self.network = bundled.model
+        """The denoiser network, where LoRA adapters go (:func:`~engine_server.guidance.score.lora_network`)."""
         self.device = bundled.device
         self.dtype = torch.float32
         if distill_dtype is None:
