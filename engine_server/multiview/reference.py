@@ -4,7 +4,8 @@
     ref = matte_reference(rgba)                           # soft alpha, colour without the background;
                                                           # ref.how says how
     image, mask = prepare_matte(ref, prior_background, 32)  # light normalised, framed as the prior's views
-    camera = estimate_reference_camera(prior, image, 2.5, 42.0, 15.0)  # direction searched, distance read
+    camera = estimate_reference_camera(prior, image, 2.5, 42.0, 15.0,  # direction searched, distance read
+                                       coverage=ref.rgba[..., 3])          # a box's outline read first
 
 Artists' renders and photos differ from the prior's training views in four ways, each handled here:
 background (alpha when the image has one; otherwise a smooth background model fitted to the border
@@ -12,8 +13,8 @@ background (alpha when the image has one; otherwise a smooth background model fi
 the background), framing (recentred and rescaled to the prior's), light (sRGB decoded to the
 prior's linear values, shadows lifted to its ambient floor, exposure matched) and camera (the
 request's, moved as the framing moved the object: :func:`rig_reference_camera`; otherwise the
-distance read from the silhouette and the elevation and azimuth under which the prior finds the
-image most likely: :func:`estimate_reference_camera`).
+distance read from the silhouette, the elevation (and a box's azimuth) a box's or cylinder's outline
+shows, and the rest under which the prior finds the image most likely: :func:`estimate_reference_camera`).
 """
 from __future__ import annotations
 
@@ -377,15 +378,114 @@ DISTANCE_RANGE = (0.7, 1.5)
 """The distance read from the silhouette is kept within these multiples of the prior's default distance."""
 
 
-def silhouette_distance(mask: torch.Tensor, fov_y_deg: float, default_distance: float) -> float:
-    """Distance at which a ball :data:`OBJECT_WIDTH` wide fills the width of ``mask`` (R, R) bool's silhouette
+def silhouette_distance(mask: torch.Tensor, fov_y_deg: float, default_distance: float,
+                        object_width: float = OBJECT_WIDTH) -> float:
+    """Distance at which a ball ``object_width`` wide fills the width of ``mask`` (R, R) bool's silhouette
     in a square frame of vertical FOV ``fov_y_deg``, kept within :data:`DISTANCE_RANGE` of ``default_distance``."""
     cols = torch.nonzero(mask.any(0)).flatten()
     width = float(cols.max() - cols.min() + 1) / mask.shape[1]
     half = math.atan(width * math.tan(math.radians(fov_y_deg) / 2))  # the silhouette's half angle
-    distance = 0.5 * OBJECT_WIDTH / math.sin(half)  # a near ball looks wider than its diameter over its distance
+    distance = 0.5 * object_width / math.sin(half)  # a near ball looks wider than its diameter over its distance
     lo, hi = DISTANCE_RANGE
     return float(min(max(distance, lo * default_distance), hi * default_distance))
+
+
+PRISM_SIDE = 0.38
+"""A silhouette is a prism's (box, cylinder) when its sides hold straight, near-vertical runs this share of its
+height long on average: a sphere's outline stays within a pixel of a line over at most ~0.3 of its height, a cone's
+is slanted; a box's vertical edges cover 0.44-0.48 of its silhouette at 40 degrees, 0.37 at 50 (read by the prior)."""
+PRISM_SLOPE = 0.15
+"""Most columns per row of a "vertical" side: Blender's default perspective tilts a box's edges by < 0.1."""
+PRISM_ROWS = 256
+"""The silhouette is measured with its height at most this many rows (longer ones are shrunk first)."""
+
+
+@dataclass
+class PrismView:
+    """What a prism's silhouette tells of the camera: read by :func:`prism_view`."""
+
+    elevation_deg: float
+    """Camera elevation (a prism's top shows ``width * sin(elevation)`` above and below its vertical sides)."""
+    azimuth_deg: float | None
+    """Azimuth modulo 90 degrees of a box whose sides face the axes (0: face on), from how far its top face's left
+    and right corners lie below its far corner; None when the top face is too thin to tell."""
+    width: float
+    """Width of the object across the view in unit-box units (its largest side 1, taken to be its height):
+    up to sqrt(2) for a cube seen on its corner."""
+
+
+def _row_edges(alpha: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Sub-pixel left and right silhouette edges (columns) of each row of a coverage (H, W), every row covered:
+    the coverage summed either side of the centre column, so a soft rim gives a fractional edge."""
+    cols = np.flatnonzero(alpha.max(0) > 0.5)
+    mid = int(0.5 * (cols.min() + cols.max() + 1))
+    return mid - alpha[:, :mid].sum(1), mid + alpha[:, mid:].sum(1)
+
+
+def _vertical_run(x: np.ndarray, tol: float) -> tuple[int, int, np.ndarray]:
+    """(start, length, line) of the longest run of ``x`` (rows' edge columns) within ``tol`` of a line of slope at
+    most :data:`PRISM_SLOPE` columns per row; line: (slope, offset) of that fit, in rows from 0."""
+    best, start, line = 0, 0, np.zeros(2)
+    rows = np.arange(len(x), dtype=np.float64)
+    for i in range(len(x)):
+        j = i + best + 1
+        while j <= len(x):
+            a = np.stack([rows[i:j], np.ones(j - i)], 1)
+            coef = np.linalg.lstsq(a, x[i:j], rcond=None)[0]
+            if abs(coef[0]) > PRISM_SLOPE or np.abs(a @ coef - x[i:j]).max() > tol:
+                break
+            best, start, line = j - i, i, coef
+            j += 1
+    return start, best, line
+
+
+def _first_on_line(x: np.ndarray, line: np.ndarray, tol: float) -> int:
+    """The first row whose ``x`` lies within ``tol`` of ``line`` (slope, offset): where a side's edge begins, even
+    when a jagged pixel broke its run below."""
+    near = np.abs(x - (line[0] * np.arange(len(x)) + line[1])) <= tol
+    return int(np.argmax(near))
+
+
+def prism_view(coverage: np.ndarray) -> PrismView | None:
+    """The camera a box's or cylinder's silhouette shows, or None for another shape (see :data:`PRISM_SIDE`).
+
+    coverage: (H, W) foreground coverage in [0, 1] (a matte's alpha) of one object standing upright. Seen from
+    elevation e, a prism of height h and footprint width w across the view (a square's depth across the view equals
+    its width, whatever its turn) has vertical sides h cos(e) long and a silhouette h cos(e) + w sin(e) tall, so
+    sin(e) = (height - side) / width. Turned a from face on (the orbit's azimuth), a box's top corners left and
+    right lie in proportion cos(a) : sin(a) below its far corner. Orthographic: Blender's default camera
+    (11 m from a 2 m object) moves the elevation a few degrees up (5 at 0).
+    """
+    from PIL import Image
+
+    rows = np.flatnonzero(coverage.max(1) > 0.5)
+    cols = np.flatnonzero(coverage.max(0) > 0.5)
+    if len(rows) < 8 or len(cols) < 8:
+        return None
+    alpha = np.asarray(coverage[rows[0]:rows[-1] + 1, max(cols[0] - 1, 0):cols[-1] + 2], dtype=np.float32)
+    if alpha.shape[0] > PRISM_ROWS:  # the run search's cost grows with the rows; 256 resolve a degree
+        scale = PRISM_ROWS / alpha.shape[0]
+        size = (max(int(round(alpha.shape[1] * scale)), 8), PRISM_ROWS)
+        alpha = np.asarray(Image.fromarray(alpha, mode="F").resize(size, Image.BOX))
+    alpha = alpha[alpha.max(1) > 0.5]
+    height = float(len(alpha))
+    left, right = _row_edges(alpha)
+    width = float((right - left).max())
+    tol = max(0.6, 0.006 * height)  # anti-aliasing and the render's own stair steps
+    (_, ln, l_line), (_, rn, r_line) = _vertical_run(left, tol), _vertical_run(-right, tol)
+    if ln + rn < 2 * PRISM_SIDE * height:  # the mean: one side's run can break early on a jagged edge
+        return None
+    # A cylinder's caps leave its sides tangentially, so its straight runs reach sqrt(tol)-far into them; the runs
+    # at 4 tol reach twice as far, and 2 L(tol) - L(4 tol) is the sides' own length (a box's corners: ~L(tol)).
+    (_, ln4, _), (_, rn4, _) = _vertical_run(left, 4 * tol), _vertical_run(-right, 4 * tol)
+    side = min(ln + rn - 0.5 * (ln4 + rn4), 0.5 * (ln + rn))
+    elevation = math.degrees(math.asin(min(max((height - side) / width, 0.0), 1.0)))
+    # Top face: its left and right corners start the vertical sides; the far corner is the silhouette's top row.
+    drop_left = float(_first_on_line(left, l_line, tol))
+    drop_right = float(_first_on_line(-right, r_line, tol))
+    azimuth = math.degrees(math.atan2(drop_right, drop_left)) if min(drop_left, drop_right) >= 2 else None
+    tall = 0.5 * (ln + rn) / max(math.cos(math.radians(elevation)), 1e-6)  # the sides' length in 3D, about
+    return PrismView(elevation, azimuth, float(min(max(width / tall, 0.3), math.sqrt(2.0))))
 
 
 @dataclass
@@ -403,7 +503,8 @@ class ReferenceCamera:
     azimuth_deg: float
     """Orbit azimuth, degrees."""
     scores: dict | None = None
-    """For an estimate: {"elevation": [...], "azimuth": [...], "loss": [...]} of every candidate."""
+    """For an estimate: {"elevation": [...], "azimuth": [...], "loss": [...]} of every candidate (no loss when a
+    prism's outline fixed the direction) and "outline": "prism" when the outline (:func:`prism_view`) was read."""
 
     @property
     def distance(self) -> float:
@@ -440,25 +541,43 @@ def rig_reference_camera(camera: Camera, mask: np.ndarray | None, recenter: bool
 
 @torch.no_grad()
 def estimate_reference_camera(prior, image: torch.Tensor, distance: float, fov_y_deg: float,
-                              default_elevation: float, samples: int = 8, seed: int = 0) -> ReferenceCamera:
-    """The orbit camera under which the prior finds ``image`` (3, R, R) most likely.
+                              default_elevation: float, samples: int = 8, seed: int = 0,
+                              coverage: np.ndarray | None = None) -> ReferenceCamera:
+    """The orbit camera under which the prior finds ``image`` (3, R, R) most likely, or that a prism's outline shows.
 
-    The distance is read from the silhouette (:func:`silhouette_distance`, around the prior's default
-    ``distance``): the prior's camera branch scores distances no better than chance on a 32 px image, and
-    searching the elevation at the distance the image shows keeps the candidates' perspective the image's.
-    The FOV stays ``fov_y_deg``: the camera branch takes none, and the silhouette gives distance x FOV only.
-    For each candidate direction (:data:`ELEVATIONS` x :data:`AZIMUTHS`) the image is noised at ``samples``
-    fixed timesteps and noises (the same for every candidate) and denoised by the prior conditioned
-    on that camera alone (no prompt, no reference: its unconditional branch); the candidate with the
-    smallest clean-image error wins. A prior whose unconditional branch ignores the camera (scores
-    within :data:`FLAT` of each other) keeps the default front view, ``source="default"``.
+    ``coverage`` (H, W), the reference's foreground at its own resolution (a matte's alpha), is read first: a box's or
+    cylinder's outline gives its elevation, a box's its azimuth too, and its width across the view
+    (:func:`prism_view`; the prior's camera branch put cubes 20-30 degrees off). The distance is read from the
+    silhouette (:func:`silhouette_distance`, around the prior's default ``distance``, the object taken as a ball one
+    unit wide unless its outline says otherwise): the prior's camera branch scores distances no better than chance
+    on a 32 px image, and searching the direction at the distance the image shows keeps the candidates'
+    perspective the image's. The FOV stays ``fov_y_deg``: the camera branch takes none, and the silhouette gives
+    distance x FOV only. For each candidate direction not fixed by the outline (:data:`ELEVATIONS` x
+    :data:`AZIMUTHS`) the image is noised at ``samples`` fixed timesteps and noises (the same for every candidate)
+    and denoised by the prior conditioned on that camera alone (no prompt, no reference: its unconditional branch);
+    the candidate with the smallest clean-image error wins. A prior whose unconditional branch ignores the camera
+    (scores within :data:`FLAT` of each other) keeps the default front view (or the outline's elevation), and
+    ``source="default"`` when the outline gave nothing either.
     """
     from engine_server.guidance import Conditioning
     from engine_server.multiview.rig import background_mask
 
+    prism = prism_view(coverage) if coverage is not None else None
+    elevations, azimuths = ELEVATIONS, AZIMUTHS
+    if prism is not None:
+        elevations = (min(max(prism.elevation_deg, float(ELEVATIONS[0])), float(ELEVATIONS[-1])),)
+        azimuths = AZIMUTHS if prism.azimuth_deg is None else (prism.azimuth_deg,)
     background = getattr(prior, "background_rgb", None) or (1.0, 1.0, 1.0)
     mask = background_mask(image[None].float(), background)[0]
-    distance = silhouette_distance(mask, fov_y_deg, distance) if mask.any() else distance
+    width = prism.width if prism is not None else OBJECT_WIDTH
+    distance = silhouette_distance(mask, fov_y_deg, distance, width) if mask.any() else distance
+    cands = [(float(el), float(az)) for el in elevations for az in azimuths]
+    if len(cands) == 1:
+        el, az = cands[0]
+        logger.info("reference camera read from a prism's outline: elevation %.1f, azimuth %.1f, distance %.2f",
+                    el, az, distance)
+        return ReferenceCamera(look_at(orbit_position(az, el, distance)), fov_y_deg, "estimated", el, az,
+                               {"elevation": [el], "azimuth": [az], "loss": [], "outline": "prism"})
     dev = prior.device
     x0 = prior.encode_images(image[None].to(dev))
     gen = torch.Generator().manual_seed(seed)
@@ -467,7 +586,6 @@ def estimate_reference_camera(prior, image: torch.Tensor, distance: float, fov_y
     t = torch.linspace(0.15 * t_max, 0.8 * t_max, samples).long().to(dev)  # where shape is decided, not detail
     acp = prior.alphas_cumprod[t].to(x0.dtype).view(-1, 1, 1, 1)
     x_t = acp.sqrt() * x0 + (1 - acp).sqrt() * noise
-    cands = [(el, az) for el in ELEVATIONS for az in AZIMUTHS]
     losses = []
     for el, az in cands:
         c2w = look_at(orbit_position(az, el, distance)).to(dev)
@@ -478,8 +596,13 @@ def estimate_reference_camera(prior, image: torch.Tensor, distance: float, fov_y
         x0_hat = (x_t - (1 - acp).sqrt() * eps) / acp.sqrt()
         losses.append(float(((x0_hat - x0) ** 2).mean()))
     loss = np.asarray(losses)
-    scores = {"elevation": [c[0] for c in cands], "azimuth": [c[1] for c in cands], "loss": loss.round(6).tolist()}
+    scores = {"elevation": [c[0] for c in cands], "azimuth": [c[1] for c in cands], "loss": loss.round(6).tolist(),
+              "outline": "prism" if prism is not None else None}
     if (loss.max() - loss.min()) / max(loss.min(), 1e-12) < FLAT:
+        if prism is not None:
+            el = elevations[0]
+            return ReferenceCamera(look_at(orbit_position(0.0, el, distance)), fov_y_deg, "estimated", el, 0.0,
+                                   scores)
         return ReferenceCamera(look_at(orbit_position(0.0, default_elevation, distance)), fov_y_deg, "default",
                                default_elevation, 0.0, scores)
     el, az = cands[int(loss.argmin())]

@@ -93,10 +93,12 @@ def measure(prior, png: Path, spec: dict) -> dict:
     m = matte_reference(read_image(png))
     image, _ = prepare_matte(m, defaults.background_rgb, prior.resolution)
     cam = estimate_reference_camera(prior, image, float(ranges["default_distance"]), float(ranges["default_fov"]),
-                                    DEFAULT_ELEVATION)
+                                    DEFAULT_ELEVATION, coverage=m.rgba[..., 3])
     truth = true_distance(spec, m.mask, cam.fov_y_deg)
-    return {"case": png.stem, "elevation": spec["elevation_deg"], "found_elevation": cam.elevation_deg,
-            "elevation_error": abs(cam.elevation_deg - spec["elevation_deg"]), "azimuth": cam.azimuth_deg,
+    turn = abs(cam.azimuth_deg - spec["azimuth_deg"]) % 90.0  # a box looks the same every 90 degrees
+    return {"case": png.stem, "elevation": spec["elevation_deg"], "found_elevation": round(cam.elevation_deg, 1),
+            "elevation_error": round(abs(cam.elevation_deg - spec["elevation_deg"]), 1), "azimuth": cam.azimuth_deg,
+            "azimuth_error": round(min(turn, 90.0 - turn), 1) if spec["shape"] == "cube" else None,
             "distance": round(cam.distance, 3), "true_distance": round(truth, 3),
             "distance_error": round(abs(cam.distance - truth) / truth, 3), "source": cam.source}
 
@@ -112,6 +114,15 @@ def summary(rows: list[dict]) -> str:
         d = [r["distance_error"] for r in sel]
         lines.append(f"{label} ({len(sel)}): elevation error mean {sum(el) / len(el):.1f} max {max(el):.0f} deg; "
                      f"distance error mean {sum(d) / len(d):.0%} max {max(d):.0%}")
+    for shape in ("sphere", "cube", "cone"):
+        sel = [r for r in rows if r["case"].startswith(shape)]
+        if sel:
+            el = [r["elevation_error"] for r in sel]
+            d = [r["distance_error"] for r in sel]
+            az = [r["azimuth_error"] for r in sel if r["azimuth_error"] is not None]
+            lines.append(f"{shape} ({len(sel)}): elevation error mean {sum(el) / len(el):.1f} max {max(el):.0f} deg; "
+                         f"distance error mean {sum(d) / len(d):.0%} max {max(d):.0%}"
+                         + (f"; azimuth error (mod 90) mean {sum(az) / len(az):.1f} max {max(az):.0f} deg" if az else ""))
     return "\n".join(lines)
 
 

@@ -85,3 +85,43 @@ def test_multiview_image_places_the_reference_as_generate_image_does(tmp_path):
     assert float(first[:3, 3].norm()) == pytest.approx(cam.distance, rel=1e-4)  # the ring at the reference's distance
     assert float(azimuth_elevation(first)[0]) == pytest.approx(cam.azimuth_deg, abs=1e-3)  # starting at its azimuth
     assert views[0]["fov_y_deg"] == pytest.approx(cam.fov_y_deg)
+
+
+def _outline(mesh, azimuth: float, elevation: float, res: int = 256) -> np.ndarray:
+    """Coverage (res, res) of a unit-box mesh seen as Blender's default camera sees its 2 m primitives: 5.6 units
+    away (11.2 m from a 2 m object), the 50 mm lens's 39.6 degrees."""
+    from kernels.rasterize import render_mesh
+
+    v = torch.as_tensor(np.asarray(mesh.vertices), dtype=torch.float32)
+    v = (v - 0.5 * (v.amin(0) + v.amax(0))) / float((v.amax(0) - v.amin(0)).max())
+    c2w = look_at(orbit_position(azimuth, elevation, 5.6))
+    out = render_mesh(v, torch.as_tensor(np.asarray(mesh.faces)), c2w, 39.6, res, res, antialias=True)
+    return out["mask"][0, ..., 0].numpy()
+
+
+@pytest.mark.parametrize("azimuth, elevation", [(46.7, 0.0), (46.7, 20.0), (46.7, 40.0), (20.0, 30.0), (70.0, 30.0)])
+def test_a_box_s_outline_gives_its_camera(azimuth, elevation):
+    import trimesh
+
+    from engine_server.multiview.reference import prism_view
+
+    view = prism_view(_outline(trimesh.creation.box((1.0, 1.0, 1.0)), azimuth, elevation))
+    assert view is not None
+    assert abs(view.elevation_deg - elevation) <= 7.5, view  # perspective reads a few degrees high
+    if elevation >= 20.0:  # a top face tall enough to tell its corners apart
+        assert abs(view.azimuth_deg - azimuth) <= 6.0, view
+    turn = math.radians(azimuth)
+    assert abs(view.width - (math.cos(turn) + math.sin(turn))) <= 0.1, view  # the box is wider on its corner
+
+
+def test_a_cylinder_is_a_prism_and_a_sphere_or_a_cone_is_not():
+    import trimesh
+
+    from engine_server.multiview.reference import prism_view
+
+    view = prism_view(_outline(trimesh.creation.cylinder(radius=0.5, height=1.0, sections=64), 10.0, 30.0))
+    # Its caps leave the sides tangentially, which makes the sides look longer: it reads a few degrees low.
+    assert view is not None and abs(view.elevation_deg - 30.0) <= 6.0 and abs(view.width - 1.0) <= 0.1, view
+    for mesh in (trimesh.creation.icosphere(4), trimesh.creation.cone(radius=0.5, height=1.0, sections=64)):
+        for elevation in (0.0, 20.0, 40.0):
+            assert prism_view(_outline(mesh, 46.7, elevation)) is None

@@ -37,7 +37,9 @@ from engine_server.multiview.reference import (
     normalise_light,
     prepare_reference,
     read_image,
+    silhouette_distance,
 )
+from engine_server.multiview.rig import background_mask
 
 RENDER = Path(__file__).resolve().parent / "blender_reference.py"
 HAS_BPY = importlib.util.find_spec("bpy") is not None
@@ -64,7 +66,7 @@ def renders(tmp_path_factory) -> dict:
         pytest.skip("Blender-as-a-module is not installed: pip install bpy==5.0.1 (needs Python 3.11)")
     tmp = tmp_path_factory.mktemp("references")
     cases = [("cube", 20, b) for b in ("transparent", "grey", "white", "gradient")]
-    cases += [("cone", e, "grey") for e in (0, 40)]
+    cases += [("cone", e, "grey") for e in (0, 40)] + [("cube", 40, "grey")]
     return {c: render(tmp, *c) for c in cases}
 
 
@@ -141,6 +143,22 @@ def test_the_prior_finds_the_reference_s_elevation(renders, prior):
         assert cam.source == "estimated"
         found[el] = cam.elevation_deg
     assert abs(found[0] - 0) <= 10 and abs(found[40] - 40) <= 10, found
+
+
+@needs_bpy
+@pytest.mark.parametrize("key", [("cube", 20, "grey"), ("cube", 20, "gradient"), ("cube", 20, "transparent"),
+                                 ("cube", 40, "grey")])
+def test_a_box_s_camera_is_read_from_its_outline(renders, prior, key):
+    # The prior's camera search put these cubes 10-30 degrees off (at 45-50 degrees for 20) and 45 degrees from
+    # their turn; their outline gives both, and the distance of a box seen on its corner (sqrt(2) wider than a ball).
+    m = matte_reference(read_image(renders[key]))
+    image, _ = prepare_reference(normalise_light(m.rgba, m.mask), m.mask, prior.background_rgb, 32)
+    cam = estimate_reference_camera(prior, image, 2.5, 42.0, 15.0, coverage=m.rgba[..., 3])
+    assert cam.source == "estimated" and cam.scores["outline"] == "prism"
+    assert abs(cam.elevation_deg - key[1]) <= 5, cam.record()
+    assert abs((cam.azimuth_deg - 46.7 + 45) % 90 - 45) <= 5, cam.record()  # a cube repeats every 90 degrees
+    ball = silhouette_distance(background_mask(image[None], prior.background_rgb)[0], 42.0, 2.5)
+    assert cam.distance == pytest.approx(ball * 2 ** 0.5, rel=0.05)
 
 
 @needs_bpy
