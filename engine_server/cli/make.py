@@ -180,7 +180,8 @@ def _views_only(args: argparse.Namespace):
 
             matte = matte_reference(read_image(args.image))
             img, _ = prepare_matte(matte, defaults.background_rgb or (1.0, 1.0, 1.0), res)
-            cam = estimate_reference_camera(prior, img, dist, fov, DEFAULT_ELEVATION, seed=args.seed)
+            cam = estimate_reference_camera(prior, img, dist, fov, DEFAULT_ELEVATION, seed=args.seed,
+                                            coverage=matte.rgba[..., 3])
             reference = ViewReference(img, cam.c2w, cam.fov_y_deg)
             rig = default_rig(args.views, cam.distance, cam.fov_y_deg, res, start_azimuth=cam.azimuth_deg)
         cfg = MultiViewConfig(strategy=args.strategy, steps=steps, seed=args.seed)
