@@ -276,11 +276,11 @@ def attach_lora(network: nn.Module, adapter_name: str, config) -> tuple[list[nn.
             for layer in existing:
                 layer.delete_adapter(adapter_name)
             getattr(network, "peft_config", {}).pop(adapter_name, None)
-    if hasattr(network, "add_adapter"):
-        network.add_adapter(config, adapter_name=adapter_name)
-    else:
-        with warnings.catch_warnings():  # a second adapter (VSD's and BSD's) is meant: peft warns of it
-            warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
+    with warnings.catch_warnings():  # a second adapter (VSD's and BSD's) is meant: peft warns of it
+        warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
+        if hasattr(network, "add_adapter"):
+            network.add_adapter(config, adapter_name=adapter_name)
+        else:
             inject_adapter_in_model(config, network, adapter_name=adapter_name)
     layers = [m for m in network.modules() if isinstance(m, BaseTunerLayer)]
     params = [p for n, p in network.named_parameters() if "lora_" in n and f".{adapter_name}." in n]

@@ -134,7 +134,7 @@ def test_published_novel_view_prior_bootstraps_through_the_same_interface(model_
     cams, cond = _cameras(), _cond()
     before = [p.detach().clone() for p in g.dreambooth_parameters()]
     logs = g.bootstrap(_renders(), cams, cond, 50, 100)
-    assert logs["t_prime"] == pytest.approx(0.6 - 0.3 * 50 / 99)
+    assert logs["t_prime"] == pytest.approx(0.6 - 0.3 * 50 / 99, abs=1e-4)
     assert any(not torch.equal(a, p) for a, p in zip(before, g.dreambooth_parameters()))
     images = _renders().requires_grad_(True)
     g(images, cams, cond, 0, 10).loss.backward()
