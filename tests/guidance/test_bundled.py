@@ -102,8 +102,9 @@ def test_distillation_runs_in_bf16_where_the_cpu_has_it_and_its_gradient_stays_c
     assert cosine > 0.995 and relative < 0.1, (float(cosine), float(relative))
 
 
-def test_bundled_refuses_vsd_and_unknown_prompts(bundled, cameras):
-    with pytest.raises(ValueError, match="VSD needs a prior whose denoiser is a diffusers UNet"):
-        build_guidance(bundled, GuidanceConfig(mode="vsd"))
+def test_bundled_carries_vsds_lora_and_refuses_unknown_prompts(bundled, cameras):
+    # Its own copy: peft puts the LoRA into the network it is given (BSD needs VSD on the bundled prior).
+    g = build_guidance(load_prior("bundled"), GuidanceConfig(mode="vsd"))
+    assert g.lora_parameters() and g.camera_embedding is None  # the prior conditions each view on its camera
     with pytest.raises(ValueError, match="does not know this prompt"):
         bundled.prepare_conditioning(Conditioning(prompt="a photorealistic dragon"), cameras)
