@@ -59,8 +59,8 @@ scale per mode, timestep range, camera ranges, background colour, render size);
 embeddings cached), ``predict_noise(latents_t, t, embeddings, cameras) -> eps``
 (v / x0 predictions converted). The bundled pixel-space model is one more adapter,
 ``adapters/bundled.py`` (``encode_images`` = 2x - 1, camera-aware, no ``unet``: LoRA
-adapters, VSD's and BSD's, go on its plain ``network``), registered with its shipped weights folder; ``load_prior("bundled")``
-raises ``PriorLoadError`` while its weights are missing.
+adapters, VSD's and BSD's, go on its plain ``network``), registered with its shipped weights
+folder; ``load_prior("bundled")`` raises ``PriorLoadError`` while its weights are missing.
 """
 from __future__ import annotations
 
