@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -596,6 +596,14 @@ class ImageTo3D(TextTo3D):
         vertices, faces = super().extract()
         self.field_mesh = (vertices, faces)
         return vertices, faces
+
+    def asset_config(self, preset):
+        """Text's finishing, smoothed four times as long: a field fitted to a few 32 px views comes out bumpier than
+        a distilled one (Blender references: median dihedral ratio 2.3 -> 1.25 for a sphere, 3.2 -> 1.8 for a
+        cone, the shape measures unchanged or closer to the truth; edges of 60+ degrees are still kept)."""
+        from engine_server.geometry.surface import SmoothConfig
+
+        return replace(super().asset_config(preset), smooth=SmoothConfig(normal_iterations=32, vertex_iterations=48))
 
     # ---------------------------------------------------------------- export
     def sidecar(self) -> dict:
