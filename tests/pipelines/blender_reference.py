@@ -5,7 +5,8 @@
 SPEC: {"shape": "cube" | "sphere" | "cone" | "cylinder", "color": [r, g, b] (linear base colour),
 "elevation_deg": float, "azimuth_deg": float, "engine": "workbench" | "eevee",
 "background": "grey" | "white" | "gradient" | "transparent", "size": pixels,
-"lens_mm": focal length (optional, default 50)}.
+"lens_mm": focal length (optional, default 50), "mesh": a GLB to show instead of the primitive (optional: a
+result, in the engine's unit box, scaled to the primitives' 2 m and turned "turn_deg" about Z, textured)}.
 
 Blender's own defaults, not the engine's: the primitive at its default size (2 m cube, 1 m
 radius sphere, cone and cylinder 2 m tall) centred at the origin, the default 50 mm lens
@@ -47,19 +48,34 @@ def add_shape(shape: str):
     return obj
 
 
+def add_result(path: str, turn_deg: float):
+    """A result GLB (the engine's unit box) as big as the primitives (2 m) and turned ``turn_deg`` about Z."""
+    bpy.ops.import_scene.gltf(filepath=path)
+    meshes = [o for o in bpy.context.scene.objects if o.type == "MESH"]
+    if len(meshes) != 1:
+        raise SystemExit(f"{path} holds {len(meshes)} meshes, expected one")
+    obj = meshes[0]
+    obj.scale = (2.0, 2.0, 2.0)
+    obj.rotation_euler = (0.0, 0.0, math.radians(turn_deg))
+    return obj
+
+
 def main(spec_path: str, out_path: str) -> None:
     with open(spec_path) as f:
         spec = json.load(f)
     bpy.ops.wm.read_factory_settings(use_empty=True)
     scene = bpy.context.scene
-    obj = add_shape(spec["shape"])
-    mat = bpy.data.materials.new("colour")
-    mat.use_nodes = True
-    bsdf = mat.node_tree.nodes.get("Principled BSDF")
-    bsdf.inputs["Base Color"].default_value = (*spec["color"], 1.0)
-    bsdf.inputs["Roughness"].default_value = 0.5
-    mat.diffuse_color = (*spec["color"], 1.0)  # what Workbench shows
-    obj.data.materials.append(mat)
+    if "mesh" in spec:
+        add_result(spec["mesh"], float(spec.get("turn_deg", 0.0)))
+    else:
+        obj = add_shape(spec["shape"])
+        mat = bpy.data.materials.new("colour")
+        mat.use_nodes = True
+        bsdf = mat.node_tree.nodes.get("Principled BSDF")
+        bsdf.inputs["Base Color"].default_value = (*spec["color"], 1.0)
+        bsdf.inputs["Roughness"].default_value = 0.5
+        mat.diffuse_color = (*spec["color"], 1.0)  # what Workbench shows
+        obj.data.materials.append(mat)
 
     cam_data = bpy.data.cameras.new("camera")
     cam_data.lens, cam_data.sensor_width = float(spec.get("lens_mm", 50.0)), 36.0
@@ -81,7 +97,7 @@ def main(spec_path: str, out_path: str) -> None:
     if spec["engine"] == "workbench":
         scene.render.engine = "BLENDER_WORKBENCH"
         scene.display.shading.light = "STUDIO"
-        scene.display.shading.color_type = "MATERIAL"
+        scene.display.shading.color_type = "TEXTURE" if "mesh" in spec else "MATERIAL"  # a result's baked map
     elif spec["engine"] == "eevee":
         scene.render.engine = "BLENDER_EEVEE"
         scene.eevee.taa_render_samples = 8  # enough for a 256 px reference, and quick on a CPU-only machine

@@ -2,6 +2,7 @@
 
     python tests/pipelines/reference_matrix.py OUT_DIR [shape,...] [elevation,...] [background,...]
     python tests/pipelines/reference_matrix.py --stages OUT_DIR [shape:background:elevation,...] [stage,...] [seed]
+    python tests/pipelines/reference_matrix.py --picture OUT_DIR PICTURE.png [shape:background:elevation,...]
 
 Each case renders a reference with real Blender (``blender_reference.py``, child process),
 runs the draft image-to-3D pipeline on it, and measures the mesh: the texture's hue, the
@@ -10,6 +11,10 @@ the views' agreement and the reference camera used. A case passes when the colou
 its shape's measure is on the right side of the other shapes' in the same (elevation,
 background) cell, and the surface is smooth (dihedral ratio <= 2). Prints a markdown table
 and writes ``results.json`` beside the GLBs.
+
+``--picture`` tiles references of a finished matrix run (default :data:`PICTURE_CASES`) beside their results,
+each rendered by Blender as its reference was (same camera, light and background; the result turned so the
+reference camera sees it from where the engine put that camera).
 
 ``--stages`` compares the DreamCraft3D stages of issue 25 on a few references (default
 :data:`STAGE_CASES`), each with the prompt naming its shape and colour: (a) the novel-view prior
@@ -47,18 +52,26 @@ AZIMUTH = 46.7
 """Blender's default camera azimuth."""
 
 
-def render(out_dir: Path, shape: str, elevation: float, background: str, size: int = 256) -> Path:
-    """Render one reference PNG with Blender in a child process."""
-    name = f"{shape}_{background}_{elevation:g}"
-    spec = {"shape": shape, "color": list(SHAPES[shape]), "elevation_deg": elevation, "azimuth_deg": AZIMUTH,
-            "engine": ENGINES[background], "background": background, "size": size}
-    spec_path, out = out_dir / f"{name}.json", out_dir / f"{name}.png"
+def blender(spec: dict, out: Path) -> Path:
+    """Render ``spec`` (see ``blender_reference.py``) to the PNG ``out`` with Blender in a child process."""
+    spec_path = out.with_name(f"{out.stem}_spec.json")
     spec_path.write_text(json.dumps(spec))
     proc = subprocess.run([sys.executable, str(RENDER), str(spec_path), str(out)], capture_output=True, text=True,
                           timeout=600, check=False)
     if proc.returncode != 0 or not out.is_file():
-        raise RuntimeError(f"Blender render of {name} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}")
+        raise RuntimeError(f"Blender render of {out.stem} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}")
     return out
+
+
+def reference_spec(shape: str, elevation: float, background: str, size: int = 256) -> dict:
+    """The Blender render spec of one reference."""
+    return {"shape": shape, "color": list(SHAPES[shape]), "elevation_deg": elevation, "azimuth_deg": AZIMUTH,
+            "engine": ENGINES[background], "background": background, "size": size}
+
+
+def render(out_dir: Path, shape: str, elevation: float, background: str, size: int = 256) -> Path:
+    """Render one reference PNG with Blender in a child process."""
+    return blender(reference_spec(shape, elevation, background, size), out_dir / f"{shape}_{background}_{elevation:g}.png")
 
 
 def texture_hue(result) -> tuple[float, float]:
@@ -117,6 +130,36 @@ def table(rows: list[dict]) -> str:
     passed = sum(r["pass"] for r in rows)
     lines.append(f"\n{passed}/{len(rows)} cases pass ({passed / max(len(rows), 1):.0%})")
     return "\n".join(lines)
+
+
+PICTURE_CASES = (("sphere", "grey", 0.0), ("cube", "transparent", 40.0), ("cone", "gradient", 20.0))
+"""(shape, background, elevation) of the README's picture: every shape, elevation and background once."""
+
+
+def picture(out_dir: Path, cases, path: Path, grey: float = 0.22) -> Path:
+    """Rows of (reference, result) PNGs for finished ``cases`` of ``out_dir``; transparent film shown on ``grey``."""
+    from PIL import Image
+
+    tiles = []
+    for shape, background, elevation in cases:
+        name = f"{shape}_{background}_{elevation:g}"
+        side = json.loads((out_dir / f"{name}.json").read_text())  # the result's sidecar
+        spec = {**reference_spec(shape, elevation, background), "mesh": str(out_dir / f"{name}.glb"),
+                "turn_deg": AZIMUTH - side["reference"]["camera"]["azimuth_deg"]}
+        out = blender(spec, out_dir / f"{name}_result.png")
+        row = []
+        for png in (out_dir / f"{name}.png", out):
+            im = Image.open(png).convert("RGBA")
+            flat = Image.new("RGBA", im.size, (round(255 * grey),) * 3 + (255,))
+            row.append(Image.alpha_composite(flat, im).convert("RGB"))
+        tiles.append(row)
+    w, h = tiles[0][0].size
+    sheet = Image.new("RGB", (2 * w, h * len(tiles)))
+    for i, row in enumerate(tiles):
+        for j, im in enumerate(row):
+            sheet.paste(im.resize((w, h)), (j * w, i * h))
+    sheet.save(path)
+    return path
 
 
 PROMPTS = {"sphere": "a blue sphere", "cube": "a red cube", "cone": "a green cone"}
@@ -256,6 +299,11 @@ def main(argv: list[str]) -> int:
 
     if argv and argv[0] == "--stages":
         return main_stages(argv[1:])
+    if argv and argv[0] == "--picture":
+        cases = [(sh, b, float(e)) for sh, b, e in (c.split(":") for c in argv[3].split(","))] \
+            if len(argv) > 3 else list(PICTURE_CASES)
+        print(picture(Path(argv[1]), cases, Path(argv[2])))
+        return 0
 
     from engine_server.guidance import load_prior
 

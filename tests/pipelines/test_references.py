@@ -200,3 +200,30 @@ def test_views_of_a_reference_agree_and_one_of_another_shape_does_not(renders, p
     mixed[2] = cone.masks[2]  # the same camera, another shape
     agreement = silhouette_agreement(mixed, cube.c2w, cube.fovs)
     assert agreement[2] < AGREEMENT_THRESHOLD, agreement
+
+
+@needs_bpy
+def test_an_image_result_is_finished_smoother_than_a_text_one(renders, prior):
+    from engine_server.geometry import marching_tets, tet_grid
+    from engine_server.geometry.mesh_utils import dihedral_ratio
+    from engine_server.pipelines.image_to_3d import ImageTo3D, ImageTo3DRequest
+    from engine_server.pipelines.presets import get_preset
+    from engine_server.pipelines.quality import shape_measures
+    from engine_server.pipelines.text_to_3d import TextTo3D
+    from engine_server.texture.asset import build_asset
+
+    # A ball with bumps a cell wide, extracted at the draft's grid: as rough as a fit to a few 32 px views (a
+    # decimated extraction's dihedral ratio ~7.8, ~2.4 after text's finishing, as the matrix's spheres measured).
+    verts, tets = tet_grid(48)
+    bumps = torch.randn(len(verts), generator=torch.Generator().manual_seed(0))
+    v, f = marching_tets(verts, tets, verts.norm(dim=-1) - 0.45 + 0.01 * bumps)
+    v, f = v.numpy(), f.numpy()
+    pipe = ImageTo3D(ImageTo3DRequest(image=renders["cube", 20, "grey"], preset="draft"), prior=prior)  # no search
+    preset = get_preset("draft")
+    white = lambda p: torch.ones_like(p)  # noqa: E731
+    text, _ = build_asset(v, f, white, TextTo3D.asset_config(pipe, preset))
+    image, _ = build_asset(v, f, white, pipe.asset_config(preset))
+    rough, smooth = dihedral_ratio(text.vertices, text.faces), dihedral_ratio(image.vertices, image.faces)
+    assert smooth < 2.0 and smooth < 0.8 * rough, (rough, smooth)
+    assert shape_measures(image.vertices, image.faces)["sphericity"] >= \
+        shape_measures(text.vertices, text.faces)["sphericity"] - 0.005
