@@ -122,7 +122,8 @@ def summary(rows: list[dict]) -> str:
             az = [r["azimuth_error"] for r in sel if r["azimuth_error"] is not None]
             lines.append(f"{shape} ({len(sel)}): elevation error mean {sum(el) / len(el):.1f} max {max(el):.0f} deg; "
                          f"distance error mean {sum(d) / len(d):.0%} max {max(d):.0%}"
-                         + (f"; azimuth error (mod 90) mean {sum(az) / len(az):.1f} max {max(az):.0f} deg" if az else ""))
+                         + (f"; azimuth error (mod 90) mean {sum(az) / len(az):.1f} max {max(az):.0f} deg"
+                            if az else ""))
     return "\n".join(lines)
 
 

@@ -71,7 +71,8 @@ def reference_spec(shape: str, elevation: float, background: str, size: int = 25
 
 def render(out_dir: Path, shape: str, elevation: float, background: str, size: int = 256) -> Path:
     """Render one reference PNG with Blender in a child process."""
-    return blender(reference_spec(shape, elevation, background, size), out_dir / f"{shape}_{background}_{elevation:g}.png")
+    out = out_dir / f"{shape}_{background}_{elevation:g}.png"
+    return blender(reference_spec(shape, elevation, background, size), out)
 
 
 def texture_hue(result) -> tuple[float, float]:
