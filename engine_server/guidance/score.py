@@ -268,8 +268,8 @@ def attach_lora(network: nn.Module, adapter_name: str, config) -> tuple[list[nn.
 
     existing = [m for m in network.modules() if isinstance(m, BaseTunerLayer) and adapter_name in m.lora_A]
     if existing:
-        logger.warning("replacing the %s adapter of an earlier guidance on this prior; that guidance is now stale",
-                       adapter_name)
+        logger.info("replacing the %s adapter of an earlier guidance on this prior; that guidance is now stale",
+                    adapter_name)
         if hasattr(network, "delete_adapters"):  # a diffusers model also forgets the adapter's config
             network.delete_adapters(adapter_name)
         else:

@@ -146,6 +146,10 @@ def test_the_bsd_stage_runs_after_the_coarse_fit_records_itself_and_resumes_from
     assert fit["bsd_steps"] == 4 and fit["bsd"]["t_start"] == 0.6 and fit["bsd"]["t_end"] == 0.3
     assert fit["bsd"]["fine_tuned_copy"].startswith("LoRA rank")
     copy = whole.bsd_stage.guidance
+    coarse = torch.load(tmp_path / "whole" / "coarse.pt", weights_only=False)["model"]["field"]
+    after = whole.field.state_dict()
+    assert all(torch.equal(v, after[k]) for k, v in coarse.items() if not k.startswith("color_net."))  # shape kept
+    assert any(not torch.equal(v, after[k]) for k, v in coarse.items() if k.startswith("color_net."))  # colour learnt
     assert any(float(p.abs().sum()) > 0 for p in copy.dreambooth_parameters())  # bootstrapped at step 0
 
     first_events: list = []
