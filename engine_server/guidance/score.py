@@ -267,17 +267,18 @@ def attach_lora(network: nn.Module, adapter_name: str, config) -> tuple[list[nn.
     from peft.tuners.tuners_utils import BaseTunerLayer
 
     existing = [m for m in network.modules() if isinstance(m, BaseTunerLayer) and adapter_name in m.lora_A]
-    if existing:
-        logger.info("replacing the %s adapter of an earlier guidance on this prior; that guidance is now stale",
-                    adapter_name)
-        if hasattr(network, "delete_adapters"):  # a diffusers model also forgets the adapter's config
-            network.delete_adapters(adapter_name)
-        else:
-            for layer in existing:
-                layer.delete_adapter(adapter_name)
-            getattr(network, "peft_config", {}).pop(adapter_name, None)
-    with warnings.catch_warnings():  # a second adapter (VSD's and BSD's) is meant: peft warns of it
+    with warnings.catch_warnings():  # two adapters (VSD's and BSD's), and replacing one, are meant: peft warns of both
         warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
+        warnings.filterwarnings("ignore", message="Adapter .* was active which is now deleted")
+        if existing:
+            logger.info("replacing the %s adapter of an earlier guidance on this prior; that guidance is now stale",
+                        adapter_name)
+            if hasattr(network, "delete_adapters"):  # a diffusers model also forgets the adapter's config
+                network.delete_adapters(adapter_name)
+            else:
+                for layer in existing:
+                    layer.delete_adapter(adapter_name)
+                getattr(network, "peft_config", {}).pop(adapter_name, None)
         if hasattr(network, "add_adapter"):
             network.add_adapter(config, adapter_name=adapter_name)
         else:
