@@ -398,6 +398,9 @@ PRISM_SLOPE = 0.15
 """Most columns per row of a "vertical" side: Blender's default perspective tilts a box's edges by < 0.1."""
 PRISM_ROWS = 256
 """The silhouette is measured with its height at most this many rows (longer ones are shrunk first)."""
+PRISM_MIN_ROWS = 40
+"""Silhouettes fewer rows tall are not read: on a small aliased disc (28 rows) the pixel steps pass for straight
+sides; Blender's default camera shows its 2 m cube 50 rows tall at 256 px even with a 35 mm lens."""
 
 
 @dataclass
@@ -460,7 +463,7 @@ def prism_view(coverage: np.ndarray) -> PrismView | None:
 
     rows = np.flatnonzero(coverage.max(1) > 0.5)
     cols = np.flatnonzero(coverage.max(0) > 0.5)
-    if len(rows) < 8 or len(cols) < 8:
+    if len(rows) == 0 or rows[-1] + 1 - rows[0] < PRISM_MIN_ROWS or len(cols) < 8:
         return None
     alpha = np.asarray(coverage[rows[0]:rows[-1] + 1, max(cols[0] - 1, 0):cols[-1] + 2], dtype=np.float32)
     if alpha.shape[0] > PRISM_ROWS:  # the run search's cost grows with the rows; 256 resolve a degree

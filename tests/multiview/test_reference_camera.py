@@ -125,3 +125,7 @@ def test_a_cylinder_is_a_prism_and_a_sphere_or_a_cone_is_not():
     for mesh in (trimesh.creation.icosphere(4), trimesh.creation.cone(radius=0.5, height=1.0, sections=64)):
         for elevation in (0.0, 20.0, 40.0):
             assert prism_view(_outline(mesh, 46.7, elevation)) is None
+    # Hard-edged discs, small and large: a small one's pixel steps would pass for straight sides.
+    yy, xx = np.mgrid[0:256, 0:256]
+    for radius in (14, 60):
+        assert prism_view((np.hypot(yy - 128, xx - 128) < radius).astype(np.float32)) is None
