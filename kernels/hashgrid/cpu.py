@@ -73,11 +73,17 @@ def extension_name() -> str:
     return f"hashgrid_cpu_{digest}"
 
 
+def default_build_root() -> str:
+    """torch's default extensions root, as ``cpp_extension.get_default_build_root`` computes it: importing
+    cpp_extension (setuptools) costs 0.15 s of every run's start-up once the kernel is built."""
+    import torch._appdirs
+
+    return os.path.realpath(torch._appdirs.user_cache_dir(appname="torch_extensions"))
+
+
 def build_directory() -> Path:
     """Where the kernel is built and cached: $TORCH_EXTENSIONS_DIR (or torch's default root)/<name>."""
-    from torch.utils.cpp_extension import get_default_build_root
-
-    root = os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root()
+    root = os.environ.get("TORCH_EXTENSIONS_DIR") or default_build_root()
     return Path(root) / extension_name()
 
 
@@ -119,15 +125,11 @@ def probe() -> BackendStatus:
     return BackendStatus(True, "C++/OpenMP kernel (built on first use)", ("cpu",))
 
 
-def _build() -> ctypes.CDLL:
+def _compile() -> None:
     from torch.utils.cpp_extension import load
 
     build_dir = build_directory()
-    library = _library_path()
-    if not library.exists():
-        logger.info(
-            "building hash-grid CPU kernel (first use, ~%d s) in %s", EXPECTED_BUILD_SECONDS, build_dir
-        )
+    logger.info("building hash-grid CPU kernel (first use, ~%d s) in %s", EXPECTED_BUILD_SECONDS, build_dir)
     build_dir.mkdir(parents=True, exist_ok=True)
     ninja_dir = _ninja_bin_dir()
     # cpp_extension runs `ninja` from PATH; the pip package's binary may not be on it (a venv
@@ -144,8 +146,17 @@ def _build() -> ctypes.CDLL:
         is_python_module=False,
         verbose=logger.isEnabledFor(logging.DEBUG),
     )
-    logger.debug("hash-grid CPU kernel ready in %.1f s: %s", time.perf_counter() - start, library)
-    lib = ctypes.CDLL(str(library))
+    logger.debug("hash-grid CPU kernel built in %.1f s: %s", time.perf_counter() - start, _library_path())
+
+
+def _build() -> ctypes.CDLL:
+    """The kernel's library, built first when missing (its name changes with the source and the flags)."""
+    library = _library_path()
+    try:
+        lib = ctypes.CDLL(str(library))
+    except OSError:  # not built yet, or another process is linking it: build (cpp_extension waits on its lock)
+        _compile()
+        lib = ctypes.CDLL(str(library))
     if lib.hg_abi_version() != ABI_VERSION:
         raise RuntimeError(f"{library} has ABI {lib.hg_abi_version()}, expected {ABI_VERSION}; delete it to rebuild")
     ptr, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int

@@ -204,6 +204,21 @@ def test_cpu_probe_is_cheap_and_build_failure_is_clear(monkeypatch, tmp_path):
         hg_backends.resolve_and_load("cpu", torch.device("cpu"))
 
 
+@cpu_available
+def test_cpu_kernel_is_built_once_then_loaded_without_cpp_extension(tmp_path):
+    from torch.utils.cpp_extension import get_default_build_root
+
+    assert hg_cpu.default_build_root() == get_default_build_root()  # where torch itself would put it
+    load = ("import sys, torch; from kernels.hashgrid import cpu; cpu.load(); "
+            "print('cpp_extension' if 'torch.utils.cpp_extension' in sys.modules else 'direct')")
+    env = {**os.environ, "TORCH_EXTENSIONS_DIR": str(tmp_path)}
+    runs = [subprocess.run([sys.executable, "-c", load], env=env, capture_output=True, text=True, timeout=300,
+                           cwd=Path(__file__).resolve().parents[2]) for _ in range(2)]
+    assert [r.returncode for r in runs] == [0, 0], runs[0].stderr[-2000:] + runs[1].stderr[-2000:]
+    assert [r.stdout.split()[-1] for r in runs] == ["cpp_extension", "direct"]  # the second start skips the build
+    assert (tmp_path / hg_cpu.extension_name() / f"{hg_cpu.extension_name()}.so").is_file()
+
+
 # -- selection, module, errors ------------------------------------------------------------------
 
 
