@@ -240,11 +240,14 @@ def object_samples(render_size: int, samples_per_ray: int, distance: float, fov:
 def render_bytes_per_sample(hashgrid: HashGridConfig, samples_per_ray: int, device: torch.device,
                             probe: int = 16) -> float:
     """Bytes autograd keeps per ray-marching sample of a lit coarse render (normals by finite differences,
-    the heaviest step) of a field with ``hashgrid``: measured on a ``probe``^2 render with every sample
-    kept (no occupancy grid, no early termination); the field's own parameters are not counted."""
-    field = RadianceField(FieldConfig(hashgrid=hashgrid)).to(device)
+    the heaviest step) of a field with ``hashgrid``: measured on a ``probe``^2 render of a fixed fresh field
+    with every sample kept and given a normal (no occupancy grid, no early termination, no samples skipped
+    for their small weight: an upper bound); the field's own parameters are not counted."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        field = RadianceField(FieldConfig(hashgrid=hashgrid)).to(device)
     params = {p.untyped_storage().data_ptr() for p in field.parameters()}
-    renderer = VolumeRenderer(RendererConfig(num_steps=samples_per_ray, min_transmittance=0.0))
+    renderer = VolumeRenderer(RendererConfig(num_steps=samples_per_ray, min_transmittance=0.0, min_weight=0.0))
     origins, dirs = camera_rays(look_at(orbit_position(30.0, 15.0, 2.5)), 40.0, probe, probe)
     saved: dict[int, int] = {}
 
