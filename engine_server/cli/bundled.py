@@ -25,6 +25,10 @@ def add_train_parser(sub) -> argparse.ArgumentParser:
                    help="torch CPU threads (-1: adapt to the load of a shared CPU; 0: torch default)")
     p.add_argument("--checkpoint-every", type=int, default=None, help="steps between checkpoints")
     p.add_argument("--no-resume", action="store_true", help="start over even if a checkpoint exists")
+    p.add_argument("--init-from", default="", help="start a new run from this model folder's weights (fine-tuning)")
+    p.add_argument("--shape-camera", action="store_true",
+                   help="add the shape-camera embedding (a shape word's own turn with the azimuth; starts at zero)")
+    p.add_argument("--warmup", type=int, default=None, help="linear warm-up steps")
     p.add_argument("--export", action="store_true",
                    help="when training stops, copy the EMA weights into the package and run eval + model card")
     p.set_defaults(func=cmd_train)
@@ -85,9 +89,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     """Run train-bundled."""
     from engine_server.models.bundled.train import TrainConfig, train
 
-    cfg = TrainConfig(out_dir=args.out, seed=args.seed, max_minutes=args.minutes, threads=args.threads)
+    cfg = TrainConfig(out_dir=args.out, seed=args.seed, max_minutes=args.minutes, threads=args.threads,
+                      init_from=args.init_from)
+    cfg.model.shape_camera = args.shape_camera
     for name, attr in (("steps", "steps"), ("batch_size", "batch_size"), ("lr", "lr"), ("views", "views_per_shape"),
-                       ("checkpoint_every", "checkpoint_every")):
+                       ("checkpoint_every", "checkpoint_every"), ("warmup", "warmup")):
         value = getattr(args, name, None)
         if value is not None:
             setattr(cfg, attr, value)

@@ -6,7 +6,7 @@
 """
 from __future__ import annotations
 
-from engine_server.field.background import FixedBackground, MLPBackground, MLPBackgroundConfig
+from engine_server.field.background import FixedBackground, MLPBackground, MLPBackgroundConfig, background_likeness
 from engine_server.field.network import FieldConfig, RadianceField, trunc_exp
 from engine_server.field.occupancy import OccupancyConfig, OccupancyGrid
 from engine_server.field.renderer import RendererConfig, VolumeRenderer, intersect_aabb, render_camera, surface_albedo
@@ -21,6 +21,7 @@ __all__ = [
     "RadianceField",
     "RendererConfig",
     "VolumeRenderer",
+    "background_likeness",
     "intersect_aabb",
     "render_camera",
     "surface_albedo",

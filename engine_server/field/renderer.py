@@ -114,8 +114,8 @@ class VolumeRenderer:
         Returns rgb (N, 3), opacity (N,), depth (N,) (expected distance, weighted by opacity),
         normal (N, 3) (composited, not renormalised; zeros unless computed), background (N, 3),
         n_samples (int: samples the field was evaluated at), and samples: a dict of per-sample
-        ray_indices (M,) long, weights (M,), t (M,), and normals (M, 3) when computed, for
-        regularisers such as DreamFusion's orientation loss.
+        ray_indices (M,) long, weights (M,), t (M,), albedo (M, 3), and normals (M, 3) when computed, for
+        regularisers such as DreamFusion's orientation loss and the background-matter penalty.
         """
         c = self.config
         shading = shading or c.shading
@@ -183,7 +183,7 @@ class VolumeRenderer:
         depth_acc = rays_o.new_zeros(n)
         normal_acc = rays_o.new_zeros(n, 3)
         transmittance = rays_o.new_ones(n)
-        per_sample: dict[str, list[torch.Tensor]] = {"ray_indices": [], "weights": [], "t": []}
+        per_sample: dict[str, list[torch.Tensor]] = {"ray_indices": [], "weights": [], "t": [], "albedo": []}
         if want_normals:
             per_sample["normals"] = []
         n_samples = 0
@@ -232,6 +232,7 @@ class VolumeRenderer:
                 per_sample["ray_indices"].append(ray_idx)
                 per_sample["weights"].append(w_packed)
                 per_sample["t"].append(t_packed)
+                per_sample["albedo"].append(out["albedo"])
             if c.min_transmittance > 0:
                 alive = alive & (transmittance.detach() > c.min_transmittance)
 
@@ -303,7 +304,7 @@ class VolumeRenderer:
 def _empty_like_sample(key: str, ref: torch.Tensor) -> torch.Tensor:
     if key == "ray_indices":
         return torch.zeros(0, dtype=torch.long, device=ref.device)
-    if key == "normals":
+    if key in ("normals", "albedo"):
         return ref.new_zeros(0, 3)
     return ref.new_zeros(0)
 

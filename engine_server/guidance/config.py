@@ -217,6 +217,10 @@ class PriorDefaults:
     ``default_distance`` and ``default_fov`` (the reference view); empty: the engine's ranges."""
     background_rgb: tuple[float, float, float] | None = None
     """The plain background the prior was trained on (renders are composited on it); None: a learned one."""
+    background_carve: bool = False
+    """Whether matter of the background's colour is taken for empty space (penalised while distilling, left out
+    at extraction): for a plain background of a colour no object is asked in (the bundled prior's cyan), not
+    for white, which objects share with Zero123's background."""
     render_size: int | None = None
     """Render size in pixels during distillation (upsampled to the prior's resolution for its encoder);
     None: the prior's resolution."""
@@ -256,6 +260,7 @@ class PriorDefaults:
             "camera_ranges": {k: list(v) if isinstance(v, (tuple, list)) else v for k, v in self.camera_ranges.items()},
             "background_rgb": None if self.background_rgb is None else list(self.background_rgb),
             "render_size": self.render_size,
+            "background_carve": self.background_carve,
             "anchor": self.anchor,
         }
 
@@ -263,6 +268,7 @@ class PriorDefaults:
 FALLBACK_DEFAULTS = PriorDefaults(
     guidance_scale={SDS: 7.5, VSD: 7.5},
     stage_guidance_scale={"image": 3.0, "refine": 3.0},
+    background_carve=True,
     anchor="the engine's values, tuned on the bundled model (SDS 7.5; 3 with a reference view and when refining)",
 )
 """Defaults of a prior that declares none (the bundled model: its background and cameras come from it)."""

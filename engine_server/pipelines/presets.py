@@ -38,6 +38,10 @@ class Preset:
     """Adam learning rate of the hash table (the MLPs use a tenth)."""
     sparsity_weight: float = 1e-3
     """Weight of the opacity sparsity penalty (sum of rendered opacity per view; keeps empty space empty)."""
+    background_matter_weight: float = 2.0
+    """Weight of the background-matter penalty (rendered opacity of samples whose albedo is the prior's plain
+    background colour, per view) for priors that declare such a background (``PriorDefaults.background_carve``):
+    a membrane the prior cannot tell from a hole, removed; 0: off."""
     orientation_weight: float = 0.0
     """Weight of DreamFusion's orientation penalty (normals facing away from the camera) on lit steps; 0: off."""
     shading_mix: tuple[float, float, float] = (0.5, 0.5, 0.0)
@@ -75,9 +79,10 @@ class Preset:
                     "tet_resolution", "texture_size", "preview_every", "checkpoint_every"):
             if getattr(self, key) < 1:
                 raise ValueError(f"preset option {key} must be >= 1, got {getattr(self, key)}")
-        if self.sparsity_weight < 0 or self.orientation_weight < 0:
+        if self.sparsity_weight < 0 or self.orientation_weight < 0 or self.background_matter_weight < 0:
             raise ValueError(f"regulariser weights must be >= 0, got sparsity_weight={self.sparsity_weight}, "
-                             f"orientation_weight={self.orientation_weight}")
+                             f"orientation_weight={self.orientation_weight}, "
+                             f"background_matter_weight={self.background_matter_weight}")
         mix = tuple(self.shading_mix)
         if len(mix) != 3 or min(mix) < 0 or sum(mix) <= 0:
             raise ValueError(f"shading_mix must be 3 non-negative probabilities (albedo, lambertian, textureless) "

@@ -7,9 +7,11 @@ Stages, each reporting through one progress callback:
            steps is lit by deferred shading of the composited normals, with the prior's
            own world-fixed lights when it declares them (``prior.lighting``), so the
            albedo is the object's colour and the shading carries its shape; opacity
-           sparsity and an optional orientation penalty on lit steps; the render size grows
+           sparsity, a penalty on matter of the prior's plain background colour (which renders
+           as no matter: :meth:`TextTo3D.background_matter`) and an optional orientation
+           penalty on lit steps; the render size grows
            from ``preset.progressive_start`` to the full size over the first steps;
-  extract  marching tetrahedra on the field's density at a threshold found from
+  extract  marching tetrahedra on the field's density (less its background-coloured share) at a threshold found from
            the density statistics (Otsu's method on log-density), tunnels a cell or two wide
            closed (:func:`close_tunnels`), then cleanup;
   texture  the extraction smoothed (edges kept), decimated to the preset's ``faces``, unwrapped
@@ -150,6 +152,8 @@ class TextTo3D(JobPipeline):
         bg = self.defaults.background_rgb
         # A prior trained on a fixed background must see that background; others get a learned one.
         self.background = (FixedBackground(bg) if bg is not None else MLPBackground()).to(self.device)
+        # Matter of that colour renders as no matter: where the prior says so, it is carved away (issue 23).
+        self.carve_rgb = bg if bg is not None and self.defaults.background_carve else None
         # Latent priors get small renders, upsampled to their resolution for the encoder (the guidance's resize).
         self.resolution = (self.preset.render_resolution
                            or self.defaults.render_resolution(int(getattr(self.prior, "resolution", 64))))
@@ -300,6 +304,18 @@ class TextTo3D(JobPipeline):
         hit_rays = (out["opacity"].detach() > 1e-3).sum().clamp_min(1)
         return (samples["weights"].detach() * facing_away**2).sum() / hit_rays
 
+    def background_matter(self, out: dict) -> torch.Tensor:
+        """Mean over rays of the opacity of samples whose albedo is the plain background's colour.
+
+        The albedo is held fixed (detached): only the density goes, so a membrane the prior painted as
+        background becomes the hole it shows, rather than a visible film of another colour.
+        """
+        from engine_server.field import background_likeness
+
+        samples = out["samples"]
+        like = background_likeness(samples["albedo"].detach(), self.carve_rgb)
+        return (samples["weights"] * like).sum() / max(len(out["opacity"]), 1)
+
     def coarse_loss(self) -> tuple[torch.Tensor, dict]:
         """One coarse step's loss: samples and renders its own views, scores them with the guidance.
 
@@ -322,6 +338,10 @@ class TextTo3D(JobPipeline):
         sparsity = opacity.mean() * self.resolution**2  # per view, counted at the full size
         loss = g.loss + p.sparsity_weight * sparsity * len(c2w)
         logs = {"sds": float(g.loss.detach()), "sparsity": float(sparsity.detach()), "shading": shading}
+        if self.carve_rgb is not None and p.background_matter_weight > 0:
+            matter = self.background_matter(out) * self.resolution**2  # per view, counted at the full size
+            loss = loss + p.background_matter_weight * matter * len(c2w)
+            logs["background_matter"] = float(matter.detach())
         if orient:
             orientation = self.orientation_penalty(out)
             loss = loss + p.orientation_weight * orientation
@@ -337,13 +357,22 @@ class TextTo3D(JobPipeline):
     def coarse(self) -> None:
         self.coarse_loop().run(self)
 
+    def surface_density(self, points: torch.Tensor) -> torch.Tensor:
+        """The density extraction reads: the field's, less the share of it that is background-coloured matter."""
+        if self.carve_rgb is None:
+            return self.field.density(points)
+        from engine_server.field import background_likeness
+
+        out = self.field(points)
+        return out["density"] * (1.0 - background_likeness(out["albedo"], self.carve_rgb))
+
     @torch.no_grad()
     def extract(self) -> tuple[np.ndarray, np.ndarray]:
         from engine_server.geometry import MIN_PIECE_FRACTION, clean_mesh, marching_tets, tet_grid
 
         res = self.preset.tet_resolution
         verts, tets = tet_grid(res, device=self.device)
-        density = torch.cat([self.field.density(chunk) for chunk in verts.split(65536)])
+        density = torch.cat([self.surface_density(chunk) for chunk in verts.split(65536)])
         log_density = torch.log1p(density)
         threshold = math.expm1(otsu_threshold(log_density))
         logger.info("surface density threshold %.4g (Otsu on log-density; max %.4g)", threshold, float(density.max()))

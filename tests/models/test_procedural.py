@@ -72,3 +72,23 @@ def test_metrics_are_exact_on_ground_truth():
             assert all(classify_color(rgb[i], pred[i]) == color for i in range(len(gt))), (shape, color)
     empty = torch.zeros(2, 32, 32, dtype=torch.bool)
     assert torch.equal(mask_iou(empty, empty), torch.ones(2))
+
+
+def test_turned_cameras_go_round_the_vertical_and_the_turns_show_each_shape_anew():
+    from engine_server.models.bundled.evaluate import TURNS, turned
+    from engine_server.multiview.rig import mask_iou
+
+    cams = P.held_out_cameras()
+    quarter = turned(cams.c2w, 90.0)
+    assert torch.allclose(quarter[:, 2, 3], cams.c2w[:, 2, 3], atol=1e-5)  # same height and distance
+    assert torch.allclose(quarter[:, :3, 3].norm(dim=-1), cams.c2w[:, :3, 3].norm(dim=-1), atol=1e-5)
+    assert torch.allclose(quarter[:, 0, 3], -cams.c2w[:, 1, 3], atol=1e-5)  # x' = -y: a quarter turn about Z
+
+    def masks(shape, c2w):
+        return P.render_shape(shape, c2w, cams.fov, 32).mask[:, 0] > 0.5
+
+    for shape, degrees in TURNS.items():
+        same = masks(shape, cams.c2w)
+        # A turn by the shape's whole symmetry shows the same object; the evaluation's turn (half of it) does not.
+        assert float(mask_iou(same, masks(shape, turned(cams.c2w, 2 * degrees))).mean()) > 0.97, shape
+        assert float(mask_iou(same, masks(shape, turned(cams.c2w, degrees))).mean()) < 0.9, shape

@@ -63,3 +63,39 @@ def test_batches_pair_reference_and_target_of_the_same_object(data):
     assert b["x0"].shape == b["ref_image"].shape == (64, 3, 32, 32)
     frac_prompt = float((b["shape_idx"] >= 0).float().mean())
     assert 0.1 < frac_prompt < 0.6  # prompt kept with probability prompt_with_image (0.3)
+
+
+def test_a_shape_camera_branch_fine_tunes_from_weights_without_it(tmp_path, data):
+    import dataclasses
+
+    from engine_server.models.bundled.model import BundledUNet, camera_features, load_model, pose_features
+    from engine_server.models.bundled.train import init_weights
+
+    train(tiny(tmp_path / "base", steps=2), progress=False, data=data)
+    base = load_model(tmp_path / "base" / "ema")
+    cfg = tiny(tmp_path / "ft", steps=3, init_from=str(tmp_path / "base" / "ema"))
+    cfg.model = dataclasses.replace(cfg.model, shape_camera=True)
+    start = BundledUNet(cfg.model)
+    assert all(k.startswith("shape_camera_embed.") for k in init_weights(start, cfg.init_from))
+    # The branch starts at zero: the new network conditions exactly as the one it came from.
+    cams = torch.eye(4).expand(3, 4, 4).clone()
+    cams[:, :3, 3] = torch.tensor([[0.0, -2.5, 0.5], [2.5, 0.0, 0.5], [1.7, -1.7, 0.5]])
+    args = (torch.tensor([0, 0, 8]), torch.tensor([1, 1, 2]), camera_features(cams), torch.ones(3, dtype=torch.bool),
+            torch.zeros(3, 17), torch.zeros(3, dtype=torch.bool))
+    with torch.no_grad():
+        assert torch.equal(start.condition(*args), base.condition(*args))
+    train(cfg, progress=False, data=data)  # trains it, at new_lr_scale times the rate
+    tuned = load_model(tmp_path / "ft" / "ema")
+    assert float(tuned.shape_camera_embed.linear_2.weight.abs().max()) > 0
+    # Azimuth harmonics of the three cameras (0, 90 and 45 degrees round): a cube's period is 90 degrees.
+    harm = pose_features(camera_features(cams))
+    assert torch.allclose(harm[0, 7], harm[1, 7], atol=1e-5)  # cos(4 az) at 0 and 90 degrees
+    assert not torch.allclose(harm[0, 7], harm[2, 7], atol=1e-2)  # and not at 45
+
+
+def test_init_from_refuses_weights_of_another_architecture(tmp_path, data):
+    train(tiny(tmp_path / "base", steps=1), progress=False, data=data)
+    cfg = tiny(tmp_path / "other", steps=1, init_from=str(tmp_path / "base" / "ema"))
+    cfg.model = BundledModelConfig(block_out_channels=(16, 16, 32), norm_num_groups=8)
+    with pytest.raises((ValueError, RuntimeError), match="do not fit|size mismatch"):
+        train(cfg, progress=False, data=data)

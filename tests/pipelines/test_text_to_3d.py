@@ -184,3 +184,63 @@ def test_refine_stage_runs_between_extract_and_export(tmp_path):
     # the texture starts from the coarse field's albedo: still red after two refine steps
     texels = loaded.texture.reshape(-1, 3).astype(float)
     assert texels[:, 0].mean() > texels[:, 1].mean() and texels[:, 0].mean() > texels[:, 2].mean()
+
+
+class _MembraneTorus(torch.nn.Module):
+    """A yellow torus (major radius 0.5, minor 0.15, about Z) whose hole holds a thin disc of the prior's
+    background colour: what the prior's "hole, showing background" leaves in a field (issue 23)."""
+
+    def __init__(self, membrane_rgb) -> None:
+        super().__init__()
+        self.register_buffer("aabb", torch.tensor([[-1.0, -1.0, -1.0], [1.0, 1.0, 1.0]]))
+        self.membrane_rgb = torch.tensor(membrane_rgb)
+
+    def _parts(self, x):
+        ring = torch.sqrt((x[:, :2].norm(dim=-1) - 0.5) ** 2 + x[:, 2] ** 2) - 0.15
+        disc = torch.maximum(x[:, :2].norm(dim=-1) - 0.45, x[:, 2].abs() - 0.04)
+        return ring, disc
+
+    def density(self, x):
+        ring, disc = self._parts(x)
+        return 50.0 * torch.sigmoid(-torch.minimum(ring, disc) / 0.01)
+
+    def forward(self, x, view_dirs=None):
+        ring, disc = self._parts(x)
+        yellow = torch.tensor([0.95, 0.85, 0.10]).expand(len(x), 3)
+        albedo = torch.where((disc < ring)[:, None], self.membrane_rgb.expand(len(x), 3), yellow)
+        return {"density": self.density(x), "albedo": albedo}
+
+
+def test_background_coloured_matter_is_carved_at_extraction_and_penalised(tiny_run):
+    from engine_server.pipelines.quality import genus
+
+    pipe = tiny_run[0]
+    bg = pipe.defaults.background_rgb
+    assert pipe.carve_rgb == bg  # the bundled prior's cyan is no object's colour
+    field, carve = pipe.field, pipe.carve_rgb
+    try:
+        pipe.field = _MembraneTorus(bg)
+        assert genus(*pipe.extract()) == 1  # the membrane is left out: the hole is open
+        pipe.carve_rgb = None
+        assert genus(*pipe.extract()) == 0  # read as matter, it closes the hole
+        pipe.carve_rgb = carve
+        pipe.field = _MembraneTorus((0.12, 0.70, 0.16))  # a green disc is an object's part, and stays
+        assert genus(*pipe.extract()) == 0
+
+        # The penalty counts the membrane seen through the hole from above, and not the torus's body.
+        pipe.field = _MembraneTorus(bg)
+        down = torch.tensor([[0.0, 0.0, -1.0]])
+
+        def penalty(x, y):
+            out = pipe.renderer.render(pipe.field, torch.tensor([[x, y, 2.0]]), down, pipe.background)
+            return float(pipe.background_matter(out)), float(out["opacity"][0])
+        through_hole, opacity = penalty(0.0, 0.0)
+        assert opacity > 0.9 and through_hole == pytest.approx(opacity, rel=1e-3)
+        assert penalty(0.5, 0.0)[0] < 1e-3
+    finally:
+        pipe.field, pipe.carve_rgb = field, carve
+
+
+def test_bad_background_matter_weight_is_refused():
+    with pytest.raises(ValueError, match="background_matter_weight"):
+        TextTo3D(TextTo3DRequest(prompt="a red cube", overrides={**TINY, "background_matter_weight": -1.0}))

@@ -93,6 +93,20 @@ def background_error(rgb: torch.Tensor, gt_mask: torch.Tensor) -> float:
 
 
 MIN_CAPTION_IOU = 0.5
+
+TURNS: dict[str, float] = {"cube": 45.0, "pyramid": 45.0, "table": 90.0}
+"""The shapes whose look changes as the camera goes round them, and the turn about the vertical that changes it
+most (half their symmetry): the turn margin is a sample's IoU with the truth from its own camera less that from
+the camera turned this far. About 0 means the prior draws them the same from every azimuth (issue 23: such a
+prior distils a cube into a cylinder and a table into a round one)."""
+
+
+def turned(c2w: torch.Tensor, degrees: float) -> torch.Tensor:
+    """Cameras (N, 4, 4) c2w carried round the vertical (Z) axis by ``degrees``."""
+    a = torch.deg2rad(torch.tensor(degrees, dtype=c2w.dtype))
+    rz = torch.eye(4, dtype=c2w.dtype)
+    rz[0, 0], rz[0, 1], rz[1, 0], rz[1, 1] = torch.cos(a), -torch.sin(a), torch.sin(a), torch.cos(a)
+    return rz @ c2w
 """A view shows the caption's shape when its silhouette overlaps the training renderer's this much.
 
 Well below the evaluation's mean (about 0.87) so a right but rough object passes; a wrong object
@@ -198,12 +212,22 @@ def evaluate(weights: str | Path | BundledPrior, cfg: EvalConfig | None = None, 
                 "bg_err": background_error(imgs, gt_mask), "mae": float((imgs - gt_img).abs().mean())}
 
     st, si = score(text_jobs, text_imgs), score(img_jobs, img_imgs)
+    turn_margin = {}
+    for shape, degrees in TURNS.items():
+        rows_of = [k for k, j in enumerate(text_jobs) if j["cap"].shape == shape]
+        cams = turned(held.c2w[[text_jobs[k]["h"] for k in rows_of]], degrees)
+        r = P.render_shape(shape, cams, held.fov[:len(rows_of)], prior.resolution)
+        albedo = torch.stack([P.albedo_of(text_jobs[k]["cap"].color) for k in rows_of])
+        other = mask_iou(foreground_mask(text_imgs[rows_of]), foreground_mask(P.compose(r.shade, r.mask, albedo)))
+        turn_margin[shape] = float(st["iou"][rows_of].mean() - other.mean())
     rows = [
         {"metric": "text: colour accuracy", "value": float(st["correct"].mean()), "target": ">= 0.90",
          "pass": bool(st["correct"].mean() >= TARGETS["text_color_accuracy"]), "n": len(text_jobs)},
         {"metric": "text: silhouette IoU (mean)", "value": float(st["iou"].mean()), "target": ">= 0.75",
          "pass": bool(st["iou"].mean() >= TARGETS["text_silhouette_iou"]), "n": len(text_jobs)},
         {"metric": "text: background error (MAE)", "value": st["bg_err"], "target": "-", "pass": True, "n": len(text_jobs)},
+        {"metric": f"text: turn margin ({', '.join(TURNS)}; mean)", "value": sum(turn_margin.values()) / len(TURNS),
+         "target": "-", "pass": True, "n": sum(1 for j in text_jobs if j["cap"].shape in TURNS)},
         {"metric": "image: novel-view silhouette IoU (mean)", "value": float(si["iou"].mean()), "target": ">= 0.70",
          "pass": bool(si["iou"].mean() >= TARGETS["image_novel_view_iou"]), "n": len(img_jobs)},
         {"metric": "image: novel-view colour accuracy", "value": float(si["correct"].mean()), "target": "-",
@@ -215,7 +239,8 @@ def evaluate(weights: str | Path | BundledPrior, cfg: EvalConfig | None = None, 
         ti = [k for k, j in enumerate(text_jobs) if j["cap"].shape == s]
         ii = [k for k, j in enumerate(img_jobs) if j["cap"].shape == s]
         per_shape.append({"shape": s, "text_iou": float(st["iou"][ti].mean()), "text_color": float(st["correct"][ti].mean()),
-                          "image_iou": float(si["iou"][ii].mean()), "image_color": float(si["correct"][ii].mean())})
+                          "image_iou": float(si["iou"][ii].mean()), "image_color": float(si["correct"][ii].mean()),
+                          "text_turn_margin": turn_margin.get(s)})
     if grid_path:
         _save_grid(grid_path, text_imgs, st["gt_img"], img_imgs, si["gt_img"], torch.stack([j["reference"].image for j in img_jobs]))
     seconds = time.time() - t0
@@ -245,8 +270,7 @@ def format_rows(result: dict) -> str:
     """The eval table (and per-shape table) as aligned text."""
     def table(rows):
         cols = list(rows[0])
-        cell = lambda v: f"{v:.3f}" if isinstance(v, float) else str(v)  # noqa: E731
-        cells = [[cell(r[c]) for c in cols] for r in rows]
+        cells = [[_cell(r[c]) for c in cols] for r in rows]
         w = [max(len(c), *(len(r[i]) for r in cells)) for i, c in enumerate(cols)]
         lines = ["  ".join(c.ljust(x) for c, x in zip(cols, w)), "  ".join("-" * x for x in w)]
         return "\n".join(lines + ["  ".join(v.ljust(x) for v, x in zip(r, w)) for r in cells])
@@ -255,11 +279,15 @@ def format_rows(result: dict) -> str:
             f"\n\n{'PASSED' if result['passed'] else 'NOT PASSED'} in {result['seconds']:.0f} s")
 
 
+def _cell(value) -> str:
+    """A table cell: floats to 3 places, a measure a row does not have as "-"."""
+    return f"{value:.3f}" if isinstance(value, float) else "-" if value is None else str(value)
+
+
 def _md_table(rows: list[dict]) -> str:
     cols = list(rows[0])
-    cell = lambda v: f"{v:.3f}" if isinstance(v, float) else str(v)  # noqa: E731
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    return "\n".join(lines + ["| " + " | ".join(cell(r[c]) for c in cols) + " |" for r in rows])
+    return "\n".join(lines + ["| " + " | ".join(_cell(r[c]) for c in cols) + " |" for r in rows])
 
 
 def write_model_card(folder: str | Path, result: dict) -> Path:
@@ -289,7 +317,10 @@ def write_model_card(folder: str | Path, result: dict) -> Path:
         "Conditions, summed into the timestep embedding (`class_embed_type=\"identity\"`): learned shape-word and "
         "colour-word embeddings; an MVDream-style camera embedding (c2w rotation, position / distance and FOV "
         "through a 2-layer MLP); in image-conditioned mode a Zero123-style embedding of the reference camera and the "
-        "relative pose (sin/cos delta azimuth, delta elevation, delta distance). The reference view enters as 3 extra "
+        "relative pose (sin/cos delta azimuth, delta elevation, delta distance)"
+        + ("; a shape-camera embedding: the outer product of the shape word (one-hot) and the camera's azimuth "
+           "harmonics (sin / cos of k az, k = 1-4) and elevation through a 2-layer MLP, so each shape word turns with "
+           "the camera in its own way" if cfg.get("shape_camera") else "") + ". The reference view enters as 3 extra "
         "input channels plus a presence flag channel. Every condition has a null value used for classifier-free guidance "
         f"(dropout in training: prompt {tc.get('drop_prompt')}, each word {tc.get('drop_word')}, camera "
         f"{tc.get('drop_camera')}; {tc.get('image_cond_prob')} of the rows are image-conditioned, keeping the prompt "
@@ -311,7 +342,8 @@ def write_model_card(folder: str | Path, result: dict) -> Path:
         f"{info.get('batch_size')}, AdamW lr {tc.get('lr')} (warm-up {tc.get('warmup')}, cosine decay to 10% after "
         f"{tc.get('decay_start')} of the run), EMA {tc.get('ema_decay')}, gradient clipping 1.0. Hardware: {info.get('device')} "
         f"with {info.get('threads')} torch thread(s) on a shared 2-core machine; {info.get('seconds', 0) / 3600:.2f} h of "
-        f"training. Final loss (mean of the last 200 steps): {info.get('final_loss', float('nan')):.4f}.",
+        f"training. Final loss (mean of the last 200 steps): {info.get('final_loss', float('nan')):.4f}."
+        + _parent_sentence(info, tc),
         "",
         f"Loss curve (mean per 100 steps, sampled): {curve_txt}",
         "",
@@ -340,6 +372,18 @@ def write_model_card(folder: str | Path, result: dict) -> Path:
     return path
 
 
+def _parent_sentence(info: dict, tc: dict) -> str:
+    """How the weights a fine-tune started from were trained, for the card (empty for a run from scratch)."""
+    parent = info.get("parent")
+    if not parent:
+        return ""
+    ptc = parent.get("train_config", {})
+    return (f" Started from the weights shipped before ({parent.get('step')} steps at batch {parent.get('batch_size')}, "
+            f"last lr {ptc.get('lr')}, {parent.get('seconds', 0) / 3600:.2f} h, final loss "
+            f"{parent.get('final_loss', float('nan')):.4f}); the parameters they lack started at zero and were trained "
+            f"at {tc.get('new_lr_scale')}x the learning rate (the steps and hours above are this fine-tune's own).")
+
+
 def _count_params(folder: Path) -> int:
     from safetensors.torch import load_file
 
@@ -347,6 +391,18 @@ def _count_params(folder: Path) -> int:
 
 
 MAX_SHIPPED_BYTES = 20 * 1024 * 1024
+
+
+def _parent_training(src: Path, target: Path) -> dict | None:
+    """The training record (less its loss curve) of the weights in ``target`` when the run in ``src`` started
+    from them (``train_config.init_from``), else None."""
+    info_path, old_path = src / "training_info.json", target / "training_info.json"
+    if not (info_path.is_file() and old_path.is_file()):
+        return None
+    init_from = json.loads(info_path.read_text()).get("train_config", {}).get("init_from")
+    if not init_from or Path(init_from).resolve() != target.resolve():
+        return None
+    return {k: v for k, v in json.loads(old_path.read_text()).items() if k != "loss_curve"}
 
 
 def export_run(run_dir: Path, target: Path | None = None, cfg: EvalConfig | None = None) -> tuple[dict, Path]:
@@ -359,10 +415,14 @@ def export_run(run_dir: Path, target: Path | None = None, cfg: EvalConfig | None
         if not (src / name).is_file():
             raise FileNotFoundError(f"no EMA export in {src} (missing {name}); run train-bundled first")
     target.mkdir(parents=True, exist_ok=True)
+    parent = _parent_training(src, target)
     for name in ("model.safetensors", "config.json", "training_info.json"):
         if (src / name).is_file():
             shutil.copyfile(src / name, target / (name + ".tmp"))
             (target / (name + ".tmp")).replace(target / name)
+    if parent is not None:  # the weights a fine-tune started from are replaced: their history goes with it
+        info = json.loads((target / "training_info.json").read_text())
+        (target / "training_info.json").write_text(json.dumps(info | {"parent": parent}, indent=1) + "\n")
     total = sum(f.stat().st_size for f in target.iterdir() if f.is_file())
     if total > MAX_SHIPPED_BYTES:
         raise ValueError(f"shipped weights in {target} are {total / 1e6:.1f} MB, over the 20 MB limit")

@@ -34,6 +34,9 @@ logger = logging.getLogger(__name__)
 
 CAMERA_FEATURES = 13
 REF_FEATURES = CAMERA_FEATURES + 4
+POSE_HARMONICS = 4
+"""Azimuth harmonics (sin / cos of k az, k = 1..4) of the shape-camera embedding: a cube repeats every 90 degrees."""
+POSE_FEATURES = 2 * POSE_HARMONICS + 2
 
 
 @dataclass
@@ -60,6 +63,11 @@ class BundledModelConfig:
     """Diffusion steps in training."""
     beta_schedule: str = "squaredcos_cap_v2"
     """Noise schedule (rescaled to zero terminal SNR)."""
+    shape_camera: bool = False
+    """A shape-camera embedding besides the summed shape and camera ones: the outer product of the shape word
+    (one-hot) and the camera's azimuth harmonics and elevation through an MLP, so a shape word can say how the
+    object turns with the camera (issue 23: summed alone, the cube and the table were drawn the same from every
+    azimuth). Its output layer starts at zero, so it can be added to trained weights and fine-tuned."""
     extra: dict = field(default_factory=dict)
     """Free-form metadata (background colour, camera ranges, training info)."""
 
@@ -114,6 +122,16 @@ def relative_features(c2w: torch.Tensor, ref_c2w: torch.Tensor) -> torch.Tensor:
     return torch.stack([torch.sin(daz), torch.cos(daz), (el - rel) / (math.pi / 3), (r - rr) / 0.3], dim=1).float()
 
 
+def pose_features(cam_feat: torch.Tensor) -> torch.Tensor:
+    """(B, 13) camera features -> (B, POSE_FEATURES): sin / cos of k az (k = 1..POSE_HARMONICS), sin / cos of el."""
+    p = cam_feat[:, 9:12]
+    az = torch.atan2(p[:, 0], -p[:, 1])
+    el = torch.asin((p[:, 2] / p.norm(dim=-1).clamp_min(1e-6)).clamp(-1, 1))
+    k = torch.arange(1, POSE_HARMONICS + 1, device=cam_feat.device, dtype=cam_feat.dtype)
+    return torch.cat([torch.sin(k * az[:, None]), torch.cos(k * az[:, None]),
+                      torch.sin(el)[:, None], torch.cos(el)[:, None]], dim=1)
+
+
 class BundledUNet(nn.Module):
     """The UNet plus the condition embeddings (see module docstring)."""
 
@@ -135,6 +153,10 @@ class BundledUNet(nn.Module):
         self.camera_embed = TimestepEmbedding(CAMERA_FEATURES, d)
         self.null_camera = nn.Parameter(torch.zeros(d))
         self.ref_embed = TimestepEmbedding(REF_FEATURES, d)
+        if config.shape_camera:
+            self.shape_camera_embed = TimestepEmbedding((len(config.shapes) + 1) * POSE_FEATURES, d)
+            nn.init.zeros_(self.shape_camera_embed.linear_2.weight)
+            nn.init.zeros_(self.shape_camera_embed.linear_2.bias)
         for emb in (self.shape_embed, self.color_embed):
             nn.init.normal_(emb.weight, std=0.02)
 
@@ -145,7 +167,12 @@ class BundledUNet(nn.Module):
         c = torch.where(color_idx < 0, torch.full_like(color_idx, nc), color_idx)
         cam = torch.where(cam_present[:, None], self.camera_embed(cam_feat), self.null_camera.expand(cam_feat.shape[0], -1))
         ref = self.ref_embed(ref_feat) * ref_present[:, None].float()
-        return self.shape_embed(s) + self.color_embed(c) + cam + ref
+        cond = self.shape_embed(s) + self.color_embed(c) + cam + ref
+        if self.config.shape_camera:
+            onehot = nn.functional.one_hot(s, ns + 1).to(cam_feat.dtype)
+            pose = (onehot[:, :, None] * pose_features(cam_feat)[:, None, :]).flatten(1)
+            cond = cond + self.shape_camera_embed(pose) * cam_present[:, None].to(cam_feat.dtype)
+        return cond
 
     def forward(self, x_t, t, cond: torch.Tensor, ref_image: torch.Tensor, ref_present: torch.Tensor) -> torch.Tensor:
         """x_t (B,3,H,W), t (B,), cond (B,D), ref_image (B,3,H,W) in [0,1], ref_present (B,) -> (B,3,H,W)."""

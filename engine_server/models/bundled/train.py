@@ -75,6 +75,12 @@ class TrainConfig:
     """torch CPU threads (0 = torch's default; -1 = adapt every 50 steps: 2 when the machine is otherwise idle, else 1)."""
     model: BundledModelConfig = field(default_factory=BundledModelConfig)
     """Network architecture."""
+    init_from: str = ""
+    """Start a new run from these weights (a model folder); parameters the folder lacks, such as a branch the
+    architecture adds (``shape_camera``), start as the architecture initialises them; empty: from scratch."""
+    new_lr_scale: float = 10.0
+    """With ``init_from``: the learning rate of the parameters the folder lacks, as a multiple of ``lr`` (they
+    start from zero beside trained ones)."""
 
 
 # ---------------------------------------------------------------- data
@@ -219,7 +225,12 @@ def train(cfg: TrainConfig, resume: bool = True, progress: bool = True, data: Sh
     }
     torch.manual_seed(cfg.seed)
     model = BundledUNet(cfg.model).to(device)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    new: list[str] = []
+    if cfg.init_from:
+        new = init_weights(model, cfg.init_from, load=not (resume and ckpt_path.is_file()))
+    groups = [{"params": [p for n, p in model.named_parameters() if n not in new], "scale": 1.0},
+              {"params": [p for n, p in model.named_parameters() if n in new], "scale": cfg.new_lr_scale}]
+    opt = torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, weight_decay=cfg.weight_decay)
     ema = EMA(model, cfg.ema_decay)
     gen = torch.Generator().manual_seed(cfg.seed)
     step, losses, seconds = 0, [], 0.0
@@ -259,7 +270,7 @@ def train(cfg: TrainConfig, resume: bool = True, progress: bool = True, data: Sh
         x_t = a * x0 + sgm * noise
         target = a * noise - sgm * x0  # v-prediction
         for g in opt.param_groups:
-            g["lr"] = lr_at(step, cfg)
+            g["lr"] = lr_at(step, cfg) * g["scale"]
         cond = model.condition(batch["shape_idx"], batch["color_idx"], batch["cam_feat"], batch["cam_present"],
                                batch["ref_feat"], batch["ref_present"])
         pred = model(x_t, t, cond, batch["ref_image"], batch["ref_present"])
@@ -287,6 +298,26 @@ def train(cfg: TrainConfig, resume: bool = True, progress: bool = True, data: Sh
     bar.close()
     return {"step": step, "losses": losses, "ema_dir": str(out / "ema"), "device": str(device),
             "seconds": seconds + time.time() - t_start}
+
+
+def init_weights(model: BundledUNet, folder: str | Path, load: bool = True) -> list[str]:
+    """Load a model folder's weights into ``model`` (unless ``load`` is false: a resumed run has them already)
+    and return the names of the parameters it lacks: only a branch the folder's architecture has not
+    (``shape_camera_embed``) may be missing; those keep their initialisation."""
+    from safetensors.torch import load_file
+
+    from engine_server.models.bundled.model import WEIGHTS_NAME
+
+    state = {k: v.float() if v.is_floating_point() else v for k, v in load_file(str(Path(folder) / WEIGHTS_NAME)).items()}
+    missing = [k for k in model.state_dict() if k not in state]
+    unexpected = [k for k in state if k not in model.state_dict()]
+    wrong = [k for k in missing if not k.startswith("shape_camera_embed.")]
+    if unexpected or wrong:
+        raise ValueError(f"weights in {folder} do not fit this architecture: unexpected {unexpected}, missing {wrong}")
+    if load:
+        model.load_state_dict(state, strict=False)
+        logger.info("started from %s (%d new parameter tensors)", folder, len(missing))
+    return missing
 
 
 def adapt_threads() -> None:
