@@ -154,9 +154,12 @@ def draft_shape_checks(m: dict[str, dict[str, float]]) -> dict[str, bool]:
 
 
 def colour_word(texture: np.ndarray, uvs: np.ndarray, faces: np.ndarray) -> str:
-    """The bundled vocabulary's colour word nearest the texture's dominant colour."""
-    from engine_server.models.bundled.vocab import COLORS
+    """The bundled vocabulary's colour word of the texture's dominant colour, by the prior's own evaluation rule
+    (black by value, white by saturation, else the nearest hue): a darker or paler shade keeps its word, where the
+    nearest anchor colour would call a dark yellow (0.71, 0.67, 0.06) orange."""
+    import torch
 
-    colour = dominant_color(texture, uvs, faces)
-    names = list(COLORS)
-    return names[int(np.argmin(np.linalg.norm(np.array([COLORS[n] for n in names]) - colour, axis=1)))]
+    from engine_server.models.bundled.evaluate import classify_color
+
+    colour = torch.as_tensor(dominant_color(texture, uvs, faces), dtype=torch.float32)
+    return classify_color(colour[:, None, None].expand(3, 3, 3), torch.ones(3, 3, dtype=torch.bool))
