@@ -107,26 +107,25 @@ def camera_features(c2w: torch.Tensor, fov: torch.Tensor | None = None) -> torch
     return torch.cat([rot, pos, ((fov - DEFAULT_FOV) / 4.0)[:, None]], dim=1).float()
 
 
+def _orbit_angles(p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Camera positions (B, 3) -> azimuth, elevation (radians) and distance, each (B,)."""
+    r = p.norm(dim=-1)
+    az = torch.atan2(p[:, 0], -p[:, 1])
+    el = torch.asin((p[:, 2] / r.clamp_min(1e-6)).clamp(-1, 1))
+    return az, el, r
+
+
 def relative_features(c2w: torch.Tensor, ref_c2w: torch.Tensor) -> torch.Tensor:
     """Zero123-style relative pose of target vs reference: (B, 4) [sin daz, cos daz, d_el, d_dist]."""
-    def sph(m):
-        p = m[:, :3, 3]
-        r = p.norm(dim=-1)
-        az = torch.atan2(p[:, 0], -p[:, 1])
-        el = torch.asin((p[:, 2] / r).clamp(-1, 1))
-        return az, el, r
-
-    az, el, r = sph(c2w)
-    raz, rel, rr = sph(ref_c2w)
+    az, el, r = _orbit_angles(c2w[:, :3, 3])
+    raz, rel, rr = _orbit_angles(ref_c2w[:, :3, 3])
     daz = az - raz
     return torch.stack([torch.sin(daz), torch.cos(daz), (el - rel) / (math.pi / 3), (r - rr) / 0.3], dim=1).float()
 
 
 def pose_features(cam_feat: torch.Tensor) -> torch.Tensor:
     """(B, 13) camera features -> (B, POSE_FEATURES): sin / cos of k az (k = 1..POSE_HARMONICS), sin / cos of el."""
-    p = cam_feat[:, 9:12]
-    az = torch.atan2(p[:, 0], -p[:, 1])
-    el = torch.asin((p[:, 2] / p.norm(dim=-1).clamp_min(1e-6)).clamp(-1, 1))
+    az, el, _ = _orbit_angles(cam_feat[:, 9:12])  # the position, in units of the default distance
     k = torch.arange(1, POSE_HARMONICS + 1, device=cam_feat.device, dtype=cam_feat.dtype)
     return torch.cat([torch.sin(k * az[:, None]), torch.cos(k * az[:, None]),
                       torch.sin(el)[:, None], torch.cos(el)[:, None]], dim=1)
