@@ -143,7 +143,8 @@ class TextTo3D(JobPipeline):
 
         torch.manual_seed(request.seed)
         self.gen = torch.Generator().manual_seed(request.seed)
-        self.field = RadianceField(FieldConfig(hashgrid=self.preset.hashgrid)).to(self.device)
+        self.field = RadianceField(FieldConfig(hashgrid=self.preset.hashgrid,
+                                                 blob_density=self.preset.blob_density)).to(self.device)
         self.occupancy = OccupancyGrid(
             OccupancyConfig(resolution=self.preset.occupancy_resolution, threshold=0.01 * self.preset.samples_per_ray),
             aabb=self.field.aabb,

@@ -164,6 +164,16 @@ def test_bad_shading_mix_is_refused():
         TextTo3D(TextTo3DRequest(prompt="a red cube", overrides={**TINY, "shading_mix": (0.0, 0.0, 0.0)}))
 
 
+def test_the_presets_blob_is_where_the_field_starts():
+    centre, edge = torch.zeros(1, 3), torch.tensor([[0.0, 0.0, 0.5]])
+    bias = {b: TextTo3D(TextTo3DRequest(prompt="a red cube", overrides={**TINY, "blob_density": b})).field.blob_bias
+            for b in (0.0, 3.0)}
+    assert float(bias[3.0](centre) - bias[0.0](centre)) == pytest.approx(3.0)
+    assert float(bias[3.0](edge) - bias[0.0](edge)) == pytest.approx(0.0, abs=1e-6)  # crosses zero at its radius
+    with pytest.raises(ValueError, match="blob_density"):
+        TextTo3D(TextTo3DRequest(prompt="a red cube", overrides={**TINY, "blob_density": -1.0}))
+
+
 def test_refine_stage_runs_between_extract_and_export(tmp_path):
     """A preset with refine_steps > 0 refines the extracted mesh (DMTet + texture field) before export."""
     torch.set_num_threads(1)
