@@ -39,3 +39,9 @@ def test_canonical_text_round_trips():
         for color in COLOR_NAMES:
             cap = Caption(color=color, shape=shape)
             assert parse_prompt(cap.text) == cap
+
+
+def test_canonical_text_takes_an_before_a_vowel():
+    assert Caption(color="orange", shape="table").text == "an orange table"
+    assert Caption(color="red", shape="table").text == "a red table"
+    assert Caption(color=None, shape="torus").text == "a torus"

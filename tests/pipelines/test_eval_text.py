@@ -95,7 +95,7 @@ def test_background_hue_share_is_the_share_of_the_area():
 
 
 def test_config_refuses_unknown_words_and_defaults_to_one_colour_per_shape():
-    assert [c.text for c in TextEvalConfig(shapes=("torus", "table")).captions()] == ["a yellow torus", "a orange table"]
+    assert [c.text for c in TextEvalConfig(shapes=("torus", "table")).captions()] == ["a yellow torus", "an orange table"]
     assert len(TextEvalConfig(shapes=("cube",), colors=("red", "blue")).captions()) == 2
     assert set(DEFAULT_COLORS) == set(SHAPES) and set(DEFAULT_COLORS.values()) == set(COLORS)
     with pytest.raises(ValueError, match="unknown shape.*donut"):

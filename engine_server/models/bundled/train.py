@@ -281,7 +281,7 @@ def train(cfg: TrainConfig, resume: bool = True, progress: bool = True, data: Sh
         opt.step()
         ema.update(model)
         step += 1
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
         bar.update(1)
         if step % 10 == 0:
             bar.set_postfix(loss=f"{sum(losses[-50:]) / len(losses[-50:]):.4f}")

@@ -59,9 +59,11 @@ class Caption:
 
     @property
     def text(self) -> str:
-        """Canonical prompt text, e.g. "a red cube"."""
+        """Canonical prompt text, e.g. "a red cube", "an orange table"."""
         words = [w for w in (self.color, self.shape) if w]
-        return "a " + " ".join(words) if words else ""
+        if not words:
+            return ""
+        return ("an " if words[0][0] in "aeiou" else "a ") + " ".join(words)
 
     @property
     def color_index(self) -> int:
