@@ -83,7 +83,8 @@ class FieldConfig:
     density_shift: float = 0.0
     """Constant added to the pre-activation density."""
     blob_density: float = 5.0
-    """Pre-activation density bias at the box centre (0: no blob)."""
+    """Pre-activation density bias at the box centre (0: no blob); distillation takes it from its preset
+    (``Preset.blob_density``)."""
     blob_radius: float = 0.5
     """Radius where the blob bias crosses zero; it keeps falling linearly beyond it."""
     normal_eps: float = 1e-2
