@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import time
 from pathlib import Path
 
@@ -156,6 +157,6 @@ def read_mesh_file(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray | Non
 
 
 def object_name(prompt: str, prefix: str = "") -> str:
-    """A GLB node name from the prompt: its words without articles, joined by underscores."""
-    words = [w for w in prompt.lower().replace(",", " ").split() if w not in {"a", "an", "the"}]
+    """A GLB node name from the prompt: its words without articles or punctuation, joined by underscores."""
+    words = [w for w in re.findall(r"\w+", prompt.lower()) if w not in {"a", "an", "the"}]
     return (prefix + "_".join(words))[:60] if words else (prefix.rstrip("_") or "generated")

@@ -19,6 +19,7 @@ from engine_server.export import (
     export_glb,
     gltf_to_engine,
     load_glb,
+    object_name,
     sidecar_path,
     smooth_normals,
 )
@@ -201,3 +202,12 @@ def test_material_params_are_checked():
 def test_load_glb_errors(tmp_path):
     with pytest.raises(FileNotFoundError):
         load_glb(tmp_path / "missing.glb")
+
+
+@pytest.mark.parametrize("prompt, name", [
+    ("a red cube", "red_cube"), ("Torus, yellow.", "torus_yellow"), ("The RED pyramid!", "red_pyramid"),
+    ("a low-poly chair", "low_poly_chair"), ("un cubo rojo", "un_cubo_rojo"), ("красный куб", "красный_куб"),
+    ("...", "generated"),
+])
+def test_object_names_keep_the_prompts_words_and_drop_articles_and_punctuation(prompt, name):
+    assert object_name(prompt) == name
